@@ -1,0 +1,52 @@
+"""Qwen2.5-VL: deploy model definition, its sharding plan, built-in checkpoints and host settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmc.runtime.cpu_ops.image import ImageConfig
+from vlmc.runtime.cpu_ops.pipeline import HostSpec, TextSpec
+from vlmc.runtime.cpu_ops.vision import VisionSpec
+
+from .checkpoint import PRESETS, write_checkpoint
+from .model import (SHARDING, DeployLanguageModel, DeployVision, causal_mask, embedding_table,
+                    load_language_model, load_vision, shard_plan)
+
+MODEL_TYPES = ("qwen2_5_vl",)
+
+
+def load_config(checkpoint_dir: str | Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(checkpoint_dir))
+
+
+def host_spec(checkpoint_dir: str | Path, config=None) -> HostSpec:
+    config = config or load_config(checkpoint_dir)
+    v, t = config.vision_config, config.text_config
+    rope = t.rope_parameters or {}
+    eos = _eos_token_ids(checkpoint_dir, t)
+    return HostSpec(
+        image=ImageConfig.from_checkpoint(checkpoint_dir),
+        vision=VisionSpec(head_dim=v.hidden_size // v.num_heads, patch_size=v.patch_size,
+                          merge_size=v.spatial_merge_size, window_size=v.window_size,
+                          rope_theta=float((v.rope_parameters or {}).get("rope_theta", 10000.0))),
+        text=TextSpec(hidden_size=t.hidden_size, head_dim=t.hidden_size // t.num_attention_heads,
+                      rope_theta=float(rope.get("rope_theta", 1000000.0)),
+                      mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+                      vocab_size=t.vocab_size, image_token_id=config.image_token_id, eos_token_ids=eos),
+    )
+
+
+def _eos_token_ids(checkpoint_dir, text_config) -> tuple[int, ...]:
+    import json
+
+    path = Path(checkpoint_dir) / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    eos = text_config.eos_token_id if eos is None else eos
+    return tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ()
+
+
+__all__ = ["MODEL_TYPES", "PRESETS", "SHARDING", "DeployLanguageModel", "DeployVision", "causal_mask",
+           "embedding_table", "host_spec", "load_config", "load_language_model", "load_vision", "shard_plan",
+           "write_checkpoint"]

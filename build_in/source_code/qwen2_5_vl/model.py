@@ -1,0 +1,360 @@
+"""Deploy-friendly Qwen2.5-VL: static shapes, no data-dependent control flow, host-computed rotary and masks.
+
+- `DeployVision`: patch embed as a matmul, blocks taking explicit window/full masks and cos/sin, the merger; the
+  output comes back as chunks along the hidden axis (the target cannot emit one large tensor).
+- `DeployLanguageModel`: takes `inputs_embeds`, host cos/sin, an additive mask and the KV cache as inputs and
+  returns the new keys/values instead of writing the cache, so a step never copies the cache; attention is
+  split into a cache part and a new-token part so no concatenated copy is made either. The LM head runs on the
+  last position only. Tensor parallel: each rank holds a column/row slice (see `SHARDING`) and calls
+  `all_reduce` after attention and after the MLP.
+
+Weights keep the checkpoint's names (minus the prefix), so `load_*` reads them straight from safetensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------- vision tower
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden)
+        self.up_proj = nn.Linear(dim, hidden)
+        self.down_proj = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask, cos, sin):
+        n = x.shape[0]
+        q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)
+        q = q * cos + rotate_half(q) * sin  # [heads, n, head_dim]
+        k = k * cos + rotate_half(k) * sin
+        scores = torch.matmul(q, k.transpose(1, 2)) * (self.head_dim ** -0.5) + mask
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [heads, n, head_dim]
+        return self.proj(out.transpose(0, 1).reshape(n, -1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, intermediate: int):
+        super().__init__()
+        self.norm1 = RMSNorm(dim, 1e-6)
+        self.norm2 = RMSNorm(dim, 1e-6)
+        self.attn = VisionAttention(dim, num_heads)
+        self.mlp = VisionMLP(dim, intermediate)
+
+    def forward(self, x, mask, cos, sin):
+        x = x + self.attn(self.norm1(x), mask, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, out_dim: int, dim: int, merge_size: int):
+        super().__init__()
+        self.merged_dim = dim * merge_size * merge_size
+        self.ln_q = RMSNorm(dim, 1e-6)
+        self.mlp = nn.Sequential(nn.Linear(self.merged_dim, self.merged_dim), nn.GELU(),
+                                 nn.Linear(self.merged_dim, out_dim))
+
+    def forward(self, x):
+        return self.mlp(self.ln_q(x).reshape(-1, self.merged_dim))
+
+
+class DeployVision(nn.Module):
+    """Vision tower for one image padded to a fixed patch budget.
+
+    Inputs: pixel_values [N, patch_dim] in window order, window_mask and full_mask [1, N, N] (additive),
+    cos and sin [N, head_dim]. Output: a tuple of chunks of the merged embeddings [N / merge_unit, out_hidden].
+    """
+
+    def __init__(self, vision_config, chunks: Sequence[int] | None = None):
+        super().__init__()
+        c = vision_config
+        self.patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
+        self.patch_embed = nn.Linear(self.patch_dim, c.hidden_size, bias=False)
+        self.blocks = nn.ModuleList(VisionBlock(c.hidden_size, c.num_heads, c.intermediate_size)
+                                    for _ in range(c.depth))
+        self.fullatt_block_indexes = set(c.fullatt_block_indexes)
+        self.merger = PatchMerger(c.out_hidden_size, c.hidden_size, c.spatial_merge_size)
+        self.chunks = list(chunks) if chunks else [c.out_hidden_size]
+        if sum(self.chunks) != c.out_hidden_size:
+            raise ValueError(f"output chunks {self.chunks} do not add up to the hidden size {c.out_hidden_size}")
+
+    def forward(self, pixel_values, window_mask, full_mask, cos, sin):
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        cos, sin = cos[None], sin[None]  # broadcast over heads
+        for i, block in enumerate(self.blocks):
+            x = block(x, full_mask if i in self.fullatt_block_indexes else window_mask, cos, sin)
+        return tuple(torch.split(self.merger(x), self.chunks, dim=-1))
+
+
+# ------------------------------------------------------------------------------------------- language model
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How one rank's slice of the attention and MLP is laid out (heads may be replicated for KV)."""
+
+    tp: int
+    rank: int
+    num_heads: int  # query heads on this rank
+    num_kv_heads: int  # KV heads on this rank
+    kv_head_start: int  # first global KV head this rank holds
+    q_head_start: int
+    intermediate: int  # MLP width on this rank
+
+
+def shard_plan(text_config, tp: int, rank: int) -> ShardPlan:
+    """Query heads and the MLP split evenly over ranks; KV heads split when they divide by tp, else each rank
+    keeps the KV heads its query heads use (replication), so no rank ever needs another rank's KV."""
+    heads, kv = text_config.num_attention_heads, text_config.num_key_value_heads
+    if heads % tp or text_config.intermediate_size % tp:
+        raise ValueError(f"tp={tp} must divide the attention heads ({heads}) and the MLP width "
+                         f"({text_config.intermediate_size})")
+    local_heads = heads // tp
+    q_start = rank * local_heads
+    group = heads // kv  # query heads per KV head
+    if kv % tp == 0:
+        kv_start, local_kv = rank * (kv // tp), kv // tp
+    else:
+        if group % local_heads and local_heads % group:
+            raise ValueError(f"tp={tp} splits query heads ({heads}) across KV groups of {group}")
+        kv_start = q_start // group
+        local_kv = max(1, local_heads // group)
+    return ShardPlan(tp, rank, local_heads, local_kv, kv_start, q_start, text_config.intermediate_size // tp)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, head_dim: int, plan: ShardPlan):
+        super().__init__()
+        self.plan, self.head_dim = plan, head_dim
+        self.q_proj = nn.Linear(hidden, plan.num_heads * head_dim)
+        self.k_proj = nn.Linear(hidden, plan.num_kv_heads * head_dim)
+        self.v_proj = nn.Linear(hidden, plan.num_kv_heads * head_dim)
+        self.o_proj = nn.Linear(plan.num_heads * head_dim, hidden, bias=False)
+
+    def forward(self, x, cos, sin, mask, k_cache, v_cache):
+        """x [B, S, hidden]; cos/sin [B, S, head_dim]; mask [B, 1, S, T + S]; caches [B, kv, T, head_dim]."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        # Group query heads by KV head instead of repeating the cache: [B, kv, group * S, head_dim].
+        group = self.plan.num_heads // self.plan.num_kv_heads
+        qg = q.reshape(b, self.plan.num_kv_heads, group * s, self.head_dim)
+        scale = self.head_dim ** -0.5
+        t = k_cache.shape[2]
+        scores_cache = torch.matmul(qg, k_cache.transpose(2, 3)).view(b, -1, s, t)
+        scores_new = torch.matmul(qg, k.transpose(2, 3)).view(b, -1, s, s)
+        scores = torch.cat([scores_cache, scores_new], dim=-1) * scale + mask
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, self.plan.num_kv_heads, group * s, t + s)
+        out = torch.matmul(probs[..., :t], v_cache) + torch.matmul(probs[..., t:], v)
+        out = out.view(b, -1, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
+        return self.o_proj(out), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _identity(x):
+    return x
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, plan: ShardPlan, all_reduce: Callable):
+        super().__init__()
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg.hidden_size, head_dim, plan)
+        self.mlp = MLP(cfg.hidden_size, plan.intermediate)
+        self.all_reduce = all_reduce
+
+    def forward(self, x, cos, sin, mask, k_cache, v_cache):
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache)
+        x = x + self.all_reduce(attn)
+        x = x + self.all_reduce(self.mlp(self.post_attention_layernorm(x)))
+        return x, k, v
+
+
+class DeployLanguageModel(nn.Module):
+    """Decoder for one tensor-parallel rank.
+
+    forward(inputs_embeds [B, S, hidden], cos, sin [B, S, head_dim], mask [B, 1, S, T + S],
+            k_cache, v_cache [layers, B, kv_heads_local, T, head_dim])
+      -> logits [B, vocab] of the last position, new_k, new_v [layers, B, kv_heads_local, S, head_dim]
+    Mask columns 0..T-1 address cache slots and T..T+S-1 the new tokens. The caller writes new_k/new_v into its
+    cache at the positions it chose, so the graph neither copies nor owns the cache.
+    """
+
+    def __init__(self, text_config, tp: int = 1, rank: int = 0, all_reduce: Callable = _identity):
+        super().__init__()
+        self.config = text_config
+        self.plan = shard_plan(text_config, tp, rank)
+        self.head_dim = text_config.hidden_size // text_config.num_attention_heads
+        self.layers = nn.ModuleList(DecoderLayer(text_config, self.plan, all_reduce)
+                                    for _ in range(text_config.num_hidden_layers))
+        self.norm = RMSNorm(text_config.hidden_size, text_config.rms_norm_eps)
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+
+    def forward(self, inputs_embeds, cos, sin, mask, k_cache, v_cache):
+        x = inputs_embeds
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, cos, sin, mask, k_cache[i], v_cache[i])
+            new_k.append(k)
+            new_v.append(v)
+        logits = self.lm_head(self.norm(x[:, -1]))
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+
+# ---------------------------------------------------------------------------------------- weights and sharding
+
+# Which checkpoint tensors are split for tensor parallelism, and along which axis (PyTorch [out, in] layout).
+SHARDING = {
+    "self_attn.q_proj": ("column", "q"),
+    "self_attn.k_proj": ("column", "kv"),
+    "self_attn.v_proj": ("column", "kv"),
+    "self_attn.o_proj": ("row", "q"),
+    "mlp.gate_proj": ("column", "mlp"),
+    "mlp.up_proj": ("column", "mlp"),
+    "mlp.down_proj": ("row", "mlp"),
+}
+
+_PREFIXES = {  # checkpoint prefix -> deploy module (original Qwen layout and transformers 5's layout)
+    "vision": ("visual.", "model.visual."),
+    "text": ("model.language_model.", "model."),
+}
+
+
+def read_weights(checkpoint_dir: str | Path, part: str) -> dict[str, torch.Tensor]:
+    """Tensors of the vision tower ("vision") or the language model ("text", with lm_head), prefix removed."""
+    from safetensors import safe_open
+
+    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {checkpoint_dir}")
+    out = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if part == "text" and key == "lm_head.weight":
+                    out["lm_head.weight"] = f.get_tensor(key)
+                    continue
+                for prefix in _PREFIXES[part]:
+                    if key.startswith(prefix) and not (part == "text" and key.startswith("model.visual.")):
+                        out[key[len(prefix):]] = f.get_tensor(key)
+                        break
+    return out
+
+
+def load_vision(checkpoint_dir: str | Path, vision_config, chunks=None) -> DeployVision:
+    weights = read_weights(checkpoint_dir, "vision")
+    patch = weights.pop("patch_embed.proj.weight")
+    weights["patch_embed.weight"] = patch.reshape(patch.shape[0], -1)  # Conv3d with stride == kernel is a matmul
+    model = DeployVision(vision_config, chunks)
+    model.load_state_dict(weights, strict=True)
+    return model.eval()
+
+
+def _shard(name: str, tensor: torch.Tensor, plan: ShardPlan, head_dim: int) -> torch.Tensor:
+    for suffix, (kind, axis_of) in SHARDING.items():
+        if f".{suffix}." not in f".{name}":
+            continue
+        if axis_of == "q":
+            start, size = plan.q_head_start * head_dim, plan.num_heads * head_dim
+        elif axis_of == "kv":
+            start, size = plan.kv_head_start * head_dim, plan.num_kv_heads * head_dim
+        else:
+            start, size = plan.rank * plan.intermediate, plan.intermediate
+        if kind == "column" or tensor.ndim == 1:  # column split: output rows (and their bias)
+            return tensor[start:start + size].contiguous()
+        return tensor[:, start:start + size].contiguous()  # row split: input columns
+    return tensor
+
+
+def load_language_model(checkpoint_dir: str | Path, text_config, tp: int = 1, rank: int = 0,
+                        all_reduce: Callable = _identity) -> DeployLanguageModel:
+    weights = read_weights(checkpoint_dir, "text")
+    if "lm_head.weight" not in weights:  # tied embeddings (e.g. the 3B model)
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    weights.pop("embed_tokens.weight")  # the embedding lookup runs on the host
+    model = DeployLanguageModel(text_config, tp, rank, all_reduce)
+    head_dim = model.head_dim
+    model.load_state_dict({k: _shard(k, v, model.plan, head_dim) for k, v in weights.items()}, strict=True)
+    return model.eval()
+
+
+def embedding_table(checkpoint_dir: str | Path) -> torch.Tensor:
+    return read_weights(checkpoint_dir, "text")["embed_tokens.weight"]
+
+
+def causal_mask(num_cached: Sequence[int], num_new: Sequence[int], cache_len: int, seq: int,
+                dtype=torch.float32) -> torch.Tensor:
+    """Additive mask [B, 1, seq, cache_len + seq] for new tokens right-aligned in `seq` (left padding).
+
+    Row i of sequence b (valid when i >= seq - num_new[b]) sees cache slots < num_cached[b] and new tokens
+    seq - num_new[b] .. i. Padding rows see only themselves, so every row stays finite.
+    """
+    neg = torch.finfo(dtype).min
+    rows = torch.arange(seq)
+    masks = []
+    for cached, new in zip(num_cached, num_new):
+        m = torch.full((seq, cache_len + seq), neg, dtype=dtype)
+        first = seq - new
+        m[first:, :cached] = 0
+        allowed = (rows[None, :] <= rows[:, None]) & (rows[None, :] >= first)
+        m[:, cache_len:][allowed] = 0
+        m[rows[:first], cache_len + rows[:first]] = 0
+        masks.append(m)
+    return torch.stack(masks)[:, None]
+
+

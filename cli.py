@@ -1,0 +1,80 @@
+"""The `vlmc` command: one entry point, one subcommand per job.
+
+Each area owns its subcommands (compile/, runtime/, eval/) and registers them here; a subcommand is a function
+taking the parsed arguments and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__
+from .errors import VlmcError
+
+
+def _add_checkpoint(sub) -> None:
+    p = sub.add_parser("checkpoint", help="write a built-in random-weight checkpoint (for tests and demos)",
+                       description="Write a random-weight checkpoint that loads offline through transformers: "
+                                   "config, safetensors weights, tokenizer with the model's special tokens, chat "
+                                   "template, generation and preprocessor configs. Same preset and seed, same bytes.")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    tiny = kinds.add_parser("tiny", help="a small random-weight model",
+                            description="Write a small random-weight model of the given architecture.")
+    tiny.add_argument("out_dir", metavar="OUT_DIR", help="folder to write the checkpoint into")
+    tiny.add_argument("--arch", default="qwen2_5_vl", help="architecture (default: qwen2_5_vl)")
+    tiny.add_argument("--preset", default="tiny",
+                      help="tiny: runs the pipeline in seconds; small: the real model's per-head shapes with few "
+                           "layers (default: tiny)")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    tiny.set_defaults(func=_run_checkpoint)
+
+
+def _run_checkpoint(args) -> int:
+    from .build_in.source_code import get_architecture
+
+    arch = get_architecture(args.arch)
+    if args.preset not in arch.PRESETS:
+        raise VlmcError(f"unknown preset {args.preset!r} for {args.arch}; choose one of {', '.join(arch.PRESETS)}")
+    out = arch.write_checkpoint(args.out_dir, preset=args.preset, seed=args.seed)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .runtime import commands as runtime_commands
+
+    parser = argparse.ArgumentParser(
+        prog="vlmc",
+        description="Compile vision-language models through TVM, run and serve them, and check them against "
+                    "Hugging Face transformers.",
+    )
+    parser.add_argument("--version", action="version", version=f"vlmc {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_checkpoint(sub)
+    runtime_commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (VlmcError, FileNotFoundError, ValueError) as exc:
+        if args.verbose or os.environ.get("VLMC_TRACEBACK"):
+            raise
+        print(f"vlmc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vlmc {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Host-side image ops: loading, smart_resize, rescale/normalize and cutting into flat patches.
+
+Matches the Qwen2-VL PIL image processor of transformers (the reference) bit for bit on the resize and to float32
+rounding on the normalisation; nothing here calls transformers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MAX_ASPECT_RATIO = 200
+
+
+class ImageInputError(ValueError):
+    """An image that cannot be used; the message names the input and the reason."""
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The preprocessor settings the host ops need (read from a checkpoint's preprocessor_config.json)."""
+
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+    rescale_factor: float = 1 / 255
+    resample: int = field(default=int(Image.Resampling.BICUBIC))
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ImageConfig":
+        size = cfg.get("size") or {}
+        return cls(
+            min_pixels=int(cfg.get("min_pixels") or size.get("shortest_edge") or cls.min_pixels),
+            max_pixels=int(cfg.get("max_pixels") or size.get("longest_edge") or cls.max_pixels),
+            patch_size=int(cfg.get("patch_size", cls.patch_size)),
+            temporal_patch_size=int(cfg.get("temporal_patch_size", cls.temporal_patch_size)),
+            merge_size=int(cfg.get("merge_size", cls.merge_size)),
+            image_mean=tuple(cfg.get("image_mean", cls.image_mean)),
+            image_std=tuple(cfg.get("image_std", cls.image_std)),
+            rescale_factor=float(cfg.get("rescale_factor", cls.rescale_factor)),
+            resample=int(cfg.get("resample", int(Image.Resampling.BICUBIC))),
+        )
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path) -> "ImageConfig":
+        path = Path(checkpoint_dir) / "preprocessor_config.json"
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+    def with_pixels(self, min_pixels: int | None = None, max_pixels: int | None = None) -> "ImageConfig":
+        d = dict(self.__dict__)
+        if min_pixels is not None:
+            d["min_pixels"] = int(min_pixels)
+        if max_pixels is not None:
+            d["max_pixels"] = int(max_pixels)
+        if d["min_pixels"] > d["max_pixels"]:
+            raise ImageInputError(f"min_pixels {d['min_pixels']} is larger than max_pixels {d['max_pixels']}")
+        return ImageConfig(**d)
+
+
+def _describe(source) -> str:
+    if isinstance(source, Image.Image):
+        return f"PIL image {source.size[0]}x{source.size[1]}"
+    text = str(source)
+    return text if len(text) <= 80 else text[:60] + "...(" + str(len(text)) + " chars)"
+
+
+def load_image(source) -> Image.Image:
+    """Load an RGB image from a PIL image, a path, a file:// URL or a data: URI (base64).
+
+    Transparency is composited onto white, as the reference processor does.
+    """
+    name = _describe(source)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, Path):
+            source = str(source)
+        if not isinstance(source, str):
+            raise ImageInputError(f"image {name!r}: expected a path, file:// URL, data: URI or PIL image")
+        try:
+            if source.startswith("data:"):
+                header, sep, payload = source.partition(",")
+                if not sep or ";base64" not in header:
+                    raise ImageInputError(f"image {name!r}: a data URI must look like data:image/png;base64,...")
+                try:
+                    raw = base64.b64decode(payload, validate=True)
+                except (binascii.Error, ValueError) as exc:
+                    raise ImageInputError(f"image {name!r}: the data URI is not valid base64 ({exc})") from None
+                image = Image.open(io.BytesIO(raw))
+            else:
+                if source.startswith("file://"):
+                    source = urllib.parse.unquote(urllib.parse.urlparse(source).path)
+                path = Path(source)
+                if not path.is_file():
+                    raise ImageInputError(f"image {name!r}: no such file")
+                image = Image.open(path)
+            image.load()
+        except UnidentifiedImageError:
+            raise ImageInputError(f"image {name!r}: not a readable image file") from None
+        except OSError as exc:
+            raise ImageInputError(f"image {name!r}: cannot read image ({exc})") from None
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """Round H and W to multiples of `factor`, then scale (keeping the aspect ratio) into [min_pixels, max_pixels]."""
+    if min(height, width) <= 0:
+        raise ImageInputError(f"image size {width}x{height} is empty")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ImageInputError(
+            f"aspect ratio {max(height, width) / min(height, width):.1f} of a {width}x{height} image is over "
+            f"{MAX_ASPECT_RATIO}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def check_image_size(image: Image.Image, cfg: ImageConfig, name: str = "image") -> None:
+    width, height = image.size
+    if width < cfg.patch_size or height < cfg.patch_size:
+        raise ImageInputError(
+            f"{name}: {width}x{height} is smaller than one {cfg.patch_size}x{cfg.patch_size} patch")
+
+
+def image_to_patches(image: Image.Image, cfg: ImageConfig, name: str = "image") -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Resize, rescale, normalise and cut an RGB image into [grid_h*grid_w, 3*T*P*P] float32 patches.
+
+    Patches come in the processor's order: merge_size x merge_size blocks of neighbouring patches are contiguous,
+    each patch flattened as (channel, temporal, row, column); a still image is repeated over the temporal axis.
+    Returns the patches and the grid (t, h, w).
+    """
+    check_image_size(image, cfg, name)
+    width, height = image.size
+    new_h, new_w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    resized = np.asarray(image.resize((new_w, new_h), resample=cfg.resample), dtype=np.uint8)  # H, W, C
+    pixels = (resized.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    mean = np.asarray(cfg.image_mean, dtype=np.float32)
+    std = np.asarray(cfg.image_std, dtype=np.float32)
+    pixels = ((pixels - mean) / std).transpose(2, 0, 1)  # C, H, W
+
+    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    grid_h, grid_w = new_h // p, new_w // p
+    patches = pixels.reshape(3, grid_h // m, m, p, grid_w // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+    patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
+    return np.ascontiguousarray(patches.reshape(grid_h * grid_w, 3 * t * p * p)), (1, grid_h, grid_w)
+
+
+def preprocess_images(sources, cfg: ImageConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Load and patchify several images; returns pixel_values [sum N_i, patch_dim] and image_grid_thw [n, 3]."""
+    all_patches, grids = [], []
+    for source in sources:
+        patches, grid = image_to_patches(load_image(source), cfg, f"image {_describe(source)!r}")
+        all_patches.append(patches)
+        grids.append(grid)
+    if not all_patches:
+        return np.zeros((0, cfg.patch_dim), np.float32), np.zeros((0, 3), np.int64)
+    return np.concatenate(all_patches, axis=0), np.asarray(grids, dtype=np.int64)

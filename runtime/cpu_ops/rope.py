@@ -1,0 +1,83 @@
+"""Rotary embeddings computed on the host: M-RoPE position ids and cos/sin for the LLM, 2-D rotary for the vision
+tower. Float math runs in torch float32 exactly as the reference does, so the tables are bit-identical."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def get_rope_index(input_ids, image_grid_thw, image_token_id: int, spatial_merge_size: int):
+    """M-RoPE position ids [3, seq] and rope_delta for one prompt of text and any number of images.
+
+    Text tokens share t = h = w and count up by one; each run of image pad tokens takes t, h, w from its
+    (merged) grid, offset by the position reached so far; the next modality starts at max + 1.
+    rope_delta = max position + 1 - seq_len, so decode position of token i is i + rope_delta.
+    """
+    ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+    grids = iter(np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)) if image_grid_thw is not None else iter(())
+    is_image = ids == image_token_id
+    chunks, current, i = [], 0, 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and is_image[j] == is_image[i]:
+            j += 1
+        if not is_image[i]:
+            chunks.append(np.broadcast_to(np.arange(j - i, dtype=np.int64) + current, (3, j - i)))
+            current += j - i
+        else:
+            try:
+                t, h, w = next(grids)
+            except StopIteration:
+                raise ValueError("more image placeholder runs in the prompt than images") from None
+            gt, gh, gw = int(t), int(h) // spatial_merge_size, int(w) // spatial_merge_size
+            if gt * gh * gw != j - i:
+                raise ValueError(f"image placeholder run of {j - i} tokens does not match grid {gt}x{gh}x{gw}")
+            tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+            chunks.append(np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + current)
+            current += max(int(h), int(w)) // spatial_merge_size
+        i = j
+    if not chunks:
+        return np.zeros((3, 0), np.int64), 0
+    positions = np.concatenate(chunks, axis=1).astype(np.int64)
+    return positions, int(positions.max()) + 1 - len(ids)
+
+
+def mrope_cos_sin(position_ids, head_dim: int, theta: float, mrope_section) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [seq, head_dim] for M-RoPE: the frequency axis is split into (t, h, w) sections, each section taking
+    its angle from the matching row of position_ids [3, seq]."""
+    pos = torch.as_tensor(np.asarray(position_ids), dtype=torch.int64).reshape(3, 1, -1)
+    freqs = pos[..., None].float() * rope_inv_freq(head_dim, theta)  # [3, 1, seq, head_dim/2]
+    out = []
+    for table in (freqs.cos(), freqs.sin()):
+        table = torch.cat([m[i % 3] for i, m in enumerate(table.split(list(mrope_section), dim=-1))], dim=-1)
+        out.append(torch.cat((table, table), dim=-1)[0].numpy())
+    return out[0], out[1]
+
+
+def vision_position_ids(grid_thw, merge_size: int) -> np.ndarray:
+    """(h, w) patch coordinates [N, 2], laid out in merge_size x merge_size blocks as the patches are."""
+    out = []
+    for t, h, w in np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3):
+        hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        shape = (h // merge_size, merge_size, w // merge_size, merge_size)
+        hpos = hpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+        wpos = wpos.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+        out.append(np.tile(np.stack([hpos, wpos], axis=-1), (int(t), 1)))
+    return np.concatenate(out, axis=0)
+
+
+def vision_cos_sin(position_ids: np.ndarray, head_dim: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    """2-D axial rotary for the vision tower: cos/sin [N, head_dim] from (h, w) coordinates [N, 2]."""
+    spatial = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))
+    freqs = torch.as_tensor(position_ids)[..., None].float() * inv_freq  # [N, 2, head_dim/4]
+    out = []
+    for table in (freqs.cos(), freqs.sin()):
+        hw = torch.cat([table[:, 0], table[:, 1]], dim=-1)
+        out.append(torch.cat([hw, hw], dim=-1).numpy())
+    return out[0], out[1]

@@ -1,0 +1,102 @@
+"""Inputs of the fixed-shape visual graph, computed on the host: window order, rotary tables and masks.
+
+The vision tower attends inside windows in most blocks and over the whole image in a few. Its graph is compiled
+for a patch budget N; the host reorders an image's patches into window order, pads them to N and describes the
+windows and the padding with additive masks, so the graph itself has no data-dependent control flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .rope import vision_cos_sin, vision_position_ids
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """What the host needs to know about a vision tower (from the checkpoint's vision_config)."""
+
+    head_dim: int
+    patch_size: int
+    merge_size: int
+    window_size: int
+    rope_theta: float = 10000.0
+
+    @property
+    def merge_unit(self) -> int:
+        return self.merge_size * self.merge_size
+
+
+def window_index(grid_thw, spec: VisionSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Order of merged units when grouped into attention windows, and the window sizes in patches.
+
+    Windows tile the merged grid in squares of window_size // merge_size // patch_size units, row-major over
+    windows and row-major inside each window; edge windows are partial.
+    """
+    units = spec.window_size // spec.merge_size // spec.patch_size
+    index, seqlens, offset = [], [], 0
+    for t, h, w in np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3):
+        gh, gw = int(h) // spec.merge_size, int(w) // spec.merge_size
+        ids = np.arange(int(t) * gh * gw).reshape(int(t), gh, gw)
+        for frame in ids:
+            for r0 in range(0, gh, units):
+                for c0 in range(0, gw, units):
+                    block = frame[r0:r0 + units, c0:c0 + units].reshape(-1)
+                    index.append(block + offset)
+                    seqlens.append(block.size * spec.merge_unit)
+        offset += int(t) * gh * gw
+    return np.concatenate(index).astype(np.int64), np.asarray(seqlens, dtype=np.int64)
+
+
+@dataclass
+class VisualGraphInputs:
+    """One image laid out for a graph compiled for `budget` patches."""
+
+    pixel_values: np.ndarray  # [budget, patch_dim], patches in window order, zero padded
+    window_mask: np.ndarray  # [1, budget, budget] additive: 0 inside a window, large negative elsewhere
+    full_mask: np.ndarray  # [1, budget, budget] additive: 0 between real patches, large negative to padding
+    cos: np.ndarray  # [budget, head_dim]
+    sin: np.ndarray
+    num_tokens: int  # merged output tokens that belong to the image
+    reverse_index: np.ndarray  # output row order that undoes the window order
+
+    def as_args(self) -> list[np.ndarray]:
+        return [self.pixel_values, self.window_mask, self.full_mask, self.cos, self.sin]
+
+
+def _block_mask(group: np.ndarray, dtype) -> np.ndarray:
+    same = group[:, None] == group[None, :]
+    return np.where(same, 0.0, np.finfo(dtype).min).astype(dtype)[None]
+
+
+def build_visual_inputs(pixel_values: np.ndarray, grid_thw, spec: VisionSpec, budget: int,
+                        dtype=np.float32) -> VisualGraphInputs:
+    """Lay out one image's patches [n, patch_dim] for a graph compiled for `budget` patches (n <= budget)."""
+    n = pixel_values.shape[0]
+    if n > budget:
+        raise ValueError(f"image has {n} patches, more than the compiled budget of {budget}")
+    unit = spec.merge_unit
+    order, seqlens = window_index(grid_thw, spec)
+    patch_order = (order[:, None] * unit + np.arange(unit)).reshape(-1)
+
+    padded = np.zeros((budget, pixel_values.shape[1]), dtype=dtype)
+    padded[:n] = pixel_values[patch_order]
+    cos = np.zeros((budget, spec.head_dim), dtype=np.float32)
+    sin = np.zeros((budget, spec.head_dim), dtype=np.float32)
+    c, s = vision_cos_sin(vision_position_ids(grid_thw, spec.merge_size), spec.head_dim, spec.rope_theta)
+    cos[:n], sin[:n] = c[patch_order], s[patch_order]
+
+    # Padding forms its own group so that its rows stay finite; real patches never see it.
+    window_of = np.full(budget, -1, dtype=np.int64)
+    window_of[:n] = np.repeat(np.arange(len(seqlens)), seqlens)
+    is_real = (np.arange(budget) < n).astype(np.int64)
+    return VisualGraphInputs(
+        pixel_values=padded,
+        window_mask=_block_mask(window_of, dtype),
+        full_mask=_block_mask(is_real, dtype),
+        cos=cos.astype(dtype), sin=sin.astype(dtype),
+        num_tokens=n // unit,
+        reverse_index=np.argsort(order),
+    )

@@ -1,0 +1,50 @@
+"""Hugging Face transformers as the reference: its image processor, the tokenizer with image pads expanded the way
+Qwen2.5-VL's processor does, and the model's own get_rope_index."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=None, model=None):
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    kwargs = {}
+    if min_pixels is not None or max_pixels is not None:
+        proc = AutoImageProcessor.from_pretrained(checkpoint_dir)
+        kwargs["size"] = {"shortest_edge": min_pixels or proc.size["shortest_edge"],
+                          "longest_edge": max_pixels or proc.size["longest_edge"]}
+    processor = AutoImageProcessor.from_pretrained(checkpoint_dir, **kwargs)
+    messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if images:
+        out = processor(images=images, return_tensors="pt")
+        pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
+        merge = processor.merge_size ** 2
+        for t, h, w in grid.tolist():  # as Qwen2_5_VLProcessor expands <|image_pad|>
+            prompt = prompt.replace("<|image_pad|>", "<|placeholder|>" * (t * h * w // merge), 1)
+        prompt = prompt.replace("<|placeholder|>", "<|image_pad|>")
+    else:
+        pixel_values, grid = None, None
+    input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    model = model or Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint_dir)
+    mm_type = (input_ids == model.config.image_token_id).int()
+    position_ids, deltas = model.model.get_rope_index(input_ids, mm_type, image_grid_thw=grid)
+    return {"pixel_values": pixel_values, "image_grid_thw": grid, "input_ids": input_ids,
+            "mm_token_type_ids": mm_type, "position_ids": position_ids, "rope_deltas": deltas}
+
+
+def generate_reference(model, ref, max_new_tokens):
+    kwargs = dict(input_ids=ref["input_ids"], attention_mask=torch.ones_like(ref["input_ids"]),
+                  mm_token_type_ids=ref["mm_token_type_ids"])
+    if ref["pixel_values"] is not None:
+        kwargs.update(pixel_values=ref["pixel_values"], image_grid_thw=ref["image_grid_thw"])
+    with torch.no_grad():
+        out = model.generate(**kwargs, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    return out[0, ref["input_ids"].shape[1]:].tolist()
+
+
+def as_numpy(x):
+    return np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
