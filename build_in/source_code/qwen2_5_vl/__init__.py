@@ -9,7 +9,7 @@ from vlmc.runtime.cpu_ops.pipeline import HostSpec, TextSpec
 from vlmc.runtime.cpu_ops.vision import VisionSpec
 
 from .checkpoint import PRESETS, write_checkpoint
-from .model import (SHARDING, DeployLanguageModel, DeployVision, causal_mask, embedding_table,
+from .model import (SHARDING, DeployLanguageModel, DeployVision, embedding_table,
                     load_language_model, load_vision, shard_plan)
 
 MODEL_TYPES = ("qwen2_5_vl",)
@@ -47,6 +47,6 @@ def _eos_token_ids(checkpoint_dir, text_config) -> tuple[int, ...]:
     return tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ()
 
 
-__all__ = ["MODEL_TYPES", "PRESETS", "SHARDING", "DeployLanguageModel", "DeployVision", "causal_mask",
+__all__ = ["MODEL_TYPES", "PRESETS", "SHARDING", "DeployLanguageModel", "DeployVision",
            "embedding_table", "host_spec", "load_config", "load_language_model", "load_vision", "shard_plan",
            "write_checkpoint"]

@@ -335,26 +335,3 @@ def load_language_model(checkpoint_dir: str | Path, text_config, tp: int = 1, ra
 
 def embedding_table(checkpoint_dir: str | Path) -> torch.Tensor:
     return read_weights(checkpoint_dir, "text")["embed_tokens.weight"]
-
-
-def causal_mask(num_cached: Sequence[int], num_new: Sequence[int], cache_len: int, seq: int,
-                dtype=torch.float32) -> torch.Tensor:
-    """Additive mask [B, 1, seq, cache_len + seq] for new tokens right-aligned in `seq` (left padding).
-
-    Row i of sequence b (valid when i >= seq - num_new[b]) sees cache slots < num_cached[b] and new tokens
-    seq - num_new[b] .. i. Padding rows see only themselves, so every row stays finite.
-    """
-    neg = torch.finfo(dtype).min
-    rows = torch.arange(seq)
-    masks = []
-    for cached, new in zip(num_cached, num_new):
-        m = torch.full((seq, cache_len + seq), neg, dtype=dtype)
-        first = seq - new
-        m[first:, :cached] = 0
-        allowed = (rows[None, :] <= rows[:, None]) & (rows[None, :] >= first)
-        m[:, cache_len:][allowed] = 0
-        m[rows[:first], cache_len + rows[:first]] = 0
-        masks.append(m)
-    return torch.stack(masks)[:, None]
-
-

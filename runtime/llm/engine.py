@@ -1,0 +1,157 @@
+"""LLM runtime core: a KV cache owned by the host and prefill/decode steps through a compiled (or PyTorch) graph.
+
+A step function has the deploy graph's signature
+    step(inputs_embeds [B,S,H], cos [B,S,D], sin [B,S,D], mask [B,1,S,T+S], k_cache, v_cache [L,B,kv,T,D])
+      -> logits [B, vocab], new_k, new_v [L,B,kv,S,D]
+and never writes the cache: the engine copies the S new rows into place, so a decode step moves O(layers * kv * D)
+bytes of cache, not the cache. Prompts are left-padded to the smallest compiled prefill length that fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..cpu_ops.masks import decoder_mask
+from ..cpu_ops.pipeline import TextSpec
+
+StepFunction = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+class BudgetError(ValueError):
+    """A request that does not fit the compiled prefill length or context."""
+
+
+@dataclass
+class CacheShape:
+    layers: int
+    kv_heads: int
+    context: int  # T: positions the cache holds
+    head_dim: int
+
+
+class KVCache:
+    """Per-slot key/value storage [layers, slots, kv_heads, T, head_dim]."""
+
+    def __init__(self, shape: CacheShape, slots: int = 1, dtype=np.float32):
+        dims = (shape.layers, slots, shape.kv_heads, shape.context, shape.head_dim)
+        self.k = np.zeros(dims, dtype=dtype)
+        self.v = np.zeros(dims, dtype=dtype)
+        self.lengths = np.zeros(slots, dtype=np.int64)
+
+    def write(self, slot: int, new_k: np.ndarray, new_v: np.ndarray, count: int, batch_index: int = 0) -> None:
+        """Append the last `count` rows of new_k/new_v [L,B,kv,S,D] (batch row `batch_index`) to `slot`."""
+        start = int(self.lengths[slot])
+        s = new_k.shape[3]
+        self.k[:, slot, :, start:start + count] = new_k[:, batch_index, :, s - count:]
+        self.v[:, slot, :, start:start + count] = new_v[:, batch_index, :, s - count:]
+        self.lengths[slot] = start + count
+
+
+class Sequence:
+    """One request's decoding state."""
+
+    def __init__(self, slot: int, rope_delta: int):
+        self.slot = slot
+        self.rope_delta = rope_delta
+        self.generated: list[int] = []
+
+
+class LLMEngine:
+    def __init__(self, prefill: dict[int, StepFunction], decode: StepFunction, spec: TextSpec, embed,
+                 cache_shape: CacheShape, slots: int = 1, dtype=np.float32):
+        if not prefill:
+            raise ValueError("at least one prefill length is needed")
+        self.prefill_steps = dict(sorted(prefill.items()))
+        self.decode_step = decode
+        self.spec = spec
+        self.embed = embed
+        self.cache_shape = cache_shape
+        self.cache = KVCache(cache_shape, slots, dtype)
+        self.dtype = dtype
+
+    @property
+    def max_prefill(self) -> int:
+        return max(self.prefill_steps)
+
+    @property
+    def context(self) -> int:
+        return self.cache_shape.context
+
+    def check_budget(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens > self.max_prefill:
+            raise BudgetError(f"the prompt has {prompt_tokens} tokens (text + image), more than the compiled "
+                              f"prefill length of {self.max_prefill}")
+        if prompt_tokens + max_new_tokens > self.context:
+            raise BudgetError(f"the prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) is "
+                              f"{prompt_tokens + max_new_tokens}, more than the compiled context of {self.context}")
+
+    def _cos_sin(self, position_ids: np.ndarray, seq: int) -> tuple[np.ndarray, np.ndarray]:
+        cos = np.zeros((1, seq, self.spec.head_dim), self.dtype)
+        sin = np.zeros_like(cos)
+        n = position_ids.shape[1]
+        c, s = self.spec.cos_sin(position_ids)
+        cos[0, seq - n:], sin[0, seq - n:] = c, s
+        return cos, sin
+
+    def prefill(self, seq: Sequence, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Run the prompt [n, hidden] through the smallest prefill graph that fits; returns last-token logits."""
+        n = inputs_embeds.shape[0]
+        length = next((p for p in self.prefill_steps if p >= n), None)
+        if length is None:
+            raise BudgetError(f"the prompt has {n} tokens, more than the compiled prefill length {self.max_prefill}")
+        cached = int(self.cache.lengths[seq.slot])
+        if cached + n > self.context:
+            raise BudgetError(f"{cached + n} tokens exceed the compiled context of {self.context}")
+        embeds = np.zeros((1, length, inputs_embeds.shape[1]), self.dtype)
+        embeds[0, length - n:] = inputs_embeds
+        cos, sin = self._cos_sin(position_ids, length)
+        mask = decoder_mask([cached], [n], self.context, length, self.dtype)
+        logits, new_k, new_v = self.prefill_steps[length](
+            embeds, cos, sin, mask, self.cache.k[:, seq.slot:seq.slot + 1], self.cache.v[:, seq.slot:seq.slot + 1])
+        self.cache.write(seq.slot, new_k, new_v, n)
+        return logits[0]
+
+    def decode(self, seqs: list[Sequence], tokens: list[int]) -> np.ndarray:
+        """One decode step for sequences in cache slots 0..B-1 of a batch; returns logits [B, vocab]."""
+        b = len(seqs)
+        cached = [int(self.cache.lengths[s.slot]) for s in seqs]
+        if max(cached) + 1 > self.context:
+            raise BudgetError(f"the sequence reached the compiled context of {self.context}")
+        embeds = self.embed.lookup(np.asarray(tokens)).astype(self.dtype)[:, None]
+        cos = np.zeros((b, 1, self.spec.head_dim), self.dtype)
+        sin = np.zeros_like(cos)
+        for i, (s, c) in enumerate(zip(seqs, cached)):
+            pos = np.full((3, 1), c + s.rope_delta, dtype=np.int64)
+            cos[i], sin[i] = self.spec.cos_sin(pos)
+        mask = decoder_mask(cached, [1] * b, self.context, 1, self.dtype)
+        slots = [s.slot for s in seqs]
+        if slots == list(range(slots[0], slots[0] + b)):
+            k, v = self.cache.k[:, slots[0]:slots[0] + b], self.cache.v[:, slots[0]:slots[0] + b]
+        else:
+            k, v = self.cache.k[:, slots], self.cache.v[:, slots]
+        logits, new_k, new_v = self.decode_step(embeds, cos, sin, mask, k, v)
+        for i, s in enumerate(seqs):
+            self.cache.write(s.slot, new_k, new_v, 1, batch_index=i)
+        return logits
+
+    def release(self, seq: Sequence) -> None:
+        self.cache.lengths[seq.slot] = 0
+
+
+def splice_image_embeddings(token_embeds: np.ndarray, input_ids: np.ndarray, image_token_id: int,
+                            image_embeds: list[np.ndarray]) -> np.ndarray:
+    """Put each image's embeddings at its run of image pad tokens, in prompt order."""
+    out = np.array(token_embeds, copy=True)
+    positions = np.flatnonzero(np.asarray(input_ids) == image_token_id)
+    stacked = np.concatenate(image_embeds, axis=0) if image_embeds else np.zeros((0, out.shape[1]), out.dtype)
+    if stacked.shape[0] != positions.size:
+        raise ValueError(f"{positions.size} image tokens in the prompt but {stacked.shape[0]} image embeddings")
+    out[positions] = stacked
+    return out
+
+
+def greedy(logits: np.ndarray) -> int:
+    return int(np.argmax(logits))
