@@ -11,11 +11,7 @@ def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=N
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
-    kwargs = {}
-    if min_pixels is not None or max_pixels is not None:
-        proc = AutoImageProcessor.from_pretrained(checkpoint_dir)
-        kwargs["size"] = {"shortest_edge": min_pixels or proc.size["shortest_edge"],
-                          "longest_edge": max_pixels or proc.size["longest_edge"]}
+    kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     processor = AutoImageProcessor.from_pretrained(checkpoint_dir, **kwargs)
     messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -36,14 +32,17 @@ def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=N
             "mm_token_type_ids": mm_type, "position_ids": position_ids, "rope_deltas": deltas}
 
 
-def generate_reference(model, ref, max_new_tokens):
+def generate_reference(model, ref, max_new_tokens, with_logits=False):
+    """Greedy tokens from transformers' generate (and, with_logits, the logits of every step)."""
     kwargs = dict(input_ids=ref["input_ids"], attention_mask=torch.ones_like(ref["input_ids"]),
                   mm_token_type_ids=ref["mm_token_type_ids"])
     if ref["pixel_values"] is not None:
         kwargs.update(pixel_values=ref["pixel_values"], image_grid_thw=ref["image_grid_thw"])
     with torch.no_grad():
-        out = model.generate(**kwargs, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
-    return out[0, ref["input_ids"].shape[1]:].tolist()
+        out = model.generate(**kwargs, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                             output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, ref["input_ids"].shape[1]:].tolist()
+    return (tokens, [as_numpy(step[0]) for step in out.logits]) if with_logits else tokens
 
 
 def as_numpy(x):

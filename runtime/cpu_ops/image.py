@@ -169,7 +169,10 @@ def image_to_patches(image: Image.Image, cfg: ImageConfig, name: str = "image") 
     """
     check_image_size(image, cfg, name)
     width, height = image.size
-    new_h, new_w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    try:
+        new_h, new_w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    except ImageInputError as exc:
+        raise ImageInputError(f"{name}: {exc}") from None
     resized = np.asarray(image.resize((new_w, new_h), resample=cfg.resample), dtype=np.uint8)  # H, W, C
     pixels = (resized.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
     mean = np.asarray(cfg.image_mean, dtype=np.float32)

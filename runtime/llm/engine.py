@@ -152,6 +152,3 @@ def splice_image_embeddings(token_embeds: np.ndarray, input_ids: np.ndarray, ima
     out[positions] = stacked
     return out
 
-
-def greedy(logits: np.ndarray) -> int:
-    return int(np.argmax(logits))
