@@ -44,6 +44,7 @@ def _run_checkpoint(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compile import commands as compile_commands
     from .runtime import commands as runtime_commands
 
     parser = argparse.ArgumentParser(
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_checkpoint(sub)
+    compile_commands.register(sub)
     runtime_commands.register(sub)
     return parser
 

@@ -29,6 +29,15 @@ Pitfalls / API changes in TVM 0.27 (all verified in this venv)
   "tvm.codegen.llvm.GetHostCPUName" (this is what tvm.target.Target.from_device(tvm.cpu()) does).
 * The wheel has NO cblas/mkl/dnnl contrib (only contrib.random/sort), so relax BYOC
   partition_for_dnnl / "tvm.contrib.cblas.matmul" are unavailable -> we ship our own BLAS kernel.
+* relax.Var.name_hint is gone -> Var.name.  VirtualMachine(..., profile=True) is gone -> use
+  vm.set_instrument(fn(func, sym, before_run, ret, *args)) for per-op timing.
+* tvm.s_tir.dlight.cpu.Reduction() is harmful on 0.27 (softmax 1x32000 0.2 ms -> 8 s); do not
+  apply the stock DLight CPU rules.
+* export_library(..., options=[...]) puts options BEFORE the objects on the gcc line, so "-lfoo"
+  there is dropped by --as-needed; pass the library file itself in addons=[...] instead.
+* Per-call costs (2-core box): VM call ~4 us; tvm.runtime.tensor(np) ~60 us and Tensor.numpy()
+  ~23 us (copies) vs tvm_ffi.from_dlpack / np.from_dlpack ~1 us; indexing a returned tuple
+  (tvm_ffi Array) ~3 us per element.
 * VM extern-function lookup order: the executable's imported library modules first (a DSO module
   resolves name "foo" to the exported C symbol "__tvm_ffi_foo"), then the global registry.
   Lookup happens when the VirtualMachine is constructed, so Python-registered functions must
@@ -77,13 +86,15 @@ def import_torch_module(
     """torch.export (static shapes) -> Relax IRModule whose weights are function parameters.
 
     Returns (mod, params): `mod["main"]` takes (*user_inputs, *params) and returns a Tuple of
-    outputs; `params` are numpy arrays in exactly that order.  If `param_names_out` is a list it
+    outputs (a bare Tensor for a single output); `params` are numpy arrays in exactly that order.  If `param_names_out` is a list it
     is filled with the matching Relax parameter names (e.g. "p_l1_weight").
     """
     module = module.eval()
     with torch.no_grad():
         ep = torch.export.export(module, tuple(example_args))  # no dynamic_shapes -> static
-    mod = from_exported_program(ep, keep_params_as_input=True)
+    # unwrap_unit_return_tuple: a single output comes back as a Tensor, not a 1-tuple -- saves
+    # ~8 us/call (indexing a tvm_ffi Array costs ~3 us per element from Python).
+    mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True)
     mod, params = detach_params(mod)  # params: {"main": [tvm Tensor, ...]}
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
@@ -355,10 +366,11 @@ def build(
     ]
     with target:
         mod = tvm.transform.Sequential(passes)(mod)
-        # DLight's CPU rules schedule GEMV/reduction PrimFuncs (softmax, norms) - noop otherwise.
-        from tvm.s_tir import dlight as dl
-
-        mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())(mod)
+    # NOTE: deliberately NO DLight CPU rules.  tvm.s_tir.dlight.cpu.Reduction() is catastrophic
+    # in 0.27 (softmax 1x32000: 0.2 ms -> 8 s; layer_norm 1x1024: 11 us -> 2.7 ms; rmsnorm
+    # 1x4096: 12 us -> 22 ms) and dlight.cpu.GEMV() did not speed up the untuned GEMV.  The
+    # remaining TIR kernels stay unscheduled (single-threaded, LLVM auto-vectorization only); a
+    # parallel-outer-loop rule for elementwise kernels gave no measurable gain here.
     ex = tvm.compile(mod, target)  # default relax pipeline: memory planning + VM lowering
     addons, link = [], []
     if blas in ("openblas", "mkl"):
@@ -458,3 +470,114 @@ if __name__ == "__main__":
               f"call={dt:.1f} us")
         assert err < 1e-5, err
     print("OK")
+
+
+# --------------------------------------------------------------------------------------------
+# vlmc compile/runtime API (stages used by compile/visual.py and compile/llm.py)
+# --------------------------------------------------------------------------------------------
+def export_module(module: torch.nn.Module, example_args: tuple[torch.Tensor, ...]):
+    """torch.export with static shapes (no dynamic_shapes): every graph is compiled for one shape."""
+    with torch.no_grad():
+        return torch.export.export(module.eval(), tuple(example_args))
+
+
+def import_exported(exported, custom_convert_map: dict | None = None):
+    """ExportedProgram -> (IRModule with weights as trailing params, param arrays, param names)."""
+    mod = from_exported_program(exported, keep_params_as_input=True, custom_convert_map=custom_convert_map)
+    mod, params = detach_params(mod)
+    func = mod["main"]
+    names = [p.name for p in func.params[int(func.attrs["num_input"]):]]
+    return mod, [p.numpy() for p in params.get("main", [])], names
+
+
+def optimize(mod: tvm.IRModule, target, blas: bool = True) -> tvm.IRModule:
+    """BLAS dispatch of matmuls (CPU), op decomposition, legalization, fusion and default CPU schedules."""
+    target = host_target(target)
+    passes = []
+    if blas and target.kind.name == "llvm":
+        passes.append(DispatchMatmulToBLAS())  # before LegalizeOps, which would lower matmul to TIR
+    passes += [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+               relax.get_pipeline("zero")]
+    with target:
+        mod = tvm.transform.Sequential(passes)(mod)
+        if target.kind.name != "llvm":  # GPU kernels need thread bindings; dlight's CPU rules only slow down
+            from tvm.s_tir import dlight as dl
+
+            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+    return mod
+
+
+def compile_module(mod: tvm.IRModule, target, blas: bool = True) -> BuildResult:
+    """Lower an optimized module to a VM executable (memory planning, codegen)."""
+    target = host_target(target)
+    ex = tvm.compile(mod, target)
+    kind = "openblas" if blas and target.kind.name == "llvm" else None
+    addons, link = _compile_kernel(kind) if kind else ([], [])
+    return BuildResult(ex, target, kind, addons, link)
+
+
+def save_library(result: BuildResult, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    result.executable.export_library(str(path), addons=result.addons or None, options=result.link_options or None)
+
+
+def save_params(params: Sequence[np.ndarray], names: Sequence[str], path: str | os.PathLike) -> None:
+    from safetensors.numpy import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({n: np.ascontiguousarray(p) for n, p in zip(names, params)}, str(path))
+
+
+def _device(device) -> tvm.runtime.Device:
+    if device is None or device == "cpu":
+        return tvm.cpu()
+    if isinstance(device, str):
+        kind, _, index = device.partition(":")
+        return tvm.device(kind, int(index or 0))
+    return device
+
+
+def load_params(path: str | os.PathLike, names: Sequence[str], device=None) -> list:
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(path))
+    dev = _device(device)
+    return [tvm.runtime.tensor(arrays[n], dev) for n in names]
+
+
+ALIGNMENT = 64  # bytes; TVM's allocation alignment, assumed by vectorized kernels
+
+
+def aligned_zeros(shape, dtype=np.float32) -> np.ndarray:
+    """A zeroed array whose data starts on an ALIGNMENT boundary, so graphs can use it without a copy."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    raw = np.zeros(count * dtype.itemsize + ALIGNMENT, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % ALIGNMENT
+    return raw[offset:offset + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def load_library(path: str | os.PathLike, params: list, device=None) -> Callable:
+    """A compiled graph as f(*inputs) -> list[np.ndarray], with `params` bound after the inputs."""
+    dev = _device(device)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev)
+    main = vm["main"]
+
+    def as_tvm(x):
+        # Compiled kernels assume 64-byte aligned, compact buffers: share those zero-copy, copy the rest.
+        if torch.is_tensor(x):
+            x = x.detach().numpy()
+        if isinstance(x, np.ndarray):
+            if x.flags.c_contiguous and x.ctypes.data % ALIGNMENT == 0:
+                return tvm_ffi.from_dlpack(x)
+            return tvm.runtime.tensor(np.ascontiguousarray(x), dev)
+        return x
+
+    def run(*inputs) -> list[np.ndarray]:
+        out = main(*[as_tvm(x) for x in inputs], *params)
+        outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
+        return [np.from_dlpack(o) for o in outs]
+
+    run.vm = vm  # the VM owns the loaded code; the function alone does not keep it alive
+    return run

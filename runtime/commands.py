@@ -1,7 +1,8 @@
-"""Runtime subcommands: preprocess (host ops only)."""
+"""Runtime subcommands: preprocess (host ops only), encode (visual graph), generate (whole request)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("--min-pixels", type=int, help="lower bound on resized pixels (default: the checkpoint's)")
     p.add_argument("--max-pixels", type=int, help="upper bound on resized pixels (default: the checkpoint's)")
     p.set_defaults(func=run_preprocess)
+    register_inference(sub)
 
 
 def run_preprocess(args) -> int:
@@ -45,4 +47,77 @@ def run_preprocess(args) -> int:
              rope_deltas=np.asarray(prepared.rope_deltas, dtype=np.int64))
     print(f"{len(args.image)} image(s), {prepared.num_tokens} tokens, "
           f"{prepared.pixel_values.shape[0]} patches -> {out}")
+    return 0
+
+
+def register_inference(sub) -> None:
+    p = sub.add_parser(
+        "encode", help="encode one image through a compiled visual artifact",
+        description="Run one image through the compiled visual graph and write its embeddings [visual tokens, "
+                    "hidden] as float32 .npy, in the order transformers produces them. An image over the "
+                    "compiled patch budget is resized to fit.")
+    p.add_argument("--vit_model", "--vit-model", dest="vit_model", required=True, help="visual artifact folder")
+    p.add_argument("--image", required=True, help="image path, file:// URL or data: URI")
+    p.add_argument("--out", required=True, help="output .npy path")
+    p.add_argument("--min-pixels", type=int, help="lower bound on resized pixels (default: the artifact's)")
+    p.add_argument("--max-pixels", type=int, help="upper bound on resized pixels (default: the artifact's)")
+    p.set_defaults(func=run_encode)
+
+    g = sub.add_parser(
+        "generate", help="answer one image + text prompt offline with compiled artifacts",
+        description="Host ops -> visual graph -> image embeddings spliced into the prompt -> prefill -> decode "
+                    "until EOS or --max-new-tokens. Greedy unless --temperature is given. With tp > 1 the LLM "
+                    "artifact's ranks run as separate processes linked by torch.distributed (gloo).")
+    g.add_argument("--model", required=True, help="LLM artifact folder")
+    g.add_argument("--vit_model", "--vit-model", dest="vit_model", help="visual artifact folder (needed for images)")
+    g.add_argument("--image", action="append", default=[], help="image path, file:// URL or data: URI; repeatable")
+    g.add_argument("--prompt", required=True, help="user text, placed after the images")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="generated token limit (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
+    g.add_argument("--seed", type=int, help="sampling seed")
+    g.add_argument("--min-pixels", type=int, help="lower bound on resized pixels")
+    g.add_argument("--max-pixels", type=int, help="upper bound on resized pixels")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, token_ids, prompt_tokens, timings) as the last line")
+    g.set_defaults(func=run_generate)
+
+
+def run_encode(args) -> int:
+    from .visual.runtime import VisualRuntime
+
+    runtime = VisualRuntime(args.vit_model)
+    encoded = runtime.encode(args.image, args.min_pixels, args.max_pixels)
+    np.save(args.out, encoded.embeddings)
+    h, w = encoded.resized_to
+    note = " (resized to fit the compiled patch budget)" if encoded.fitted else ""
+    print(f"image resized to {w}x{h}{note}, grid {list(encoded.grid_thw)}, "
+          f"{encoded.embeddings.shape[0]} visual tokens x {encoded.embeddings.shape[1]} -> {args.out}")
+    return 0
+
+
+def run_generate(args) -> int:
+    import json
+
+    from .cpu_ops.sampling import SamplingParams
+    from .llm.pipeline import Pipeline
+
+    if args.max_new_tokens <= 0:
+        raise VlmcError("--max-new-tokens must be positive")
+    pipeline = Pipeline(args.model, args.vit_model)
+    try:
+        result = pipeline.generate(args.image, args.prompt, args.max_new_tokens, SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),
+            min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    finally:
+        pipeline.close()
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(result.text)
+        t = result.timings
+        print(f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} generated ({result.finish_reason}); "
+              f"visual {t['visual_s']:.3f}s, prefill {t['prefill_s']:.3f}s, "
+              f"decode {t['decode_per_token_s'] or 0:.4f}s/token]", file=sys.stderr)
     return 0

@@ -37,8 +37,10 @@ class KVCache:
 
     def __init__(self, shape: CacheShape, slots: int = 1, dtype=np.float32):
         dims = (shape.layers, slots, shape.kv_heads, shape.context, shape.head_dim)
-        self.k = np.zeros(dims, dtype=dtype)
-        self.v = np.zeros(dims, dtype=dtype)
+        from ...compile.tvm_backend import aligned_zeros
+
+        self.k = aligned_zeros(dims, dtype)  # aligned so graphs read it in place
+        self.v = aligned_zeros(dims, dtype)
         self.lengths = np.zeros(slots, dtype=np.int64)
 
     def write(self, slot: int, new_k: np.ndarray, new_v: np.ndarray, count: int, batch_index: int = 0) -> None:

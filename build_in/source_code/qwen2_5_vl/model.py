@@ -252,7 +252,8 @@ class DeployLanguageModel(nn.Module):
             x, k, v = layer(x, cos, sin, mask, k_cache[i], v_cache[i])
             new_k.append(k)
             new_v.append(v)
-        logits = self.lm_head(self.norm(x[:, -1]))
+        # A static slice, not x[:, -1]: TVM 0.27's importer mistranslates a negative select index.
+        logits = self.lm_head(self.norm(x[:, x.shape[1] - 1:])).flatten(1)
         return logits, torch.stack(new_k), torch.stack(new_v)
 
 
@@ -322,12 +323,12 @@ def _shard(name: str, tensor: torch.Tensor, plan: ShardPlan, head_dim: int) -> t
 
 
 def load_language_model(checkpoint_dir: str | Path, text_config, tp: int = 1, rank: int = 0,
-                        all_reduce: Callable = _identity) -> DeployLanguageModel:
+                        all_reduce: Callable | None = None) -> DeployLanguageModel:
     weights = read_weights(checkpoint_dir, "text")
     if "lm_head.weight" not in weights:  # tied embeddings (e.g. the 3B model)
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
     weights.pop("embed_tokens.weight")  # the embedding lookup runs on the host
-    model = DeployLanguageModel(text_config, tp, rank, all_reduce)
+    model = DeployLanguageModel(text_config, tp, rank, all_reduce or _identity)
     head_dim = model.head_dim
     model.load_state_dict({k: _shard(k, v, model.plan, head_dim) for k, v in weights.items()}, strict=True)
     return model.eval()

@@ -1,0 +1,68 @@
+"""`vlmc compile`: one command for every compile YAML; the YAML's `kind` picks the visual or the LLM graph."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import VlmcError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "compile", help="compile a model graph from a build YAML through TVM",
+        description="Compile the graph a build YAML describes (kind: visual or llm) into an artifact folder "
+                    "<workspace>/<name>: compiled library, parameters and manifest.json. Flags override the YAML. "
+                    "Compiling again with the same inputs reuses the artifact unless --force. The last line "
+                    "printed is the artifact's path.")
+    p.add_argument("config", metavar="CONFIG.yaml", help="build config, e.g. build_in/build/qwen2_5_vl_visual.yaml")
+    p.add_argument("--checkpoint", help="Hugging Face checkpoint folder (frontend.checkpoint)")
+    p.add_argument("--workspace", help="folder the artifact is written under (workspace.path)")
+    p.add_argument("--target", help="TVM target: a name such as llvm, or a JSON dict (backend.target)")
+    p.add_argument("--dtype", help="compute dtype (backend.dtype); fp32")
+    p.add_argument("--force", action="store_true", help="rebuild even if the artifact is up to date")
+    v = p.add_argument_group("visual graph")
+    v.add_argument("--max-patches", type=int, help="patch budget N, a multiple of 16 (frontend.max_patches)")
+    llm = p.add_argument_group("LLM graph")
+    llm.add_argument("--tp", type=int, help="tensor-parallel ranks (frontend.model_kwargs.tp)")
+    llm.add_argument("--max-prefill", type=int, help="maximum prefill length P, a multiple of 16")
+    llm.add_argument("--max-context", type=int, help="total context T (prompt + generated), a multiple of 16")
+    llm.add_argument("--batch-size", type=int, help="decode batch size (frontend.model_kwargs.batch_size)")
+    p.set_defaults(func=run_compile)
+
+
+def run_compile(args) -> int:
+    from .config import apply_overrides, load_config
+
+    path = Path(args.config)
+    cfg = load_config(path)
+    common = {"frontend.checkpoint": args.checkpoint, "workspace.path": args.workspace,
+              "backend.target": args.target, "backend.dtype": args.dtype}
+    if cfg.kind == "visual":
+        for flag in ("tp", "max_prefill", "max_context", "batch_size"):
+            if getattr(args, flag) is not None:
+                raise VlmcError(f"--{flag.replace('_', '-')} applies to LLM configs; {path} is a visual config")
+        cfg = apply_overrides(cfg, path, **common, **{"frontend.max_patches": args.max_patches})
+        if args.max_patches is not None and cfg.frontend.shape is not None:
+            cfg = apply_overrides(cfg, path, **{"frontend.shape": None, "frontend.max_patches": args.max_patches})
+        from .visual import compile_visual
+
+        out, built = compile_visual(cfg, path, force=args.force)
+    else:
+        if args.max_patches is not None:
+            raise VlmcError(f"--max-patches applies to visual configs; {path} is an LLM config")
+        shape = cfg.frontend.shape.input_ids
+        overrides = dict(common)
+        if args.max_prefill is not None or args.max_context is not None:
+            overrides["frontend.shape.input_ids"] = [[args.max_prefill or shape[0][0]],
+                                                     [args.max_context or shape[1][0]]]
+        overrides["frontend.model_kwargs.tp"] = args.tp
+        overrides["frontend.model_kwargs.batch_size"] = args.batch_size
+        cfg = apply_overrides(cfg, path, **overrides)
+        from .llm import compile_llm
+
+        out, built = compile_llm(cfg, path, force=args.force)
+    if not built:
+        print(f"artifact is up to date (use --force to rebuild): {out}", file=sys.stderr)
+    print(out)
+    return 0

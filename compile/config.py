@@ -1,0 +1,253 @@
+"""Compile YAML configs: schema, validation and command-line overrides.
+
+Every key is declared here (and documented in docs/compile_config.md); an unknown or invalid key fails with the
+file, the key and what is allowed. Values the checkpoint determines are derived, or checked when stated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import VlmcError
+
+DTYPES = ("fp32",)  # what the CPU backend builds and checks today; fp16/bf16 need a target that runs them
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VisualShape(_Strict):
+    pixel_values: list[int] = Field(min_length=2, max_length=2)
+    attention_mask: list[int] | None = Field(default=None, min_length=3, max_length=3)
+    cos: list[int] | None = Field(default=None, min_length=2, max_length=2)
+    sin: list[int] | None = Field(default=None, min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        n = self.pixel_values[0]
+        if self.attention_mask is not None and self.attention_mask != [1, n, n]:
+            raise ValueError(f"attention_mask must be [1, {n}, {n}] for pixel_values [{n}, ...]")
+        for name in ("cos", "sin"):
+            shape = getattr(self, name)
+            if shape is not None and shape[0] != n:
+                raise ValueError(f"{name} must have {n} rows like pixel_values")
+        return self
+
+
+class VisualFrontend(_Strict):
+    checkpoint: str | None = None
+    type: Literal["huggingface"] = "huggingface"
+    max_patches: int | None = Field(default=None, gt=0)
+    shape: VisualShape | None = None
+    onnx: bool = False  # also export ONNX and check it with onnxruntime
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.max_patches is None and self.shape is None:
+            self.max_patches = 1024
+        if self.shape is not None:
+            n = self.shape.pixel_values[0]
+            if self.max_patches is not None and self.max_patches != n:
+                raise ValueError(f"max_patches {self.max_patches} disagrees with shape.pixel_values [{n}, ...]")
+            self.max_patches = n
+        if self.max_patches % 16:
+            raise ValueError(f"the patch budget must be a multiple of 16, got {self.max_patches}")
+        return self
+
+
+class Backend(_Strict):
+    type: Literal["tvm"] = "tvm"
+    target: str | dict[str, Any] = "llvm"
+    dtype: str = "fp32"
+    output_chunks: Literal["auto"] | list[int] = "auto"
+    max_chunk_width: int = Field(default=640, gt=0)
+    blas: bool = True  # dispatch matmuls to the host BLAS (CPU targets)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v not in DTYPES:
+            raise ValueError(f"dtype {v!r} is not supported by this build; allowed: {', '.join(DTYPES)}")
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v):
+        if isinstance(v, str) and v.strip().startswith("{"):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"target looks like JSON but does not parse: {exc}") from None
+        if isinstance(v, dict) and "kind" not in v:
+            raise ValueError("a target dict needs a 'kind' (e.g. {kind: llvm})")
+        return v
+
+    @field_validator("output_chunks")
+    @classmethod
+    def _chunks(cls, v):
+        if isinstance(v, list) and (not v or min(v) <= 0):
+            raise ValueError("output_chunks must be positive widths")
+        return v
+
+
+class Workspace(_Strict):
+    path: str = "workspace"
+    workers: int = Field(default=1, ge=1)
+
+
+class VisualConfig(_Strict):
+    name: str = Field(min_length=1)
+    kind: Literal["visual"] = "visual"
+    frontend: VisualFrontend = VisualFrontend()
+    backend: Backend = Backend()
+    workspace: Workspace = Workspace()
+
+
+class LLMShape(_Strict):
+    input_ids: list[list[int]] = Field(min_length=2, max_length=2)
+
+
+class LLMModelKwargs(_Strict):
+    tp: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=1, ge=1)  # decode batch (continuous batching)
+    prefill_buckets: list[int] | None = None
+
+
+class LLMFrontend(_Strict):
+    checkpoint: str | None = None
+    type: Literal["huggingface"] = "huggingface"
+    shape: LLMShape = LLMShape(input_ids=[[256], [1024]])
+    model_kwargs: LLMModelKwargs = LLMModelKwargs()
+
+    @model_validator(mode="after")
+    def _shape(self):
+        (p,), (t,) = self.shape.input_ids[0][:1], self.shape.input_ids[1][:1]
+        if len(self.shape.input_ids[0]) != 1 or len(self.shape.input_ids[1]) != 1:
+            raise ValueError("shape.input_ids must be [[P], [T]]")
+        for label, v in (("prefill length P", p), ("context T", t)):
+            if v <= 0 or v % 16:
+                raise ValueError(f"the {label} must be a positive multiple of 16, got {v}")
+        if p > t:
+            raise ValueError(f"the prefill length P={p} exceeds the context T={t}")
+        for b in self.model_kwargs.prefill_buckets or []:
+            if b <= 0 or b % 16 or b > p:
+                raise ValueError(f"prefill bucket {b} must be a multiple of 16 and at most P={p}")
+        return self
+
+    @property
+    def max_prefill(self) -> int:
+        return self.shape.input_ids[0][0]
+
+    @property
+    def context(self) -> int:
+        return self.shape.input_ids[1][0]
+
+
+class LLMConfig(_Strict):
+    name: str = Field(min_length=1)
+    kind: Literal["llm"] = "llm"
+    frontend: LLMFrontend = LLMFrontend()
+    backend: Backend = Backend()
+    workspace: Workspace = Workspace()
+
+
+def _format_error(path: Path, exc: ValidationError) -> str:
+    allowed_by_model = {}
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parent = err["loc"][:-1]
+            allowed = _allowed_keys(parent, allowed_by_model)
+            lines.append(f"unknown key '{key}' (allowed here: {', '.join(allowed)})")
+        else:
+            lines.append(f"'{key}': {err['msg']}" if key else err["msg"])
+    return f"{path}: " + "; ".join(lines)
+
+
+_KIND_MODELS = {"visual": VisualConfig, "llm": LLMConfig}
+_current_model: list[type[BaseModel]] = []
+
+
+def _allowed_keys(loc, _cache) -> list[str]:
+    model = _current_model[-1]
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", (ann,)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+        else:
+            return []
+    return sorted(model.model_fields)
+
+
+def load_config(path: str | Path, kind: str | None = None) -> VisualConfig | LLMConfig:
+    """Read and validate a compile YAML. `kind` is taken from the file's `kind:` key when not given."""
+    path = Path(path)
+    if not path.is_file():
+        raise VlmcError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise VlmcError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise VlmcError(f"{path}: expected a mapping of keys at the top level")
+    kind = kind or data.get("kind")
+    if kind not in _KIND_MODELS:
+        raise VlmcError(f"{path}: 'kind' must be one of {', '.join(_KIND_MODELS)} (got {kind!r})")
+    model = _KIND_MODELS[kind]
+    _current_model.append(model)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise VlmcError(_format_error(path, exc)) from None
+    finally:
+        _current_model.pop()
+
+
+def apply_overrides(cfg, path: Path, **overrides):
+    """Return a validated copy of `cfg` with command-line values (those not None) put at their keys."""
+    data = cfg.model_dump()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    model = type(cfg)
+    _current_model.append(model)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise VlmcError(_format_error(path, exc).replace(f"{path}:", f"{path} (with command-line overrides):"))
+    finally:
+        _current_model.pop()
+
+
+def config_hash(cfg) -> str:
+    """Hash of everything that shapes the artifact (the workspace location does not)."""
+    data = cfg.model_dump(exclude={"workspace"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def resolve_chunks(backend: Backend, hidden: int) -> list[int]:
+    if backend.output_chunks == "auto":
+        full, rest = divmod(hidden, backend.max_chunk_width)
+        return [backend.max_chunk_width] * full + ([rest] if rest else [])
+    if sum(backend.output_chunks) != hidden:
+        raise VlmcError(f"backend.output_chunks {backend.output_chunks} add up to {sum(backend.output_chunks)}, "
+                        f"not the output hidden size {hidden}")
+    return list(backend.output_chunks)

@@ -1,0 +1,107 @@
+"""Compile a checkpoint's language model into tensor-parallel prefill and decode graphs through TVM.
+
+One graph per shape serves every rank (the all-reduce is a packed call the runtime provides); parameters are
+saved per rank. The artifact also carries the embedding table, tokenizer, chat template and generation config,
+so it alone (with a visual artifact) serves requests.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..build_in.source_code import detect_architecture, get_architecture
+from ..errors import VlmcError
+from ..runtime.llm.collective import CUSTOM_CONVERTERS, all_reduce
+from .artifact import Stages, is_up_to_date, library_versions, staging_folder, weights_fingerprint, write_manifest
+from .config import LLMConfig, config_hash
+from .visual import check_checkpoint
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "config.json", "preprocessor_config.json")
+
+
+def graph_inputs(batch: int, seq: int, hidden: int, head_dim: int, layers: int, kv_heads: int, context: int):
+    """Example inputs of the deploy LLM graph (the shapes it is compiled for)."""
+    return (torch.zeros(batch, seq, hidden), torch.zeros(batch, seq, head_dim), torch.zeros(batch, seq, head_dim),
+            torch.zeros(batch, 1, seq, context + seq), torch.zeros(layers, batch, kv_heads, context, head_dim),
+            torch.zeros(layers, batch, kv_heads, context, head_dim))
+
+
+def prefill_buckets(cfg: LLMConfig) -> list[int]:
+    p = cfg.frontend.max_prefill
+    buckets = cfg.frontend.model_kwargs.prefill_buckets or ([128, p] if p > 128 else [p])
+    return sorted(set(buckets) | {p})
+
+
+def compile_llm(cfg: LLMConfig, config_path: Path, force: bool = False) -> tuple[Path, bool]:
+    from . import tvm_backend
+
+    checkpoint = check_checkpoint(cfg.frontend.checkpoint, config_path)
+    out = Path(cfg.workspace.path) / cfg.name
+    digest, weights = config_hash(cfg), weights_fingerprint(checkpoint)
+    if not force and is_up_to_date(out, digest, weights):
+        return out, False
+
+    kwargs = cfg.frontend.model_kwargs
+    tp, batch, context = kwargs.tp, kwargs.batch_size, cfg.frontend.context
+    buckets = prefill_buckets(cfg)
+    graphs = [(f"prefill_{s}", 1, s) for s in buckets] + [("decode", batch, 1)]
+    stages = Stages(["load", "export", "import into TVM", "optimize", "build", "save"])
+    with stages.stage("load", f"{checkpoint}, tp={tp}"):
+        arch_name = detect_architecture(checkpoint)
+        arch = get_architecture(arch_name)
+        model_config = arch.load_config(checkpoint)
+        text = model_config.text_config
+        spec = arch.host_spec(checkpoint, model_config)
+        try:
+            ranks = [arch.load_language_model(checkpoint, text, tp, r, all_reduce if tp > 1 else None)
+                     for r in range(tp)]
+        except ValueError as exc:
+            raise VlmcError(f"cannot shard {checkpoint} over tp={tp}: {exc}") from None
+        plan = ranks[0].plan
+        embed = arch.embedding_table(checkpoint).float().numpy()
+    dims = dict(hidden=text.hidden_size, head_dim=spec.text.head_dim, layers=text.num_hidden_layers,
+                kv_heads=plan.num_kv_heads, context=context)
+    exported = {}
+    with stages.stage("export", f"{len(graphs)} graphs: " + ", ".join(g[0] for g in graphs)):
+        for name, b, s in graphs:
+            exported[name] = tvm_backend.export_module(ranks[0], graph_inputs(b, s, **dims))
+        param_names = list(exported["decode"].graph_signature.parameters)
+    modules = {}
+    with stages.stage("import into TVM"):
+        for name, ep in exported.items():
+            modules[name], _, _ = tvm_backend.import_exported(ep, custom_convert_map=CUSTOM_CONVERTERS)
+    target = tvm_backend.host_target(cfg.backend.target)
+    with stages.stage("optimize"):
+        modules = {n: tvm_backend.optimize(m, target, blas=cfg.backend.blas) for n, m in modules.items()}
+    with stages.stage("build", str(target.kind.name)):
+        built = {n: tvm_backend.compile_module(m, target, blas=cfg.backend.blas) for n, m in modules.items()}
+    with stages.stage("save", str(out)), staging_folder(out) as tmp:
+        for name, result in built.items():
+            tvm_backend.save_library(result, tmp / f"{name}.so")
+        for rank, module in enumerate(ranks):
+            state = module.state_dict()
+            tvm_backend.save_params([state[n].numpy() for n in param_names], param_names,
+                                    tmp / f"rank_{rank}" / "params.safetensors")
+        np.save(tmp / "embed_tokens.npy", embed)
+        (tmp / "tokenizer").mkdir()
+        for file in TOKENIZER_FILES:
+            if (checkpoint / file).is_file():
+                shutil.copy2(checkpoint / file, tmp / "tokenizer" / file)
+        write_manifest(tmp, {
+            "kind": "llm", "name": cfg.name, "arch": arch_name, "checkpoint": str(checkpoint),
+            "tp": tp, "max_prefill": cfg.frontend.max_prefill, "context": context, "prefill_buckets": buckets,
+            "batch_size": batch, "graphs": {n: {"batch": b, "seq": s} for n, b, s in graphs},
+            "layers": text.num_hidden_layers, "kv_heads_per_rank": plan.num_kv_heads, "head_dim": spec.text.head_dim,
+            "hidden_size": text.hidden_size, "vocab_size": text.vocab_size, "param_names": param_names,
+            "embed_tokens": {"file": "embed_tokens.npy", "dtype": str(embed.dtype), "shape": list(embed.shape)},
+            "dtype": cfg.backend.dtype, "target": str(target), "versions": library_versions(),
+            "config_hash": digest, "weights_fingerprint": weights, "host": spec.to_dict(),
+            "compile_seconds": stages.times,
+        })
+    return out, True

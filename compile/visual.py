@@ -1,0 +1,118 @@
+"""Compile a checkpoint's vision tower into a fixed-shape graph: YAML -> deploy module -> torch.export -> TVM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..build_in.source_code import detect_architecture, get_architecture
+from ..errors import VlmcError
+from .artifact import Stages, is_up_to_date, library_versions, staging_folder, weights_fingerprint, write_manifest
+from .config import VisualConfig, config_hash, resolve_chunks
+
+GRAPH_INPUTS = ("pixel_values", "window_mask", "full_mask", "cos", "sin")
+
+
+def example_inputs(budget: int, patch_dim: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    return (torch.zeros(budget, patch_dim), torch.zeros(1, budget, budget), torch.zeros(1, budget, budget),
+            torch.zeros(budget, head_dim), torch.zeros(budget, head_dim))
+
+
+def check_checkpoint(checkpoint: str | None, config_path: Path) -> Path:
+    if not checkpoint:
+        raise VlmcError(f"{config_path}: no checkpoint given (set frontend.checkpoint or pass --checkpoint)")
+    path = Path(checkpoint)
+    if not path.is_absolute() and not path.exists():
+        path = (config_path.parent / path)
+    if not (path / "config.json").is_file():
+        raise VlmcError(f"checkpoint {checkpoint} is not a Hugging Face checkpoint folder (no config.json)")
+    return path.resolve()
+
+
+def compile_visual(cfg: VisualConfig, config_path: Path, force: bool = False) -> tuple[Path, bool]:
+    """Build the visual artifact; returns its folder and whether it was (re)built."""
+    from . import tvm_backend
+
+    checkpoint = check_checkpoint(cfg.frontend.checkpoint, config_path)
+    out = Path(cfg.workspace.path) / cfg.name
+    digest, weights = config_hash(cfg), weights_fingerprint(checkpoint)
+    if not force and is_up_to_date(out, digest, weights):
+        return out, False
+
+    stages = Stages(["load", "export", "import into TVM", "optimize", "build", "save"])
+    budget = cfg.frontend.max_patches
+    with stages.stage("load", str(checkpoint)):
+        arch_name = detect_architecture(checkpoint)
+        arch = get_architecture(arch_name)
+        model_config = arch.load_config(checkpoint)
+        spec = arch.host_spec(checkpoint, model_config)
+        vision = model_config.vision_config
+        chunks = resolve_chunks(cfg.backend, vision.out_hidden_size)
+        module = arch.load_vision(checkpoint, vision, chunks)
+        if cfg.frontend.shape is not None:
+            _check_shape(cfg, module.patch_dim, spec.vision.head_dim, config_path)
+        if budget % spec.vision.merge_unit:
+            raise VlmcError(f"the patch budget {budget} must be a multiple of {spec.vision.merge_unit}")
+    args = example_inputs(budget, module.patch_dim, spec.vision.head_dim)
+    with stages.stage("export", f"torch.export, {budget} patches"):
+        exported = tvm_backend.export_module(module, args)
+        if cfg.frontend.onnx:
+            onnx_bytes, onnx_diff = _export_onnx(module, args)
+    with stages.stage("import into TVM"):
+        mod, params, names = tvm_backend.import_exported(exported)
+    with stages.stage("optimize", "BLAS dispatch, fusion" if cfg.backend.blas else "fusion"):
+        target = tvm_backend.host_target(cfg.backend.target)
+        mod = tvm_backend.optimize(mod, target, blas=cfg.backend.blas)
+    with stages.stage("build", str(target.kind.name)):
+        result = tvm_backend.compile_module(mod, target, blas=cfg.backend.blas)
+    with stages.stage("save", str(out)), staging_folder(out) as tmp:
+        tvm_backend.save_library(result, tmp / "visual.so")
+        tvm_backend.save_params(params, names, tmp / "params.safetensors")
+        if cfg.frontend.onnx:
+            (tmp / "model.onnx").write_bytes(onnx_bytes)
+        manifest = {
+            "kind": "visual", "name": cfg.name, "arch": arch_name, "checkpoint": str(checkpoint),
+            "patch_budget": budget, "merge_unit": spec.vision.merge_unit, "patch_dim": module.patch_dim,
+            "hidden_size": vision.out_hidden_size, "output_chunks": chunks, "dtype": cfg.backend.dtype,
+            "target": str(target), "param_names": names, "inputs": {n: list(a.shape) for n, a in zip(GRAPH_INPUTS, args)},
+            "versions": library_versions(), "config_hash": digest, "weights_fingerprint": weights,
+            "host": spec.to_dict(), "compile_seconds": stages.times,
+        }
+        if cfg.frontend.onnx:
+            manifest["onnx_max_abs_diff"] = onnx_diff
+        write_manifest(tmp, manifest)
+    return out, True
+
+
+def _check_shape(cfg: VisualConfig, patch_dim: int, head_dim: int, config_path: Path) -> None:
+    shape = cfg.frontend.shape
+    if shape.pixel_values[1] != patch_dim:
+        raise VlmcError(f"{config_path}: frontend.shape.pixel_values[1] is {shape.pixel_values[1]} but the "
+                        f"checkpoint's patches have {patch_dim} values")
+    for name in ("cos", "sin"):
+        value = getattr(shape, name)
+        if value is not None and value[1] != head_dim:
+            raise VlmcError(f"{config_path}: frontend.shape.{name}[1] is {value[1]} but the checkpoint's vision "
+                            f"head_dim is {head_dim}")
+
+
+def _export_onnx(module, args) -> tuple[bytes, float]:
+    """Export ONNX and check it with onnxruntime on random inputs; returns (bytes, max abs diff)."""
+    import io
+
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    torch.onnx.export(module, args, buf, input_names=list(GRAPH_INPUTS), dynamo=False)
+    rng = np.random.default_rng(0)
+    feeds = [rng.standard_normal(a.shape).astype(np.float32) for a in args]
+    feeds[1][:] = 0
+    feeds[2][:] = 0
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    got = session.run(None, dict(zip(GRAPH_INPUTS, feeds)))
+    with torch.no_grad():
+        ref = module(*(torch.from_numpy(f) for f in feeds))
+    diff = max(float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref))
+    return buf.getvalue(), diff

@@ -1,0 +1,103 @@
+"""A whole image + text request: host ops -> visual runtime -> embeddings spliced at the image pads -> M-RoPE ->
+prefill -> decode until EOS or the token limit."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..cpu_ops.image import preprocess_images
+from ..cpu_ops.prompt import tokenize_prompt, user_turn
+from ..cpu_ops.rope import get_rope_index
+from ..cpu_ops.sampling import Sampler, SamplingParams
+from .engine import Sequence, splice_image_embeddings
+from .runtime import DistributedEngine, LLMArtifact
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS) or "length"
+    timings: dict = field(default_factory=dict)
+    images: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": len(self.token_ids), "finish_reason": self.finish_reason,
+                "timings": self.timings, "images": self.images}
+
+
+class Pipeline:
+    def __init__(self, model: str, vit_model: str | None = None, device: str = "cpu", verify: bool = True):
+        from ..visual.runtime import VisualRuntime
+
+        self.llm = LLMArtifact(model, verify=verify)
+        self.visual = None
+        if vit_model is not None:
+            self.visual = VisualRuntime(vit_model, device, verify=verify)
+            self.llm.check_visual(self.visual.manifest, vit_model)
+        self.tokenizer = self.llm.tokenizer()
+        self.spec = self.llm.spec
+        self.engine = DistributedEngine(self.llm, device, slots=1)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def encode_images(self, images, min_pixels=None, max_pixels=None):
+        if images and self.visual is None:
+            from ...errors import VlmcError
+
+            raise VlmcError("the request has images but no visual artifact was given (--vit_model)")
+        embeds, grids, info = [], [], []
+        for source in images:
+            cfg = self.visual.image_config(min_pixels, max_pixels)
+            pixels, grid, fitted = self.visual.patches(source, cfg)
+            embeds.append(self.visual.encode_patches(pixels, grid))
+            grids.append(grid)
+            info.append({"grid_thw": [int(g) for g in grid], "fitted_to_budget": fitted})
+        return embeds, np.asarray(grids, dtype=np.int64).reshape(-1, 3), info
+
+    def generate(self, images, prompt: str, max_new_tokens: int, sampling: SamplingParams | None = None,
+                 messages: list[dict] | None = None, min_pixels=None, max_pixels=None) -> GenerationResult:
+        sampling = sampling or SamplingParams()
+        if not sampling.eos_token_ids:
+            sampling.eos_token_ids = self.spec.text.eos_token_ids
+        t0 = time.perf_counter()
+        image_embeds, grids, info = self.encode_images(list(images), min_pixels, max_pixels)
+        t_visual = time.perf_counter() - t0
+        image_id = self.spec.text.image_token_id
+        merge = self.spec.image.merge_size
+        input_ids = tokenize_prompt(self.tokenizer, prompt, grids, image_id, merge,
+                                    messages or user_turn(len(grids), prompt))
+        self.engine.check_budget(len(input_ids), max_new_tokens)
+        position_ids, delta = get_rope_index(input_ids, grids, image_id, merge)
+        embeds = splice_image_embeddings(self.engine.embed.lookup(input_ids), input_ids, image_id, image_embeds)
+        seq = Sequence(0, delta)
+        sampler = Sampler(sampling)
+        t1 = time.perf_counter()
+        try:
+            logits = self.engine.prefill(seq, embeds, position_ids)
+            t_prefill = time.perf_counter() - t1
+            tokens, finish, step_times = [], "length", []
+            while len(tokens) < max_new_tokens:
+                token = sampler(logits, len(tokens))
+                if sampler.is_eos(token):
+                    finish = "stop"
+                    break
+                tokens.append(token)
+                if len(tokens) == max_new_tokens:
+                    break
+                ts = time.perf_counter()
+                logits = self.engine.decode([seq], [token])[0]
+                step_times.append(time.perf_counter() - ts)
+        finally:
+            self.engine.release(seq)
+        timings = {"visual_s": round(t_visual, 6), "prefill_s": round(t_prefill, 6),
+                   "decode_per_token_s": round(float(np.median(step_times)), 6) if step_times else None,
+                   "total_s": round(time.perf_counter() - t0, 6)}
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return GenerationResult(text, tokens, int(len(input_ids)), finish, timings, info)

@@ -1,0 +1,86 @@
+"""Visual runtime: encode one image at a time through a compiled fixed-shape visual graph.
+
+Host ops -> window order and padding to the patch budget -> the graph -> chunks joined -> window order undone.
+An image whose patch count exceeds the budget is resized (max_pixels lowered) until it fits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...compile.artifact import read_manifest
+from ..cpu_ops.image import ImageConfig, image_to_patches, load_image
+from ..cpu_ops.pipeline import HostSpec
+from ..cpu_ops.vision import build_visual_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodedImage:
+    embeddings: np.ndarray  # [visual tokens, hidden] float32, in transformers' order
+    grid_thw: tuple[int, int, int]
+    resized_to: tuple[int, int]  # (height, width) actually fed to the encoder
+    fitted: bool  # True when the image was shrunk to fit the compiled patch budget
+    seconds: float
+
+
+def fit_to_budget(cfg: ImageConfig, budget: int) -> ImageConfig:
+    """Lower max_pixels so that no image can produce more than `budget` patches."""
+    max_pixels = budget * cfg.patch_size * cfg.patch_size
+    if cfg.max_pixels <= max_pixels:
+        return cfg
+    return cfg.with_pixels(min(cfg.min_pixels, max_pixels), max_pixels)
+
+
+class VisualRuntime:
+    def __init__(self, artifact: str | Path, device: str = "cpu", verify: bool = True):
+        from ...compile import tvm_backend
+
+        self.path = Path(artifact)
+        self.manifest = read_manifest(self.path, kind="visual", verify=verify)
+        self.spec = HostSpec.from_dict(self.manifest["host"])
+        self.budget = int(self.manifest["patch_budget"])
+        self.hidden_size = int(self.manifest["hidden_size"])
+        params = tvm_backend.load_params(self.path / "params.safetensors", self.manifest["param_names"], device)
+        self.graph = tvm_backend.load_library(self.path / "visual.so", params, device)
+
+    def image_config(self, min_pixels: int | None = None, max_pixels: int | None = None) -> ImageConfig:
+        return self.spec.image.with_pixels(min_pixels, max_pixels)
+
+    def patches(self, source, cfg: ImageConfig):
+        """Patches and grid for `source`, shrinking the image until it fits the compiled budget."""
+        image = load_image(source)
+        pixel_values, grid = image_to_patches(image, cfg)
+        fitted = False
+        budget = self.budget
+        while pixel_values.shape[0] > self.budget:  # smart_resize's rounding can overshoot at extreme ratios
+            fitted = True
+            pixel_values, grid = image_to_patches(image, fit_to_budget(cfg, budget))
+            budget = budget * 9 // 10
+            if budget < cfg.merge_size ** 2:
+                raise ValueError(f"the image cannot be resized into {self.budget} patches")
+        return pixel_values, grid, fitted
+
+    def encode_patches(self, pixel_values: np.ndarray, grid) -> np.ndarray:
+        inputs = build_visual_inputs(pixel_values, grid, self.spec.vision, self.budget)
+        chunks = self.graph(*inputs.as_args())
+        merged = np.concatenate(chunks, axis=-1) if len(chunks) > 1 else chunks[0]
+        return np.ascontiguousarray(merged[:inputs.num_tokens][inputs.reverse_index], dtype=np.float32)
+
+    def encode(self, source, min_pixels: int | None = None, max_pixels: int | None = None) -> EncodedImage:
+        t0 = time.perf_counter()
+        cfg = self.image_config(min_pixels, max_pixels)
+        pixel_values, grid, fitted = self.patches(source, cfg)
+        embeddings = self.encode_patches(pixel_values, grid)
+        _, gh, gw = grid
+        if fitted:
+            log.info("image resized to %dx%d to fit the compiled budget of %d patches",
+                     gw * cfg.patch_size, gh * cfg.patch_size, self.budget)
+        return EncodedImage(embeddings, tuple(int(g) for g in grid), (gh * cfg.patch_size, gw * cfg.patch_size),
+                            fitted, time.perf_counter() - t0)
