@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from . import __version__
 from .errors import VlmcError
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch.export's pytree pickling warns about its own deprecated API on every export; not actionable here.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

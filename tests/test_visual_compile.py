@@ -1,0 +1,107 @@
+"""Visual graph: compile from the shipped YAML, encode through TVM, compare with transformers' vision tower."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from compiled import BUILD, compile_artifact, vlmc
+from conftest import random_image
+from reference import as_numpy, reference_inputs
+
+BUDGETS = {"tiny": 512, "small": 1024}
+
+
+@pytest.fixture(scope="session")
+def visual_artifacts(checkpoints, tmp_path_factory):
+    ws = tmp_path_factory.mktemp("visual_ws")
+    return {p: compile_artifact("qwen2_5_vl_visual.yaml", checkpoints[p], ws / p, "--max-patches", BUDGETS[p])
+            for p in ("tiny", "small")}
+
+
+def test_recompile_reuses_artifact(checkpoints, visual_artifacts):
+    path = visual_artifacts["tiny"]
+    before = json.loads((path / "manifest.json").read_text())["created"]
+    proc = vlmc("compile", BUILD / "qwen2_5_vl_visual.yaml", "--checkpoint", checkpoints["tiny"],
+                "--workspace", path.parent, "--max-patches", BUDGETS["tiny"])
+    assert "up to date" in proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == str(path)
+    assert json.loads((path / "manifest.json").read_text())["created"] == before
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["patch_budget"] == 512 and sum(manifest["output_chunks"]) == manifest["hidden_size"]
+    assert {"vlmc", "tvm", "torch", "transformers"} <= set(manifest["versions"])
+    assert manifest["host"]["image"]["patch_size"] == 14
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_encode_matches_transformers(checkpoints, visual_artifacts, tmp_path, preset):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoints[preset]).eval()
+    # Sizes from a few patches (heavy padding) to nearly the whole budget, odd aspect ratios included.
+    for i, (h, w) in enumerate([(28, 28), (40, 300), (200, 300), (100, 700), (300, 400) if preset == "small"
+                                else (250, 330)]):
+        image = tmp_path / f"img{i}.png"
+        random_image(h, w, seed=i).save(image)
+        out = tmp_path / f"emb{i}.npy"
+        vlmc("encode", "--vit_model", visual_artifacts[preset], "--image", image, "--out", out)
+        ref = reference_inputs(checkpoints[preset], [random_image(h, w, seed=i)], "x", model=model)
+        with torch.no_grad():
+            hf = as_numpy(model.model.visual(ref["pixel_values"], grid_thw=ref["image_grid_thw"]).pooler_output)
+        got = np.load(out)
+        assert got.dtype == np.float32 and got.shape == hf.shape, (h, w)
+        assert np.abs(got - hf).max() / np.abs(hf).max() <= 1e-4, (h, w)
+
+
+def test_image_over_budget_is_resized_to_fit(visual_artifacts, tmp_path):
+    image = tmp_path / "big.png"
+    random_image(900, 1600).save(image)
+    out = tmp_path / "big.npy"
+    proc = vlmc("encode", "--vit_model", visual_artifacts["tiny"], "--image", image, "--out", out)
+    assert "resized to fit" in proc.stdout
+    tokens = np.load(out).shape[0]
+    assert 0 < tokens <= BUDGETS["tiny"] // 4
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if "error" in line]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_artifacts_and_configs(checkpoints, visual_artifacts, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(visual_artifacts["tiny"], broken)
+    params = broken / "params.safetensors"
+    original = params.read_bytes()
+    data = bytearray(original)
+    data[-100] ^= 0xFF
+    params.write_bytes(bytes(data))
+    image = tmp_path / "a.png"
+    random_image(64, 64).save(image)
+    _one_line_error(vlmc("encode", "--vit_model", broken, "--image", image, "--out", tmp_path / "o.npy",
+                         check=False), "params.safetensors", "corrupted")
+    params.write_bytes(original)
+    (broken / "visual.so").unlink()
+    _one_line_error(vlmc("encode", "--vit_model", broken, "--image", image, "--out", tmp_path / "o.npy",
+                         check=False), "visual.so", "missing")
+    _one_line_error(vlmc("encode", "--vit_model", tmp_path / "nothing", "--image", image, "--out",
+                         tmp_path / "o.npy", check=False), "does not exist")
+
+    base = (BUILD / "qwen2_5_vl_visual.yaml").read_text()
+    cases = {
+        "typo.yaml": (base.replace("max_patches:", "max_patchs:"), ["typo.yaml", "max_patchs", "allowed"]),
+        "n17.yaml": (base.replace("max_patches: 1024", "max_patches: 1000"), ["multiple of 16"]),
+        "chunks.yaml": (base.replace("output_chunks: auto", "output_chunks: [30, 30]"), ["add up", "64"]),
+    }
+    for name, (text, needles) in cases.items():
+        cfg = tmp_path / name
+        cfg.write_text(text)
+        _one_line_error(vlmc("compile", cfg, "--checkpoint", checkpoints["tiny"], "--workspace", tmp_path / "ws",
+                             check=False), *needles)
+    _one_line_error(vlmc("compile", BUILD / "qwen2_5_vl_visual.yaml", "--checkpoint", checkpoints["tiny"],
+                         "--max-patches", "100", check=False), "multiple of 16")
