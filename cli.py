@@ -44,6 +44,41 @@ def _run_checkpoint(args) -> int:
     return 0
 
 
+def _add_quickstart(sub) -> None:
+    p = sub.add_parser("quickstart", help="build a tiny model, compile both graphs and answer a question",
+                       description="The whole flow on the built-in tiny model: write a random-weight checkpoint, "
+                                   "compile the visual and LLM graphs from the shipped YAMLs, and answer a question "
+                                   "about the bundled demo image. The answer is random-weight gibberish; the point "
+                                   "is that every stage runs.")
+    p.add_argument("--workdir", default="vlmc-quickstart", help="folder for the checkpoint and artifacts "
+                                                                 "(default: ./vlmc-quickstart)")
+    p.set_defaults(func=_run_quickstart)
+
+
+def _run_quickstart(args) -> int:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent / "build_in"
+    work = Path(args.workdir)
+    checkpoint, workspace = work / "tiny-qwen2_5_vl", work / "workspace"
+    steps = [
+        ["checkpoint", "tiny", "--arch", "qwen2_5_vl", str(checkpoint), "--preset", "tiny"],
+        ["compile", str(root / "build" / "qwen2_5_vl_visual.yaml"), "--checkpoint", str(checkpoint),
+         "--workspace", str(workspace)],
+        ["compile", str(root / "build" / "qwen2_5_vl_llm.yaml"), "--checkpoint", str(checkpoint),
+         "--workspace", str(workspace)],
+        ["generate", "--model", str(workspace / "qwen2_5_vl_llm"), "--vit_model",
+         str(workspace / "qwen2_5_vl_visual"), "--image", str(root / "assets" / "demo.png"),
+         "--prompt", "What is in this picture?", "--max-new-tokens", "24", "--json"],
+    ]
+    for step in steps:
+        print("$ vlmc " + " ".join(step), file=sys.stderr, flush=True)
+        code = main(step)
+        if code:
+            return code
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .compile import commands as compile_commands
     from .runtime import commands as runtime_commands
@@ -57,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_checkpoint(sub)
+    _add_quickstart(sub)
     compile_commands.register(sub)
     runtime_commands.register(sub)
     return parser

@@ -32,7 +32,8 @@ def register(sub) -> None:
 
 
 def run_compile(args) -> int:
-    from .config import apply_overrides, load_config
+    from .artifact import is_up_to_date, weights_fingerprint
+    from .config import apply_overrides, config_hash, load_config, resolve_checkpoint
 
     path = Path(args.config)
     cfg = load_config(path)
@@ -45,9 +46,7 @@ def run_compile(args) -> int:
         cfg = apply_overrides(cfg, path, **common, **{"frontend.max_patches": args.max_patches})
         if args.max_patches is not None and cfg.frontend.shape is not None:
             cfg = apply_overrides(cfg, path, **{"frontend.shape": None, "frontend.max_patches": args.max_patches})
-        from .visual import compile_visual
-
-        out, built = compile_visual(cfg, path, force=args.force)
+        build = "visual"
     else:
         if args.max_patches is not None:
             raise VlmcError(f"--max-patches applies to visual configs; {path} is an LLM config")
@@ -59,10 +58,19 @@ def run_compile(args) -> int:
         overrides["frontend.model_kwargs.tp"] = args.tp
         overrides["frontend.model_kwargs.batch_size"] = args.batch_size
         cfg = apply_overrides(cfg, path, **overrides)
+        build = "llm"
+    # Decide reuse before importing torch/TVM, so an up-to-date artifact is reported in about a second.
+    checkpoint = resolve_checkpoint(cfg.frontend.checkpoint, path)
+    out = Path(cfg.workspace.path) / cfg.name
+    if not args.force and is_up_to_date(out, config_hash(cfg), weights_fingerprint(checkpoint)):
+        print(f"artifact is up to date (use --force to rebuild): {out}", file=sys.stderr)
+    elif build == "visual":
+        from .visual import compile_visual
+
+        out = compile_visual(cfg, path)
+    else:
         from .llm import compile_llm
 
-        out, built = compile_llm(cfg, path, force=args.force)
-    if not built:
-        print(f"artifact is up to date (use --force to rebuild): {out}", file=sys.stderr)
+        out = compile_llm(cfg, path)
     print(out)
     return 0

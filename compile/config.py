@@ -158,38 +158,33 @@ class LLMConfig(_Strict):
     workspace: Workspace = Workspace()
 
 
-def _format_error(path: Path, exc: ValidationError) -> str:
-    allowed_by_model = {}
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            parent = err["loc"][:-1]
-            allowed = _allowed_keys(parent, allowed_by_model)
-            lines.append(f"unknown key '{key}' (allowed here: {', '.join(allowed)})")
-        else:
-            lines.append(f"'{key}': {err['msg']}" if key else err["msg"])
-    return f"{path}: " + "; ".join(lines)
-
-
-_KIND_MODELS = {"visual": VisualConfig, "llm": LLMConfig}
-_current_model: list[type[BaseModel]] = []
-
-
-def _allowed_keys(loc, _cache) -> list[str]:
-    model = _current_model[-1]
+def _allowed_keys(model: type[BaseModel], loc) -> list[str]:
+    """The keys allowed at `loc` (a path of keys) in `model`'s schema."""
     for part in loc:
         field = model.model_fields.get(str(part))
         if field is None:
             return []
-        ann = field.annotation
-        for cand in getattr(ann, "__args__", (ann,)):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                model = cand
-                break
-        else:
+        nested = [c for c in getattr(field.annotation, "__args__", (field.annotation,))
+                  if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
             return []
+        model = nested[0]
     return sorted(model.model_fields)
+
+
+def _format_error(model: type[BaseModel], where: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, err["loc"][:-1])
+            lines.append(f"unknown key '{key}' (allowed here: {', '.join(allowed)})")
+        else:
+            lines.append(f"'{key}': {err['msg']}" if key else err["msg"])
+    return f"{where}: " + "; ".join(lines)
+
+
+_KIND_MODELS = {"visual": VisualConfig, "llm": LLMConfig}
 
 
 def load_config(path: str | Path, kind: str | None = None) -> VisualConfig | LLMConfig:
@@ -207,13 +202,10 @@ def load_config(path: str | Path, kind: str | None = None) -> VisualConfig | LLM
     if kind not in _KIND_MODELS:
         raise VlmcError(f"{path}: 'kind' must be one of {', '.join(_KIND_MODELS)} (got {kind!r})")
     model = _KIND_MODELS[kind]
-    _current_model.append(model)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise VlmcError(_format_error(path, exc)) from None
-    finally:
-        _current_model.pop()
+        raise VlmcError(_format_error(model, str(path), exc)) from None
 
 
 def apply_overrides(cfg, path: Path, **overrides):
@@ -228,13 +220,22 @@ def apply_overrides(cfg, path: Path, **overrides):
             node = node.setdefault(part, {})
         node[leaf] = value
     model = type(cfg)
-    _current_model.append(model)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise VlmcError(_format_error(path, exc).replace(f"{path}:", f"{path} (with command-line overrides):"))
-    finally:
-        _current_model.pop()
+        raise VlmcError(_format_error(model, f"{path} (with command-line overrides)", exc)) from None
+
+
+def resolve_checkpoint(checkpoint: str | None, config_path: Path) -> Path:
+    """The checkpoint folder: as given, or relative to the YAML's folder; must hold a config.json."""
+    if not checkpoint:
+        raise VlmcError(f"{config_path}: no checkpoint given (set frontend.checkpoint or pass --checkpoint)")
+    path = Path(checkpoint)
+    if not path.is_absolute() and not path.exists():
+        path = config_path.parent / path
+    if not (path / "config.json").is_file():
+        raise VlmcError(f"checkpoint {checkpoint} is not a Hugging Face checkpoint folder (no config.json)")
+    return path.resolve()
 
 
 def config_hash(cfg) -> str:

@@ -16,9 +16,8 @@ import torch
 from ..build_in.source_code import detect_architecture, get_architecture
 from ..errors import VlmcError
 from ..runtime.llm.collective import CUSTOM_CONVERTERS, all_reduce
-from .artifact import Stages, is_up_to_date, library_versions, staging_folder, weights_fingerprint, write_manifest
-from .config import LLMConfig, config_hash
-from .visual import check_checkpoint
+from .artifact import Stages, library_versions, staging_folder, weights_fingerprint, write_manifest
+from .config import LLMConfig, config_hash, resolve_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -38,14 +37,13 @@ def prefill_buckets(cfg: LLMConfig) -> list[int]:
     return sorted(set(buckets) | {p})
 
 
-def compile_llm(cfg: LLMConfig, config_path: Path, force: bool = False) -> tuple[Path, bool]:
+def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
+    """Build the LLM artifact; returns its folder."""
     from . import tvm_backend
 
-    checkpoint = check_checkpoint(cfg.frontend.checkpoint, config_path)
+    checkpoint = resolve_checkpoint(cfg.frontend.checkpoint, config_path)
     out = Path(cfg.workspace.path) / cfg.name
     digest, weights = config_hash(cfg), weights_fingerprint(checkpoint)
-    if not force and is_up_to_date(out, digest, weights):
-        return out, False
 
     kwargs = cfg.frontend.model_kwargs
     tp, batch, context = kwargs.tp, kwargs.batch_size, cfg.frontend.context
@@ -104,4 +102,4 @@ def compile_llm(cfg: LLMConfig, config_path: Path, force: bool = False) -> tuple
             "config_hash": digest, "weights_fingerprint": weights, "host": spec.to_dict(),
             "compile_seconds": stages.times,
         })
-    return out, True
+    return out

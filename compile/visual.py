@@ -9,8 +9,8 @@ import torch
 
 from ..build_in.source_code import detect_architecture, get_architecture
 from ..errors import VlmcError
-from .artifact import Stages, is_up_to_date, library_versions, staging_folder, weights_fingerprint, write_manifest
-from .config import VisualConfig, config_hash, resolve_chunks
+from .artifact import Stages, library_versions, staging_folder, weights_fingerprint, write_manifest
+from .config import VisualConfig, config_hash, resolve_checkpoint, resolve_chunks
 
 GRAPH_INPUTS = ("pixel_values", "window_mask", "full_mask", "cos", "sin")
 
@@ -20,26 +20,13 @@ def example_inputs(budget: int, patch_dim: int, head_dim: int) -> tuple[torch.Te
             torch.zeros(budget, head_dim), torch.zeros(budget, head_dim))
 
 
-def check_checkpoint(checkpoint: str | None, config_path: Path) -> Path:
-    if not checkpoint:
-        raise VlmcError(f"{config_path}: no checkpoint given (set frontend.checkpoint or pass --checkpoint)")
-    path = Path(checkpoint)
-    if not path.is_absolute() and not path.exists():
-        path = (config_path.parent / path)
-    if not (path / "config.json").is_file():
-        raise VlmcError(f"checkpoint {checkpoint} is not a Hugging Face checkpoint folder (no config.json)")
-    return path.resolve()
-
-
-def compile_visual(cfg: VisualConfig, config_path: Path, force: bool = False) -> tuple[Path, bool]:
-    """Build the visual artifact; returns its folder and whether it was (re)built."""
+def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
+    """Build the visual artifact; returns its folder."""
     from . import tvm_backend
 
-    checkpoint = check_checkpoint(cfg.frontend.checkpoint, config_path)
+    checkpoint = resolve_checkpoint(cfg.frontend.checkpoint, config_path)
     out = Path(cfg.workspace.path) / cfg.name
     digest, weights = config_hash(cfg), weights_fingerprint(checkpoint)
-    if not force and is_up_to_date(out, digest, weights):
-        return out, False
 
     stages = Stages(["load", "export", "import into TVM", "optimize", "build", "save"])
     budget = cfg.frontend.max_patches
@@ -83,7 +70,7 @@ def compile_visual(cfg: VisualConfig, config_path: Path, force: bool = False) ->
         if cfg.frontend.onnx:
             manifest["onnx_max_abs_diff"] = onnx_diff
         write_manifest(tmp, manifest)
-    return out, True
+    return out
 
 
 def _check_shape(cfg: VisualConfig, patch_dim: int, head_dim: int, config_path: Path) -> None:

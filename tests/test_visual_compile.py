@@ -105,3 +105,15 @@ def test_bad_artifacts_and_configs(checkpoints, visual_artifacts, tmp_path):
                              check=False), *needles)
     _one_line_error(vlmc("compile", BUILD / "qwen2_5_vl_visual.yaml", "--checkpoint", checkpoints["tiny"],
                          "--max-patches", "100", check=False), "multiple of 16")
+
+
+def test_onnx_export_checked_with_onnxruntime(checkpoints, tmp_path):
+    cfg = tmp_path / "onnx.yaml"
+    cfg.write_text((BUILD / "qwen2_5_vl_visual.yaml").read_text().replace("onnx: false", "onnx: true"))
+    proc = vlmc("compile", cfg, "--checkpoint", checkpoints["tiny"], "--workspace", tmp_path / "ws",
+                "--max-patches", 256)
+    artifact = tmp_path / "ws" / "qwen2_5_vl_visual"
+    assert proc.stdout.strip().splitlines()[-1] == str(artifact)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert (artifact / "model.onnx").stat().st_size > 0
+    assert manifest["onnx_max_abs_diff"] <= 1e-4

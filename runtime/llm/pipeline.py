@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..cpu_ops.image import preprocess_images
 from ..cpu_ops.prompt import tokenize_prompt, user_turn
 from ..cpu_ops.rope import get_rope_index
 from ..cpu_ops.sampling import Sampler, SamplingParams

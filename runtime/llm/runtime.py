@@ -12,7 +12,6 @@ import os
 import socket
 from pathlib import Path
 
-import numpy as np
 
 from ...compile.artifact import read_manifest
 from ..cpu_ops.embedding import EmbeddingTable
