@@ -1,4 +1,5 @@
-"""TVM 0.27 (Relax) CPU backend for vlmc: import a torch module, build, save/load, BLAS dispatch.
+"""TVM 0.27 (Relax) backend for vlmc: export, import with weights as parameters, optimize (BLAS dispatch), build,
+save/load and call compiled graphs.
 
 Verified against: apache-tvm 0.27.0.post1 (apache-tvm-ffi 0.1.15), torch 2.13 (CPU), gcc 12.
 
@@ -47,7 +48,6 @@ Pitfalls / API changes in TVM 0.27 (all verified in this venv)
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import tempfile
@@ -65,50 +65,13 @@ from tvm.relax.frontend import detach_params
 from tvm.relax.frontend.torch import from_exported_program
 
 __all__ = [
-    "import_torch_module",
-    "host_target",
-    "DispatchMatmulToBLAS",
-    "build",
-    "save",
-    "load",
-    "BuildResult",
+    "BuildResult", "DispatchMatmulToBLAS", "aligned_zeros", "compile_module", "export_module", "host_target",
+    "import_exported", "load_library", "load_params", "optimize", "save_library", "save_params",
 ]
 
 
 # --------------------------------------------------------------------------------------------
-# 1. Import
-# --------------------------------------------------------------------------------------------
-def import_torch_module(
-    module: torch.nn.Module,
-    example_args: tuple[torch.Tensor, ...],
-    param_names_out: list | None = None,
-) -> tuple[tvm.IRModule, list[np.ndarray]]:
-    """torch.export (static shapes) -> Relax IRModule whose weights are function parameters.
-
-    Returns (mod, params): `mod["main"]` takes (*user_inputs, *params) and returns a Tuple of
-    outputs (a bare Tensor for a single output); `params` are numpy arrays in exactly that order.  If `param_names_out` is a list it
-    is filled with the matching Relax parameter names (e.g. "p_l1_weight").
-    """
-    module = module.eval()
-    with torch.no_grad():
-        ep = torch.export.export(module, tuple(example_args))  # no dynamic_shapes -> static
-    # unwrap_unit_return_tuple: a single output comes back as a Tensor, not a 1-tuple -- saves
-    # ~8 us/call (indexing a tvm_ffi Array costs ~3 us per element from Python).
-    mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True)
-    mod, params = detach_params(mod)  # params: {"main": [tvm Tensor, ...]}
-    func = mod["main"]
-    num_input = int(func.attrs["num_input"])
-    names = [p.name for p in func.params[num_input:]]  # 0.27: Var.name (was name_hint)
-    arrays = [p.numpy() for p in params.get("main", [])]
-    assert len(names) == len(arrays), (names, len(arrays))
-    if param_names_out is not None:
-        param_names_out.clear()
-        param_names_out.extend(names)
-    return mod, arrays
-
-
-# --------------------------------------------------------------------------------------------
-# 2. Target
+# Target
 # --------------------------------------------------------------------------------------------
 def host_target(target: str | dict | tvm.target.Target = "llvm") -> tvm.target.Target:
     """Make a Target; "native"/missing mcpu on an llvm target is resolved to the host CPU."""
@@ -126,7 +89,7 @@ def host_target(target: str | dict | tvm.target.Target = "llvm") -> tvm.target.T
 
 
 # --------------------------------------------------------------------------------------------
-# 4. BLAS dispatch (Relax pass + kernels)
+# BLAS dispatch (Relax pass + kernels)
 # --------------------------------------------------------------------------------------------
 # Extern names used in R.call_dps_packed; signature (a, b, out), float32, contiguous.
 #   vlmc_matmul_nn: out = a @ b        vlmc_matmul_nt: out = a @ b^T (b stored [.., N, K])
@@ -307,30 +270,8 @@ def _compile_kernel(blas: str, cache_dir: str | None = None) -> tuple[list[str],
     return [str(obj), str(blas_lib)], [f"-Wl,-rpath,{blas_lib.parent}"]
 
 
-# --- (c) alternative: Python-registered kernels calling torch (no C compiler needed) --------
-def register_torch_kernels() -> None:
-    """Register vlmc_matmul_{nn,nt} as Python global funcs backed by torch.matmul(out=).
-
-    Zero-copy via DLPack.  Used when blas="torch"; must run before the VM is constructed."""
-
-    def make(tb: bool) -> Callable:
-        def f(a, b, out):
-            ta, tb_, to = torch.from_dlpack(a), torch.from_dlpack(b), torch.from_dlpack(out)
-            if tb:
-                tb_ = tb_.transpose(-1, -2)
-            if tb_.dim() == 2:  # flatten leading dims (out= needs the exact shape)
-                torch.mm(ta.reshape(-1, ta.shape[-1]), tb_, out=to.view(-1, to.shape[-1]))
-            else:
-                torch.matmul(ta, tb_, out=to)
-
-        return f
-
-    tvm.register_global_func(_NN, make(False), override=True)
-    tvm.register_global_func(_NT, make(True), override=True)
-
-
 # --------------------------------------------------------------------------------------------
-# 2. Build
+# Build result
 # --------------------------------------------------------------------------------------------
 @dataclass
 class BuildResult:
@@ -343,137 +284,8 @@ class BuildResult:
     link_options: list[str] = field(default_factory=list)
 
 
-def build(
-    mod: tvm.IRModule,
-    target: str | dict | tvm.target.Target = "llvm",
-    blas: str | None = "openblas",
-) -> BuildResult:
-    """Optimize + compile for CPU.
-
-    blas: "openblas" (default; numpy's bundled OpenBLAS via a compiled C kernel),
-          "mkl" (C kernel linked against libtorch_cpu's MKL),
-          "torch" (Python callback into torch.matmul; in-process only),
-          None (pure TVM codegen; slow untuned matmuls).
-    """
-    target = host_target(target)
-    passes = []
-    if blas is not None:
-        passes.append(DispatchMatmulToBLAS())  # before LegalizeOps, which would lower matmul to TIR
-    passes += [
-        relax.transform.DecomposeOpsForInference(),
-        relax.transform.CanonicalizeBindings(),
-        relax.get_pipeline("zero"),  # LegalizeOps + FoldConstant + FuseOps + FuseTIR
-    ]
-    with target:
-        mod = tvm.transform.Sequential(passes)(mod)
-    # NOTE: deliberately NO DLight CPU rules.  tvm.s_tir.dlight.cpu.Reduction() is catastrophic
-    # in 0.27 (softmax 1x32000: 0.2 ms -> 8 s; layer_norm 1x1024: 11 us -> 2.7 ms; rmsnorm
-    # 1x4096: 12 us -> 22 ms) and dlight.cpu.GEMV() did not speed up the untuned GEMV.  The
-    # remaining TIR kernels stay unscheduled (single-threaded, LLVM auto-vectorization only); a
-    # parallel-outer-loop rule for elementwise kernels gave no measurable gain here.
-    ex = tvm.compile(mod, target)  # default relax pipeline: memory planning + VM lowering
-    addons, link = [], []
-    if blas in ("openblas", "mkl"):
-        addons, link = _compile_kernel(blas)
-    return BuildResult(ex, target, blas, addons, link)
-
-
 # --------------------------------------------------------------------------------------------
-# 3. Save / load / call
-# --------------------------------------------------------------------------------------------
-def save(result: BuildResult, params: Sequence[np.ndarray], folder: str | os.PathLike,
-         param_names: Sequence[str] | None = None) -> None:
-    """folder/model.so (code + BLAS kernel linked in), params.safetensors, meta.json."""
-    from safetensors.numpy import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    names = list(param_names) if param_names else [f"p{i}" for i in range(len(params))]
-    result.executable.export_library(str(folder / "model.so"), addons=result.addons or None,
-                                     options=result.link_options or None)
-    save_file({n: np.ascontiguousarray(p) for n, p in zip(names, params)},
-              str(folder / "params.safetensors"))
-    (folder / "meta.json").write_text(json.dumps({"param_names": names, "blas": result.blas}))
-
-
-def load(folder: str | os.PathLike, device: tvm.runtime.Device | None = None) -> Callable:
-    """Load a saved model; returns f(*inputs) -> list[np.ndarray] (params bound, kept on device)."""
-    from safetensors.numpy import load_file
-
-    folder = Path(folder)
-    dev = device or tvm.cpu()
-    meta = json.loads((folder / "meta.json").read_text())
-    if meta.get("blas") == "torch":
-        register_torch_kernels()  # must exist before VirtualMachine() resolves extern funcs
-    lib = tvm.runtime.load_module(str(folder / "model.so"))
-    vm = relax.VirtualMachine(lib, dev)
-    arrays = load_file(str(folder / "params.safetensors"))
-    params = [tvm.runtime.tensor(arrays[n], dev) for n in meta["param_names"]]
-    main = vm["main"]
-
-    def as_tvm(x):
-        # Zero-copy DLPack import (~1 us); tvm.runtime.tensor(np) copies and costs ~60 us.
-        if torch.is_tensor(x):
-            return tvm_ffi.from_dlpack(x.detach().contiguous())
-        if isinstance(x, np.ndarray):
-            return tvm_ffi.from_dlpack(np.ascontiguousarray(x))
-        return x  # already a tvm.runtime.Tensor
-
-    def run(*inputs) -> list[np.ndarray]:
-        out = main(*[as_tvm(x) for x in inputs], *params)
-        outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)  # Array for tuples
-        # Zero-copy export (~1 us vs ~23 us for Tensor.numpy()).  Safe because the VM allocates
-        # fresh output tensors every call (verified); an output that *is* an input/param would
-        # alias it.  Nested tuple outputs are not handled.
-        return [np.from_dlpack(o) for o in outs]
-
-    run.vm, run.params = vm, params  # expose for benchmarking / zero-copy callers
-    return run
-
-
-# --------------------------------------------------------------------------------------------
-# Self-test
-# --------------------------------------------------------------------------------------------
-if __name__ == "__main__":
-    import time
-
-    class MLP(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = torch.nn.Linear(64, 128)
-            self.fc2 = torch.nn.Linear(128, 32)
-
-        def forward(self, x):
-            return torch.softmax(self.fc2(torch.relu(self.fc1(x))), dim=-1)
-
-    torch.manual_seed(0)
-    model, x = MLP().eval(), torch.randn(8, 64)
-    ref = model(x).detach().numpy()
-    names: list[str] = []
-    mod, params = import_torch_module(model, (x,), names)
-    print("params:", names)
-    for blas in ("openblas", "mkl", "torch", None):
-        res = build(mod, {"kind": "llvm", "mcpu": "native"}, blas=blas)
-        with tempfile.TemporaryDirectory() as d:
-            save(res, params, d, names)
-            f = load(d)
-            out = f(x)
-            for _ in range(10):
-                f(x)
-            n = 200
-            t0 = time.perf_counter()
-            for _ in range(n):
-                f(x)
-            dt = (time.perf_counter() - t0) / n * 1e6
-        err = float(np.abs(out[0] - ref).max())
-        print(f"blas={blas!s:8} target={res.target.attrs['mcpu']} max_abs_diff={err:.3e} "
-              f"call={dt:.1f} us")
-        assert err < 1e-5, err
-    print("OK")
-
-
-# --------------------------------------------------------------------------------------------
-# vlmc compile/runtime API (stages used by compile/visual.py and compile/llm.py)
+# Compile stages (used by compile/visual.py and compile/llm.py) and the runtime side
 # --------------------------------------------------------------------------------------------
 def export_module(module: torch.nn.Module, example_args: tuple[torch.Tensor, ...]):
     """torch.export with static shapes (no dynamic_shapes): every graph is compiled for one shape."""
