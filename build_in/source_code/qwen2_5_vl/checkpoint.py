@@ -165,6 +165,9 @@ def build_config(preset: str, tokenizer):
 def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
     """Write a random-weight Qwen2.5-VL checkpoint to `out_dir` and return its path."""
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a few-MB write needs no progress bar
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
