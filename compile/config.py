@@ -99,7 +99,6 @@ class Backend(_Strict):
 
 class Workspace(_Strict):
     path: str = "workspace"
-    workers: int = Field(default=1, ge=1)
 
 
 class VisualConfig(_Strict):

@@ -66,15 +66,15 @@ def test_greedy_tokens_equal_transformers(checkpoints, artifacts, images, preset
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_prefill_logits_match_transformers(checkpoints, artifacts, images, preset):
     from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from vlmc.runtime.cpu_ops.prompt import tokenize_prompt
+    from vlmc.runtime.cpu_ops.rope import get_rope_index
+    from vlmc.runtime.llm.engine import Sequence, splice_image_embeddings
     from vlmc.runtime.llm.pipeline import Pipeline
 
     pipeline = Pipeline(str(artifacts[preset, 1]), str(artifacts[preset, "visual"]))
     try:
         image_embeds, grids, _ = pipeline.encode_images([str(images[0])])
-        from vlmc.runtime.cpu_ops.prompt import tokenize_prompt
-        from vlmc.runtime.cpu_ops.rope import get_rope_index
-        from vlmc.runtime.llm.engine import Sequence, splice_image_embeddings
-
         spec = pipeline.spec
         ids = tokenize_prompt(pipeline.tokenizer, PROMPT, grids, spec.text.image_token_id, spec.image.merge_size)
         positions, delta = get_rope_index(ids, grids, spec.text.image_token_id, spec.image.merge_size)
@@ -85,16 +85,10 @@ def test_prefill_logits_match_transformers(checkpoints, artifacts, images, prese
         pipeline.engine.release(seq)
     finally:
         pipeline.close()
-    _, ref_logits = generate_reference(None or _model(checkpoints[preset]),
-                                       reference_inputs(checkpoints[preset], [Image.open(images[0])], PROMPT), 1,
-                                       with_logits=True)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoints[preset]).eval()
+    ref = reference_inputs(checkpoints[preset], [Image.open(images[0])], PROMPT, model=model)
+    _, ref_logits = generate_reference(model, ref, 1, with_logits=True)
     assert np.abs(logits - ref_logits[0]).max() <= 1e-3
-
-
-def _model(checkpoint):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint).eval()
 
 
 def test_budget_errors_and_mismatched_artifacts(artifacts, images):
