@@ -81,6 +81,7 @@ def _run_quickstart(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .compile import commands as compile_commands
+    from .eval import commands as eval_commands
     from .runtime import commands as runtime_commands
 
     parser = argparse.ArgumentParser(
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quickstart(sub)
     compile_commands.register(sub)
     runtime_commands.register(sub)
+    eval_commands.register(sub)
     return parser
 
 

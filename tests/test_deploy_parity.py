@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_image
-from reference import as_numpy, generate_reference, reference_inputs
+from vlmc.build_in.source_code.qwen2_5_vl.reference import as_numpy, generate_reference, reference_inputs
 
 
 def _encode_images(arch, checkpoint, spec, prepared, extra_padding=0):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from compiled import compile_artifact, generate_json, vlmc
 from conftest import random_image
-from reference import generate_reference, reference_inputs
+from vlmc.build_in.source_code.qwen2_5_vl.reference import generate_reference, reference_inputs
 
 PROMPT = "Describe the image."
 

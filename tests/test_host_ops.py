@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import random_image
-from reference import as_numpy, reference_inputs
+from vlmc.build_in.source_code.qwen2_5_vl.reference import as_numpy, reference_inputs
 
 # (height, width): tiny ones below min_pixels, odd sizes, extreme aspect ratios, ones above max_pixels.
 SIZES = [(20, 20), (15, 33), (28, 28), (57, 900), (200, 300), (333, 517), (1000, 60), (37, 2000), (500, 499)]

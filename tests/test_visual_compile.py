@@ -8,7 +8,7 @@ import pytest
 import torch
 from compiled import BUILD, compile_artifact, vlmc
 from conftest import random_image
-from reference import as_numpy, reference_inputs
+from vlmc.build_in.source_code.qwen2_5_vl.reference import as_numpy, reference_inputs
 
 BUDGETS = {"tiny": 512, "small": 1024}
 

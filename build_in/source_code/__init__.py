@@ -1,7 +1,8 @@
 """Deploy-friendly model definitions, one folder per architecture.
 
 An architecture module provides MODEL_TYPES, write_checkpoint, load_config, host_spec, load_vision,
-load_language_model, embedding_table and its SHARDING plan. Adding a family means adding a folder here and a
+load_language_model, embedding_table, its SHARDING plan and `reference` (transformers as the reference
+implementation, for parity checks). Adding a family means adding a folder here and a
 line in ARCHITECTURES; the compiler and runtimes only use this interface.
 """
 

@@ -31,14 +31,15 @@ class GenerationResult:
 
 
 class Pipeline:
-    def __init__(self, model: str, vit_model: str | None = None, device: str = "cpu", verify: bool = True):
+    def __init__(self, model: str, vit_model: str | None = None, device: str = "cpu", verify: bool = True,
+                 same_checkpoint: bool = True):
         from ..visual.runtime import VisualRuntime
 
         self.llm = LLMArtifact(model, verify=verify)
         self.visual = None
         if vit_model is not None:
             self.visual = VisualRuntime(vit_model, device, verify=verify)
-            self.llm.check_visual(self.visual.manifest, vit_model)
+            self.llm.check_visual(self.visual.manifest, vit_model, same_checkpoint)
         self.tokenizer = self.llm.tokenizer()
         self.spec = self.llm.spec
         self.engine = DistributedEngine(self.llm, device, slots=1)

@@ -61,8 +61,9 @@ class LLMArtifact:
         return LLMEngine(prefill, decode, self.spec.text, self.embedding(), self.cache_shape(),
                          slots=slots or int(self.manifest["batch_size"]))
 
-    def check_visual(self, visual_manifest: dict, visual_path) -> None:
-        """Refuse a visual artifact that does not belong to this LLM artifact."""
+    def check_visual(self, visual_manifest: dict, visual_path, same_checkpoint: bool = True) -> None:
+        """Refuse a visual artifact that does not belong to this LLM artifact (`same_checkpoint=False` lets a
+        parity check measure a visual artifact from another checkpoint of the same shape)."""
         from ...errors import VlmcError
 
         problems = []
@@ -71,7 +72,7 @@ class LLMArtifact:
                             f"{self.manifest['hidden_size']}")
         if visual_manifest.get("arch") != self.manifest["arch"]:
             problems.append(f"visual arch {visual_manifest.get('arch')} != LLM arch {self.manifest['arch']}")
-        if visual_manifest.get("weights_fingerprint") != self.manifest.get("weights_fingerprint"):
+        if same_checkpoint and visual_manifest.get("weights_fingerprint") != self.manifest.get("weights_fingerprint"):
             problems.append("they were compiled from different checkpoints")
         if problems:
             raise VlmcError(f"visual artifact {visual_path} does not belong to LLM artifact {self.path}: "

@@ -8,6 +8,7 @@ from vlmc.runtime.cpu_ops.image import ImageConfig
 from vlmc.runtime.cpu_ops.pipeline import HostSpec, TextSpec
 from vlmc.runtime.cpu_ops.vision import VisionSpec
 
+from . import reference  # transformers as the reference, for parity checks
 from .checkpoint import PRESETS, write_checkpoint
 from .model import (SHARDING, DeployLanguageModel, DeployVision, embedding_table,
                     load_language_model, load_vision, shard_plan)
@@ -48,5 +49,5 @@ def _eos_token_ids(checkpoint_dir, text_config) -> tuple[int, ...]:
 
 
 __all__ = ["MODEL_TYPES", "PRESETS", "SHARDING", "DeployLanguageModel", "DeployVision",
-           "embedding_table", "host_spec", "load_config", "load_language_model", "load_vision", "shard_plan",
+           "embedding_table", "host_spec", "reference", "load_config", "load_language_model", "load_vision", "shard_plan",
            "write_checkpoint"]

@@ -47,3 +47,9 @@ def generate_reference(model, ref, max_new_tokens, with_logits=False):
 
 def as_numpy(x):
     return np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
+
+
+def load_model(checkpoint_dir):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(checkpoint_dir)).eval()

@@ -1,0 +1,156 @@
+"""`vlmc eval parity`: run transformers and vlmc on the same inputs and report, stage by stage, where they differ.
+
+Stages: host preprocessing, image embeddings (per image), prefill logits, decode logits (per step, while the
+greedy tokens agree) and the number of identical greedy tokens before the first divergence. A stage over its
+threshold makes the command exit non-zero and names the stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+# Defaults by dtype: (image embedding relative error, logits max abs diff).
+THRESHOLDS = {"fp32": {"embedding_rel": 1e-4, "logits_abs": 1e-3}}
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-12))
+
+
+def _logit_stats(ours: np.ndarray, ref: np.ndarray) -> dict:
+    cos = float(np.dot(ours, ref) / (np.linalg.norm(ours) * np.linalg.norm(ref) + 1e-30))
+    return {"max_abs_diff": float(np.abs(ours - ref).max()), "cosine": cos,
+            "top1_agree": bool(int(np.argmax(ours)) == int(np.argmax(ref)))}
+
+
+def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[str], prompt: str,
+               max_new_tokens: int) -> dict:
+    import torch
+    from PIL import Image
+
+    from ..build_in.source_code import detect_architecture, get_architecture
+    from ..runtime.cpu_ops.rope import get_rope_index
+    from ..runtime.llm.engine import Sequence, splice_image_embeddings
+    from ..runtime.llm.pipeline import Pipeline
+
+    arch = get_architecture(detect_architecture(checkpoint))
+    reference = arch.reference
+    hf = reference.load_model(checkpoint)
+    pipe = Pipeline(model, vit_model, same_checkpoint=False)  # a foreign visual artifact must show up as a stage
+    try:
+        spec = pipe.spec
+        ref = reference.reference_inputs(checkpoint, [Image.open(p) for p in images], prompt, model=hf)
+        report: dict = {"inputs": {"images": images, "prompt": prompt, "max_new_tokens": max_new_tokens},
+                        "dtype": pipe.llm.manifest["dtype"]}
+
+        # 1. Host preprocessing: vlmc's host ops against the reference processor.
+        image_embeds, grids, _ = pipe.encode_images(images)
+        from ..runtime.cpu_ops.prompt import tokenize_prompt
+
+        ids = tokenize_prompt(pipe.tokenizer, prompt, grids, spec.text.image_token_id, spec.image.merge_size)
+        positions, delta = get_rope_index(ids, grids, spec.text.image_token_id, spec.image.merge_size)
+        ref_ids = reference.as_numpy(ref["input_ids"])[0]
+        host = {"input_ids_equal": bool(np.array_equal(ids, ref_ids)),
+                "position_ids_equal": bool(ids.shape == ref_ids.shape and np.array_equal(
+                    positions, reference.as_numpy(ref["position_ids"])[:, 0])),
+                "rope_deltas_equal": delta == int(ref["rope_deltas"][0])}
+        if images:
+            host["image_grid_thw_equal"] = bool(np.array_equal(grids, reference.as_numpy(ref["image_grid_thw"])))
+        report["host"] = host
+
+        # 2. Image embeddings, per image.
+        if images:
+            with torch.no_grad():
+                hf_embeds = reference.as_numpy(hf.model.visual(ref["pixel_values"], grid_thw=ref["image_grid_thw"])
+                                               .pooler_output)
+            errors, offset = [], 0
+            for ours in image_embeds:
+                theirs = hf_embeds[offset:offset + ours.shape[0]]
+                offset += ours.shape[0]
+                errors.append(_rel(ours, theirs) if theirs.shape == ours.shape else float("inf"))
+            report["image_embedding_rel_error"] = errors
+
+        # 3-4. Prefill and decode logits while the greedy tokens agree.
+        ref_tokens, ref_logits = reference.generate_reference(hf, ref, max_new_tokens, with_logits=True)
+        embeds = splice_image_embeddings(pipe.engine.embed.lookup(ids), ids, spec.text.image_token_id, image_embeds)
+        seq = Sequence(0, delta)
+        tokens, steps = [], []
+        try:
+            logits = pipe.engine.prefill(seq, embeds, positions)
+            report["prefill_logits"] = _logit_stats(logits, ref_logits[0])
+            eos = set(spec.text.eos_token_ids)
+            while len(tokens) < len(ref_tokens):
+                token = int(np.argmax(np.where(np.isin(np.arange(logits.size), list(eos)), -np.inf, logits)))
+                tokens.append(token)
+                if token != ref_tokens[len(tokens) - 1] or len(tokens) == len(ref_tokens):
+                    break
+                logits = pipe.engine.decode([seq], [token])[0]
+                steps.append(_logit_stats(logits, ref_logits[len(tokens)]))
+        finally:
+            pipe.engine.release(seq)
+        same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(tokens))
+        report["decode_logits"] = steps
+        report["greedy"] = {"identical_tokens": same, "compared": len(ref_tokens), "vlmc": tokens,
+                            "transformers": ref_tokens}
+        return report
+    finally:
+        pipe.close()
+
+
+def failures(report: dict) -> list[str]:
+    limits = THRESHOLDS.get(report["dtype"], THRESHOLDS["fp32"])
+    out = [f"host: {k} is false" for k, v in report["host"].items() if not v]
+    for i, err in enumerate(report.get("image_embedding_rel_error", [])):
+        if not err <= limits["embedding_rel"]:
+            out.append(f"image_embedding[{i}]: relative error {err:.3g} > {limits['embedding_rel']}")
+    diff = report["prefill_logits"]["max_abs_diff"]
+    if not diff <= limits["logits_abs"]:
+        out.append(f"prefill_logits: max abs diff {diff:.3g} > {limits['logits_abs']}")
+    for i, step in enumerate(report["decode_logits"]):
+        if not step["max_abs_diff"] <= limits["logits_abs"]:
+            out.append(f"decode_logits[step {i + 1}]: max abs diff {step['max_abs_diff']:.3g} > {limits['logits_abs']}")
+            break
+    greedy = report["greedy"]
+    if greedy["identical_tokens"] < greedy["compared"]:
+        out.append(f"greedy_tokens: first divergence at token {greedy['identical_tokens']} of {greedy['compared']}")
+    return out
+
+
+def write_report(report: dict, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+    steps = [report["prefill_logits"]["max_abs_diff"]] + [s["max_abs_diff"] for s in report["decode_logits"]]
+    plot = folder / "logits_error.png"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.semilogy(range(len(steps)), np.maximum(steps, 1e-12), marker="o")
+    ax.set_xlabel("step (0 = prefill)")
+    ax.set_ylabel("max |logits diff|")
+    ax.set_title("vlmc vs transformers")
+    fig.tight_layout()
+    fig.savefig(plot)
+    plt.close(fig)
+    lines = ["# Parity report: vlmc vs transformers", "", f"dtype: {report['dtype']}", "", "| stage | result |",
+             "|---|---|"]
+    lines += [f"| host: {k} | {v} |" for k, v in report["host"].items()]
+    for i, err in enumerate(report.get("image_embedding_rel_error", [])):
+        lines.append(f"| image {i} embedding relative error | {err:.3g} |")
+    p = report["prefill_logits"]
+    lines.append(f"| prefill logits | max abs {p['max_abs_diff']:.3g}, cosine {p['cosine']:.6f}, "
+                 f"top-1 {'agrees' if p['top1_agree'] else 'differs'} |")
+    worst = max((s["max_abs_diff"] for s in report["decode_logits"]), default=0.0)
+    lines.append(f"| decode logits ({len(report['decode_logits'])} steps) | worst max abs {worst:.3g} |")
+    g = report["greedy"]
+    lines.append(f"| identical greedy tokens | {g['identical_tokens']} of {g['compared']} |")
+    failed = failures(report)
+    lines += ["", "Result: " + ("PASS" if not failed else "FAIL: " + "; ".join(failed)), "",
+              f"![per-step logits error]({plot.name})", ""]
+    (folder / "report.md").write_text("\n".join(lines))
+    return folder / "report.md"

@@ -1,0 +1,34 @@
+"""`vlmc eval parity`: passes on matching artifacts, fails naming the stage on a foreign visual artifact."""
+
+import json
+
+from compiled import compile_artifact, vlmc
+
+
+def test_parity_passes_and_catches_a_foreign_visual_artifact(checkpoints, tmp_path):
+    from vlmc.build_in.source_code.qwen2_5_vl import write_checkpoint
+
+    ws = tmp_path / "ws"
+    image = tmp_path / "demo.png"
+    from conftest import random_image
+
+    random_image(150, 220, seed=4).save(image)
+    visual = compile_artifact("qwen2_5_vl_visual.yaml", checkpoints["tiny"], ws / "own", "--max-patches", 256)
+    llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], ws / "own", "--max-prefill", 128,
+                           "--max-context", 192)
+    report = tmp_path / "report"
+    proc = vlmc("eval", "parity", "--checkpoint", checkpoints["tiny"], "--model", llm, "--vit_model", visual,
+                "--image", image, "--max-new-tokens", 8, "--report", report)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["pass"] and summary["identical_tokens"] == 8
+    data = json.loads((report / "parity.json").read_text())
+    assert data["image_embedding_rel_error"][0] <= 1e-4
+    assert data["prefill_logits"]["top1_agree"] and len(data["decode_logits"]) == 7
+    assert (report / "report.md").read_text().count("PASS") == 1 and (report / "logits_error.png").stat().st_size
+
+    other = write_checkpoint(tmp_path / "other", preset="tiny", seed=1)
+    foreign = compile_artifact("qwen2_5_vl_visual.yaml", other, ws / "foreign", "--max-patches", 256)
+    proc = vlmc("eval", "parity", "--checkpoint", checkpoints["tiny"], "--model", llm, "--vit_model", foreign,
+                "--image", image, "--max-new-tokens", 8, "--report", tmp_path / "bad", check=False)
+    assert proc.returncode == 1
+    assert "FAIL image_embedding[0]" in proc.stderr
