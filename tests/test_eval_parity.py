@@ -32,3 +32,19 @@ def test_parity_passes_and_catches_a_foreign_visual_artifact(checkpoints, tmp_pa
                 "--image", image, "--max-new-tokens", 8, "--report", tmp_path / "bad", check=False)
     assert proc.returncode == 1
     assert "FAIL image_embedding[0]" in proc.stderr
+
+
+def test_bench_json_reports_both_sides_and_ratios(checkpoints, tmp_path):
+    ws = tmp_path / "ws"
+    visual = compile_artifact("qwen2_5_vl_visual.yaml", checkpoints["tiny"], ws, "--max-patches", 256)
+    llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], ws, "--max-prefill", 128,
+                           "--max-context", 256)
+    proc = vlmc("bench", "--checkpoint", checkpoints["tiny"], "--model", llm, "--vit_model", visual,
+                "--image-size", "160x120", "--prompt-tokens", 8, "--new-tokens", 8, "--repeats", 1, "--json")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for side in ("transformers", "vlmc"):
+        assert all(report[side][k] > 0 for k in ("vision_encode_s", "ttft_s", "decode_tokens_per_s",
+                                                  "decode_step_short_s", "decode_step_long_s", "peak_rss_mib"))
+    ratios = report["ratio_vlmc_over_transformers"]
+    assert abs(ratios["ttft_s"] - report["vlmc"]["ttft_s"] / report["transformers"]["ttft_s"]) < 1e-9
+    assert report["memory_read_bandwidth_gb_s"] > 0 and report["decode_floor_s"] > 0

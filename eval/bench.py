@@ -1,0 +1,183 @@
+"""`vlmc bench`: time transformers eager and vlmc side by side in one run, on the same machine and inputs.
+
+Each side runs in its own process (their thread pools would otherwise fight over the cores), with a warm-up
+excluded and the median of repeats reported. The machine's memory read bandwidth is measured in the same run
+and gives the decode floor: bytes of weights read per token / bandwidth.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import statistics
+import time
+
+import numpy as np
+
+METRICS = [("vision_encode_s", "vision encode (s)"), ("ttft_s", "time to first token (s)"),
+           ("decode_tokens_per_s", "decode tokens/s"), ("decode_step_short_s", "decode step, short context (s)"),
+           ("decode_step_long_s", "decode step, long context (s)"), ("peak_rss_mib", "peak memory (MiB)")]
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Memory read bandwidth in bytes/s, from a reduction over an array larger than the caches."""
+    data = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
+    seconds = _median_time(lambda: data.sum(dtype=np.float32), repeats)
+    return data.nbytes / seconds
+
+
+def _prompt(tokenizer, tokens: int) -> str:
+    words, text = ["describe", "the", "picture", "in", "detail"], []
+    while len(tokenizer(" ".join(text), add_special_tokens=False)["input_ids"]) < tokens:
+        text.append(words[len(text) % len(words)])
+    return " ".join(text)
+
+
+def _side_hf(args: dict) -> dict:
+    import torch
+    from PIL import Image
+    from transformers import AutoTokenizer, DynamicCache
+
+    from ..build_in.source_code import detect_architecture, get_architecture
+
+    reference = get_architecture(detect_architecture(args["checkpoint"])).reference
+    model = reference.load_model(args["checkpoint"])
+    image = Image.open(args["image"])
+    prompt = _prompt(AutoTokenizer.from_pretrained(args["checkpoint"]), args["prompt_tokens"])
+    ref = reference.reference_inputs(args["checkpoint"], [image], prompt, model=model)
+    kwargs = dict(input_ids=ref["input_ids"], attention_mask=torch.ones_like(ref["input_ids"]),
+                  mm_token_type_ids=ref["mm_token_type_ids"], pixel_values=ref["pixel_values"],
+                  image_grid_thw=ref["image_grid_thw"])
+    out = {}
+    with torch.no_grad():
+        def vision():
+            r = reference.reference_inputs(args["checkpoint"], [image], prompt, model=model)
+            model.model.visual(r["pixel_values"], grid_thw=r["image_grid_thw"])
+
+        out["vision_encode_s"] = _median_time(vision, args["repeats"])
+
+        def ttft():
+            r = reference.reference_inputs(args["checkpoint"], [image], prompt, model=model)
+            model(**dict(kwargs, pixel_values=r["pixel_values"]), logits_to_keep=1)
+
+        out["ttft_s"] = _median_time(ttft, args["repeats"])
+        n = args["new_tokens"]
+        gen = _median_time(lambda: model.generate(**kwargs, do_sample=False, max_new_tokens=n, min_new_tokens=n),
+                           args["repeats"])
+        out["decode_tokens_per_s"] = (n - 1) / max(gen - out["ttft_s"], 1e-9)
+        text = model.config.text_config
+        head_dim = text.hidden_size // text.num_attention_heads
+        for key, length in (("decode_step_short_s", args["short_context"]), ("decode_step_long_s",
+                                                                               args["long_context"])):
+            cache = DynamicCache(config=model.config)
+            for layer in range(text.num_hidden_layers):
+                kv = torch.randn(1, text.num_key_value_heads, length, head_dim)
+                cache.update(kv, kv.clone(), layer)
+            token = torch.tensor([[1]])
+            mask = torch.ones(1, length + 1, dtype=torch.long)
+
+            def step():
+                model(input_ids=token, past_key_values=cache, attention_mask=mask,
+                      position_ids=torch.full((3, 1, 1), length), use_cache=True)
+                cache.crop(-1)  # drop the token again so every step sees `length` cached positions
+
+            out[key] = _median_time(step, args["repeats"] * 3)
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _side_vlmc(args: dict) -> dict:
+    from ..runtime.cpu_ops.sampling import SamplingParams
+    from ..runtime.llm.engine import Sequence
+    from ..runtime.llm.pipeline import Pipeline
+
+    pipe = Pipeline(args["model"], args["vit_model"])
+    try:
+        prompt = _prompt(pipe.tokenizer, args["prompt_tokens"])
+        out = {"vision_encode_s": _median_time(lambda: pipe.encode_images([args["image"]]), args["repeats"])}
+        n = args["new_tokens"]
+        greedy = SamplingParams(min_tokens=n)
+        out["ttft_s"] = _median_time(lambda: pipe.generate([args["image"]], prompt, 1, greedy), args["repeats"])
+        gen = _median_time(lambda: pipe.generate([args["image"]], prompt, n, greedy), args["repeats"])
+        out["decode_tokens_per_s"] = (n - 1) / max(gen - out["ttft_s"], 1e-9)
+        engine = pipe.engine.local
+        for key, length in (("decode_step_short_s", args["short_context"]), ("decode_step_long_s",
+                                                                               args["long_context"])):
+            seq = Sequence(0, 0)
+
+            def step():
+                engine.cache.lengths[0] = length  # the cache contents do not change the cost
+                engine.decode([seq], [1])
+
+            out[key] = _median_time(step, args["repeats"] * 3)
+            engine.release(seq)
+        out["weight_bytes_per_token"] = _weight_bytes(pipe.llm)
+    finally:
+        pipe.close()
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _weight_bytes(llm) -> int:
+    """Bytes of LLM weights a decode step reads (all ranks; the embedding table is only looked up)."""
+    from safetensors import safe_open
+
+    total = 0
+    for rank in range(llm.tp):
+        with safe_open(str(llm.path / f"rank_{rank}" / "params.safetensors"), "np") as f:
+            for key in f.keys():
+                total += int(np.prod(f.get_slice(key).get_shape())) * 4  # artifacts are fp32
+    return total
+
+
+def _run_side(side: str, args: dict, queue) -> None:
+    try:
+        queue.put((side, (_side_hf if side == "transformers" else _side_vlmc)(args), None))
+    except Exception as exc:  # reported by the parent as a one-line error
+        queue.put((side, None, f"{type(exc).__name__}: {exc}"))
+
+
+def run_bench(args: dict) -> dict:
+    from ..errors import VlmcError
+
+    ctx = multiprocessing.get_context("spawn")
+    results = {}
+    for side in ("transformers", "vlmc"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_run_side, args=(side, args, queue))
+        proc.start()
+        name, result, error = queue.get()
+        proc.join()
+        if error:
+            raise VlmcError(f"bench: the {side} side failed: {error}")
+        results[name] = result
+    bandwidth = read_bandwidth()
+    floor = results["vlmc"]["weight_bytes_per_token"] / bandwidth
+    ratios = {k: results["vlmc"][k] / results["transformers"][k] for k, _ in METRICS
+              if results["transformers"].get(k)}
+    return {"inputs": args, "transformers": results["transformers"], "vlmc": results["vlmc"],
+            "ratio_vlmc_over_transformers": ratios, "memory_read_bandwidth_gb_s": bandwidth / 1e9,
+            "decode_floor_s": floor, "vlmc_decode_step_over_floor": results["vlmc"]["decode_step_short_s"] / floor}
+
+
+def format_table(report: dict) -> str:
+    rows = ["| metric | transformers | vlmc | vlmc / transformers |", "|---|---|---|---|"]
+    for key, label in METRICS:
+        hf, ours = report["transformers"].get(key), report["vlmc"].get(key)
+        ratio = report["ratio_vlmc_over_transformers"].get(key)
+        rows.append(f"| {label} | {hf:.4g} | {ours:.4g} | {ratio:.3g} |")
+    rows.append(f"| memory read bandwidth (GB/s) | | {report['memory_read_bandwidth_gb_s']:.3g} | |")
+    rows.append(f"| decode floor: weight bytes / bandwidth (s) | | {report['decode_floor_s']:.3g} | |")
+    rows.append(f"| vlmc decode step / floor | | {report['vlmc_decode_step_over_floor']:.3g} | |")
+    return "\n".join(rows)
+
