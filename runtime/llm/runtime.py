@@ -7,11 +7,11 @@ through torch.distributed. With tp = 1 there are no other processes.
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing
 import os
 import socket
 from pathlib import Path
-
 
 from ...compile.artifact import read_manifest
 from ..cpu_ops.embedding import EmbeddingTable
@@ -90,7 +90,8 @@ def init_process_group(rank: int, world: int, port: int, backend: str = "gloo") 
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    # A dead rank must surface as an error, not as a wait on gloo's 30-minute default.
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
 
 
 class DistributedEngine:
