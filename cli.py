@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .compile import commands as compile_commands
     from .eval import commands as eval_commands
     from .runtime import commands as runtime_commands
+    from .runtime import serve as serve_commands
 
     parser = argparse.ArgumentParser(
         prog="vlmc",
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quickstart(sub)
     compile_commands.register(sub)
     runtime_commands.register(sub)
+    serve_commands.register(sub)
     eval_commands.register(sub)
     return parser
 

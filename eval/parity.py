@@ -87,7 +87,7 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
                 tokens.append(token)
                 if token != ref_tokens[len(tokens) - 1] or len(tokens) == len(ref_tokens):
                     break
-                logits = pipe.engine.decode([seq], [token])[0]
+                logits = pipe.decode_step(seq, token)
                 steps.append(_logit_stats(logits, ref_logits[len(tokens)]))
         finally:
             pipe.engine.release(seq)

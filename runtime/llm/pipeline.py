@@ -42,10 +42,20 @@ class Pipeline:
             self.llm.check_visual(self.visual.manifest, vit_model, same_checkpoint)
         self.tokenizer = self.llm.tokenizer()
         self.spec = self.llm.spec
-        self.engine = DistributedEngine(self.llm, device, slots=1)
+        # The decode graph has a fixed batch (the serving batch size); one request fills row 0, the rest idle.
+        self.batch = int(self.llm.manifest["batch_size"])
+        self.engine = DistributedEngine(self.llm, device, slots=self.batch)
 
     def close(self) -> None:
         self.engine.close()
+
+    def decode_step(self, seq: Sequence, token: int) -> np.ndarray:
+        """One decode step for `seq` (in slot 0); idle rows decode a dummy token and are reset afterwards."""
+        idle = [Sequence(slot, 0) for slot in range(1, self.batch)]
+        logits = self.engine.decode([seq, *idle], [token] + [0] * len(idle))[0]
+        for s in idle:
+            self.engine.release(s)
+        return logits
 
     def encode_images(self, images, min_pixels=None, max_pixels=None):
         if images and self.visual is None:
@@ -92,7 +102,7 @@ class Pipeline:
                 if len(tokens) == max_new_tokens:
                     break
                 ts = time.perf_counter()
-                logits = self.engine.decode([seq], [token])[0]
+                logits = self.decode_step(seq, token)
                 step_times.append(time.perf_counter() - ts)
         finally:
             self.engine.release(seq)

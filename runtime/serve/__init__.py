@@ -1,0 +1,33 @@
+"""`vlmc serve`: an OpenAI-compatible HTTP daemon over the visual and LLM runtimes.
+
+Three processes linked by ZeroMQ: HTTP (FastAPI) -> visual worker -> LLM worker (continuous batching) -> HTTP.
+"""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve compiled artifacts over an OpenAI-compatible HTTP API",
+        description="Start an OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, /health, "
+                    "/metrics). The visual encoder and the LLM run in their own processes linked by ZeroMQ; "
+                    "up to the artifact's compiled batch size sequences decode together.")
+    p.add_argument("--model", required=True, help="LLM artifact folder")
+    p.add_argument("--vit_model", "--vit-model", dest="vit_model", required=True, help="visual artifact folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=9900, help="port (default: 9900)")
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int,
+                   help="sequences decoding together (default and maximum: the LLM artifact's compiled batch)")
+    p.add_argument("--min_pixels", "--min-pixels", dest="min_pixels", type=int, help="lower bound on image pixels")
+    p.add_argument("--max_pixels", "--max-pixels", dest="max_pixels", type=int, help="upper bound on image pixels")
+    p.add_argument("--served-model-name", dest="served_model_name", help="model name in the API (default: folder)")
+    p.add_argument("--api-key", dest="api_key", help="require `Authorization: Bearer KEY`")
+    p.add_argument("--allowed-local-media-path", dest="allowed_local_media_path",
+                   help="folder under which image_url may name local files (default: none allowed)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    from .server import serve
+
+    return serve(args)

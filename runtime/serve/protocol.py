@@ -1,0 +1,105 @@
+"""OpenAI chat request -> what the workers need; every client mistake becomes an ApiError (-> 4xx JSON body)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request",
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.status, self.code, self.kind = message, status, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "code": self.code}}
+
+
+def load_image_url(url: str, allowed_dir: str | None):
+    """An image_url as a decoded PIL image: data: URIs always, local files only under `allowed_dir`."""
+    from PIL import Image
+
+    if not isinstance(url, str) or not url:
+        raise ApiError("image_url.url must be a non-empty string", code="invalid_image_url")
+    if url.startswith("data:"):
+        try:
+            data = base64.b64decode(url.split(",", 1)[1], validate=True)
+        except Exception:
+            raise ApiError("the data: URI is not valid base64", code="invalid_image") from None
+    elif url.startswith(("http://", "https://")):
+        raise ApiError("http(s) image URLs are not enabled on this server; send a data: URI",
+                       code="image_url_not_allowed")
+    else:
+        path = Path(url[len("file://"):] if url.startswith("file://") else url).resolve()
+        if allowed_dir is None or not path.is_relative_to(Path(allowed_dir).resolve()):
+            raise ApiError("local image paths are only allowed under --allowed-local-media-path",
+                           code="image_url_not_allowed")
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise ApiError(f"cannot read image {path.name}", code="invalid_image") from None
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except Exception:
+        raise ApiError("the image could not be decoded", code="invalid_image") from None
+
+
+def convert_messages(messages, allowed_dir: str | None):
+    """OpenAI messages -> (chat-template messages with {"type": "image"} parts, images in prompt order)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("`messages` must be a non-empty list", code="missing_messages")
+    converted, images = [], []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
+            raise ApiError(f"messages[{i}] needs a role of system, user or assistant", code="invalid_message")
+        content = msg.get("content")
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+                elif kind == "image_url":
+                    ref = part.get("image_url")
+                    images.append(load_image_url(ref.get("url") if isinstance(ref, dict) else ref, allowed_dir))
+                    parts.append({"type": "image"})
+                else:
+                    raise ApiError(f"messages[{i}] has an unsupported content part type {kind!r}",
+                                   code="invalid_content_type")
+        else:
+            raise ApiError(f"messages[{i}].content must be a string or a list of parts", code="invalid_message")
+        converted.append({"role": msg["role"], "content": parts})
+    return converted, images
+
+
+def sampling_params(body: dict) -> dict:
+    def number(name, kind, default, low=None):
+        value = body.get(name, default)
+        if value is None:
+            return default
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or (kind is int and value != int(value)):
+            raise ApiError(f"`{name}` must be a number", code="invalid_parameter")
+        if low is not None and value < low:
+            raise ApiError(f"`{name}` must be at least {low}", code="invalid_parameter")
+        return kind(value)
+
+    top_k = number("top_k", int, 0)
+    return {"temperature": number("temperature", float, 0.0, 0), "top_p": number("top_p", float, 1.0, 0),
+            "top_k": top_k if top_k > 0 else 0, "seed": body.get("seed") if isinstance(body.get("seed"), int) else None,
+            "min_tokens": number("min_tokens", int, 0, 0), "ignore_eos": bool(body.get("ignore_eos", False))}
+
+
+def stop_strings(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError("`stop` must be a string or a list of non-empty strings", code="invalid_parameter")
+    return stop
