@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..cpu_ops.prompt import tokenize_prompt, user_turn
+from ..cpu_ops.prompt import tokenize_prompt
 from ..cpu_ops.rope import get_rope_index
 from ..cpu_ops.sampling import Sampler, SamplingParams
 from .engine import Sequence, splice_image_embeddings
@@ -81,8 +81,7 @@ class Pipeline:
         t_visual = time.perf_counter() - t0
         image_id = self.spec.text.image_token_id
         merge = self.spec.image.merge_size
-        input_ids = tokenize_prompt(self.tokenizer, prompt, grids, image_id, merge,
-                                    messages or user_turn(len(grids), prompt))
+        input_ids = tokenize_prompt(self.tokenizer, prompt, grids, image_id, merge, messages)
         self.engine.check_budget(len(input_ids), max_new_tokens)
         position_ids, delta = get_rope_index(input_ids, grids, image_id, merge)
         embeds = splice_image_embeddings(self.engine.embed.lookup(input_ids), input_ids, image_id, image_embeds)
