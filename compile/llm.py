@@ -78,7 +78,7 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
     with stages.stage("optimize"):
         modules = {n: tvm_backend.optimize(m, target, blas=cfg.backend.blas) for n, m in modules.items()}
     with stages.stage("build", str(target.kind.name)):
-        built = {n: tvm_backend.compile_module(m, target, blas=cfg.backend.blas) for n, m in modules.items()}
+        built = {n: tvm_backend.compile_module(m, target) for n, m in modules.items()}
     with stages.stage("save", str(out)), staging_folder(out) as tmp:
         for name, result in built.items():
             tvm_backend.save_library(result, tmp / f"{name}.so")
