@@ -33,7 +33,10 @@ def graph_inputs(batch: int, seq: int, hidden: int, head_dim: int, layers: int, 
 
 def prefill_buckets(cfg: LLMConfig) -> list[int]:
     p = cfg.frontend.max_prefill
-    buckets = cfg.frontend.model_kwargs.prefill_buckets or ([128, p] if p > 128 else [p])
+    # Default: every 128 up to 512, then every 256 up to 2048, then every 512, so a prompt is padded by at most a
+    # third (prefill cost grows with the padded length; each bucket adds one graph, never weights).
+    buckets = cfg.frontend.model_kwargs.prefill_buckets or [
+        b for b in [*range(128, 513, 128), *range(768, 2049, 256), *range(2560, p + 1, 512)] if b < p]
     return sorted(set(buckets) | {p})
 
 

@@ -305,7 +305,7 @@ def compile_module(mod: tvm.IRModule, target) -> BuildResult:
     # of two pools spinning against each other; OpenBLAS (numpy's) is the fallback where torch has no MKL.
     kind = None
     if target.kind.name == "llvm":
-        kind = "mkl" if torch.backends.mkl.is_available() else "openblas"
+        kind = os.environ.get("VLMC_BLAS") or ("mkl" if torch.backends.mkl.is_available() else "openblas")
     addons, link = _compile_kernel(kind) if kind else ([], [])
     return BuildResult(ex, target, kind, addons, link)
 

@@ -188,16 +188,18 @@ class Attention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        # Group query heads by KV head instead of repeating the cache: [B, kv, group * S, head_dim].
-        group = self.plan.num_heads // self.plan.num_kv_heads
-        qg = q.reshape(b, self.plan.num_kv_heads, group * s, self.head_dim)
+        # Group query heads by KV head instead of repeating the cache: [B * kv, group * S, head_dim]. Batched matmuls
+        # on 3-D views (bmm, not 4-D matmul, which exports as a broadcast copy of the cache) read the cache in place.
+        kv, group = self.plan.num_kv_heads, self.plan.num_heads // self.plan.num_kv_heads
+        qg = q.reshape(b * kv, group * s, self.head_dim)
         scale = self.head_dim ** -0.5
         t = k_cache.shape[2]
-        scores_cache = torch.matmul(qg, k_cache.transpose(2, 3)).view(b, -1, s, t)
-        scores_new = torch.matmul(qg, k.transpose(2, 3)).view(b, -1, s, s)
+        k_cache, v_cache = k_cache.reshape(b * kv, t, self.head_dim), v_cache.reshape(b * kv, t, self.head_dim)
+        scores_cache = torch.bmm(qg, k_cache.transpose(1, 2)).view(b, -1, s, t)
+        scores_new = torch.bmm(qg, k.reshape(b * kv, s, self.head_dim).transpose(1, 2)).view(b, -1, s, s)
         scores = torch.cat([scores_cache, scores_new], dim=-1) * scale + mask
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, self.plan.num_kv_heads, group * s, t + s)
-        out = torch.matmul(probs[..., :t], v_cache) + torch.matmul(probs[..., t:], v)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b * kv, group * s, t + s)
+        out = torch.bmm(probs[..., :t], v_cache) + torch.bmm(probs[..., t:], v.reshape(b * kv, s, self.head_dim))
         out = out.view(b, -1, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(out), k, v
 
