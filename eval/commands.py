@@ -31,6 +31,9 @@ def register(sub) -> None:
     par.add_argument("--prompt", default="Describe the image.", help="user text (default: Describe the image.)")
     par.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens to compare (default: 16)")
     par.add_argument("--report", default="parity-report", help="output folder (default: ./parity-report)")
+    par.add_argument("--backend", choices=["tvm", "onnxruntime"], default="tvm",
+                     help="onnxruntime: also run the visual artifact's ONNX export (compile with --onnx) and check "
+                          "its image embeddings against transformers and TVM, same threshold (default: tvm only)")
     par.set_defaults(func=run_parity_command)
     _register_accuracy(kinds)
     _register_perf(kinds)
@@ -130,12 +133,15 @@ def _run_perf(args) -> int:
 def run_parity_command(args) -> int:
     from .parity import failures, run_parity, write_report
 
-    report = run_parity(args.checkpoint, args.model, args.vit_model, args.image, args.prompt, args.max_new_tokens)
+    report = run_parity(args.checkpoint, args.model, args.vit_model, args.image, args.prompt, args.max_new_tokens,
+                        args.backend)
     path = write_report(report, Path(args.report))
     failed = failures(report)
     summary = {"pass": not failed, "failures": failed, "report": str(path),
                "prefill_max_abs_diff": report["prefill_logits"]["max_abs_diff"],
                "identical_tokens": report["greedy"]["identical_tokens"]}
+    if "onnxruntime" in report:
+        summary["onnxruntime_embedding_rel_error"] = report["onnxruntime"]["image_embedding_rel_error"]
     print(json.dumps(summary))
     for line in failed:
         print(f"vlmc eval parity: FAIL {line}", file=sys.stderr)
