@@ -107,8 +107,9 @@ def parse_local_paths(items: list[str]) -> dict[str, Path]:
 
 
 def download_hint(*names: str) -> str:
-    where = "; ".join(f"{n}: `modelscope download --dataset {VENDOR[n].dataset_id} --local_dir DIR` (or "
-                      f"`huggingface-cli download {VENDOR[n].hf_id} --repo-type dataset --local-dir DIR`)"
+    # The CLIs that evalscope's own dependencies install (modelscope 1.40, huggingface_hub 1.x's `hf`).
+    where = "; ".join(f"{n}: `modelscope download --repo-type dataset {VENDOR[n].dataset_id} --local-dir DIR` (or "
+                      f"`hf download {VENDOR[n].hf_id} --repo-type dataset --local-dir DIR`)"
                       for n in dict.fromkeys(names))
     return f"download where there is network ({where}), copy DIR here and pass --local-path NAME=DIR (docs/eval.md)"
 
@@ -359,7 +360,10 @@ def run_perf(args) -> int:
           file=sys.stderr, flush=True)
     code = run_logged(cmd, subprocess_env(offline=True), log, getattr(args, "verbose", False))
     if code != 0:
-        raise VlmcError(f"evalscope perf failed (exit {code}): {last_error(log)}; full log: {log}")
+        reason = last_error(log)
+        if "max_prompt_length should be" in reason:  # evalscope's words for a prompt shorter than the template
+            reason = f"--prompt-tokens {args.prompt_tokens} is shorter than the chat template; raise it"
+        raise VlmcError(f"evalscope perf failed (exit {code}): {reason}; full log: {log}")
     rows = perf_rows(run_dir, parallel, number)
     plot = perf_plot(rows, run_dir / "perf.png")
     summary = {"model": args.model, "url": base, "image_size": [width, height], "image_num": args.image_num,
