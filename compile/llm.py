@@ -26,9 +26,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 def graph_inputs(batch: int, seq: int, hidden: int, head_dim: int, layers: int, kv_heads: int, context: int):
     """Example inputs of the deploy LLM graph (the shapes it is compiled for)."""
+    caches = [torch.zeros(batch, kv_heads, context, head_dim) for _ in range(2 * layers)]  # k per layer, v per layer
     return (torch.zeros(batch, seq, hidden), torch.zeros(batch, seq, head_dim), torch.zeros(batch, seq, head_dim),
-            torch.zeros(batch, 1, seq, context + seq), torch.zeros(layers, batch, kv_heads, context, head_dim),
-            torch.zeros(layers, batch, kv_heads, context, head_dim))
+            torch.zeros(batch, 1, seq, context + seq), *caches)
 
 
 def prefill_buckets(cfg: LLMConfig) -> list[int]:

@@ -1,7 +1,7 @@
 """LLM runtime core: a KV cache owned by the host and prefill/decode steps through a compiled (or PyTorch) graph.
 
 A step function has the deploy graph's signature
-    step(inputs_embeds [B,S,H], cos [B,S,D], sin [B,S,D], mask [B,1,S,T+S], k_cache, v_cache [L,B,kv,T,D])
+    step(inputs_embeds [B,S,H], cos [B,S,D], sin [B,S,D], mask [B,1,S,T+S], *k_cache[l], *v_cache[l] [B,kv,T,D])
       -> logits [B, vocab], new_k, new_v [L,B,kv,S,D]
 and never writes the cache: the engine copies the S new rows into place, so a decode step moves O(layers * kv * D)
 bytes of cache, not the cache. Prompts are left-padded to the smallest compiled prefill length that fits.
@@ -42,6 +42,11 @@ class KVCache:
         self.k = aligned_zeros(dims, dtype)  # aligned so graphs read it in place
         self.v = aligned_zeros(dims, dtype)
         self.lengths = np.zeros(slots, dtype=np.int64)
+
+    def views(self, first_slot: int, count: int) -> list[np.ndarray]:
+        """Per-layer cache views [count, kv, T, D] of consecutive slots, keys of every layer then values (the
+        graphs' cache inputs); contiguous and aligned, so graphs read them in place."""
+        return [*self.k[:, first_slot:first_slot + count], *self.v[:, first_slot:first_slot + count]]
 
     def write(self, slot: int, new_k: np.ndarray, new_v: np.ndarray, count: int, batch_index: int = 0) -> None:
         """Append the last `count` rows of new_k/new_v [L,B,kv,S,D] (batch row `batch_index`) to `slot`."""
@@ -117,7 +122,7 @@ class LLMEngine:
         cos, sin = self._cos_sin(position_ids, length)
         mask = decoder_mask([cached], [n], self.context, length, self.dtype)
         logits, new_k, new_v = self.prefill_steps[length](
-            embeds, cos, sin, mask, self.cache.k[:, seq.slot:seq.slot + 1], self.cache.v[:, seq.slot:seq.slot + 1])
+            embeds, cos, sin, mask, *self.cache.views(seq.slot, 1))
         self.cache.write(seq.slot, new_k, new_v, n)
         return logits[0]
 
@@ -154,8 +159,7 @@ class LLMEngine:
         slots = [s.slot for s in seqs]
         if slots != list(range(slots[0], slots[0] + b)):
             raise ValueError(f"a decode batch must use consecutive cache slots, got {slots}")
-        k, v = self.cache.k[:, slots[0]:slots[0] + b], self.cache.v[:, slots[0]:slots[0] + b]
-        logits, new_k, new_v = self.decode_step(embeds, cos, sin, mask, k, v)
+        logits, new_k, new_v = self.decode_step(embeds, cos, sin, mask, *self.cache.views(slots[0], b))
         for i, s in enumerate(seqs):
             self.cache.write(s.slot, new_k, new_v, 1, batch_index=i)
         return logits

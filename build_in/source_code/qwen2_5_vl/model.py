@@ -240,8 +240,10 @@ class DeployLanguageModel(nn.Module):
     """Decoder for one tensor-parallel rank.
 
     forward(inputs_embeds [B, S, hidden], cos, sin [B, S, head_dim], mask [B, 1, S, T + S],
-            k_cache, v_cache [layers, B, kv_heads_local, T, head_dim])
+            *caches: k_cache of each layer, then v_cache of each layer, [B, kv_heads_local, T, head_dim])
       -> logits [B, vocab] of the last position, new_k, new_v [layers, B, kv_heads_local, S, head_dim]
+    One input per layer's cache, not one [layers, ...] tensor: selecting a layer from a stacked input is a copy in
+    the compiled graph, while separate inputs are views of the host's cache, read in place.
     Mask columns 0..T-1 address cache slots and T..T+S-1 the new tokens. The caller writes new_k/new_v into its
     cache at the positions it chose, so the graph neither copies nor owns the cache.
     """
@@ -256,11 +258,14 @@ class DeployLanguageModel(nn.Module):
         self.norm = RMSNorm(text_config.hidden_size, text_config.rms_norm_eps)
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
 
-    def forward(self, inputs_embeds, cos, sin, mask, k_cache, v_cache):
+    def forward(self, inputs_embeds, cos, sin, mask, *caches):
         x = inputs_embeds
+        n = len(self.layers)
+        if len(caches) != 2 * n:
+            raise ValueError(f"expected {2 * n} cache tensors (k then v per layer), got {len(caches)}")
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, mask, k_cache[i], v_cache[i])
+            x, k, v = layer(x, cos, sin, mask, caches[i], caches[n + i])
             new_k.append(k)
             new_v.append(v)
         # A static slice, not x[:, -1]: TVM 0.27's importer mistranslates a negative select index.
