@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -118,18 +119,20 @@ def build_app(args, tokenizer, context: int):
     from prometheus_client import generate_latest
 
     model_name = args.served_model_name or Path(args.model).name
-    app = FastAPI(title="vlmc", version="0.1.0")
     state = {}
 
-    @app.on_event("startup")
-    async def start():
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # Workers start with the app (not at import) so that uvicorn's port is bound by a process that is ready.
         state["engine"] = engine = Engine(args)
         state["dispatcher"] = asyncio.create_task(engine.dispatch())
+        try:
+            yield
+        finally:
+            state["dispatcher"].cancel()
+            engine.close()
 
-    @app.on_event("shutdown")
-    async def stop():
-        state["dispatcher"].cancel()
-        state["engine"].close()
+    app = FastAPI(title="vlmc", version="0.1.0", lifespan=lifespan)
 
     def check_key(request: Request):
         if args.api_key and request.headers.get("authorization") != f"Bearer {args.api_key}":
