@@ -43,12 +43,10 @@ def artifacts(checkpoints, tmp_path_factory):
     ws = tmp_path_factory.mktemp("serve_ws")
     ck = checkpoints["tiny"]
     visual = compile_artifact("qwen2_5_vl_visual.yaml", ck, ws, "--max-patches", "512")
+    # Two TP ranks, so that serving runs its rank processes and the fault tests can kill one.
     llm = compile_artifact("qwen2_5_vl_llm.yaml", ck, ws, "--max-prefill", "256", "--max-context", "320",
-                           "--batch-size", "4")
-    # For the fault tests: two TP ranks (so a rank can be killed) and a longer context (long requests to kill).
-    llm_tp2 = compile_artifact("qwen2_5_vl_llm.yaml", ck, ws / "tp2", "--max-prefill", "256", "--max-context", "512",
-                               "--batch-size", "2", "--tp", "2")
-    return {"visual": visual, "llm": llm, "llm_tp2": llm_tp2, "ws": ws}
+                           "--batch-size", "4", "--tp", "2")
+    return {"visual": visual, "llm": llm, "ws": ws}
 
 
 def start_server(llm, visual, *flags):
@@ -86,7 +84,7 @@ def stop_server(proc, clean_log=True):
 @pytest.fixture(scope="module")
 def server(artifacts):
     base, proc = start_server(artifacts["llm"], artifacts["visual"], "--api-key", "k", "--allowed-local-media-path",
-                              str(artifacts["ws"]), "--llm_devices", "[3]", "--vit_devices", "[1]")
+                              str(artifacts["ws"]), "--llm_devices", "[3,4]", "--vit_devices", "[1]")
     yield base
     stop_server(proc)
 
@@ -203,21 +201,22 @@ def test_health_reports_workers_and_devices(server):
     code, health = get_json(server + "/health")
     assert code == 200 and health["status"] == "ok"
     llm, visual = health["workers"]["llm"], health["workers"]["visual"]
-    assert llm["devices"] == [3] and visual["devices"] == [1]
+    assert llm["devices"] == [3, 4] and visual["devices"] == [1]
     assert llm["state"] == visual["state"] == "up" and llm["restarts"] == 0
-    assert isinstance(llm["pid"], int) and isinstance(visual["pid"], int) and llm["rank_pids"] == []
+    assert isinstance(llm["pid"], int) and isinstance(visual["pid"], int) and len(llm["rank_pids"]) == 1
 
 
 def test_device_flags_are_validated(artifacts):
     from compiled import vlmc
 
-    for llm, flags, says in [
-        (artifacts["llm"], ["--llm_devices", "[0,1]"], "compiled for tp=1"),
-        (artifacts["llm_tp2"], ["--llm_devices", "[0]"], "compiled for tp=2"),
-        (artifacts["llm_tp2"], ["--llm_devices", "[0,x]"], "list of device ids"),
-        (artifacts["llm"], ["--llm_devices", "[0]", "--vit_devices", "[1,2]"], "runs on one"),
+    for flags, says in [
+        (["--llm_devices", "[0]"], "compiled for tp=2"),
+        (["--llm_devices", "[0,1,2]"], "compiled for tp=2"),
+        (["--llm_devices", "[0,x]"], "list of device ids"),
+        (["--llm_devices", "[0,0]"], "distinct"),
+        (["--vit_devices", "[1,2]"], "runs on one"),
     ]:
-        proc = vlmc("serve", "--model", llm, "--vit_model", artifacts["visual"], "--port", str(free_port()), *flags,
+        proc = vlmc("serve", "--model", artifacts["llm"], "--vit_model", artifacts["visual"], "--port", str(free_port()), *flags,
                     check=False, timeout=120)
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
@@ -279,11 +278,11 @@ def test_client_disconnect_frees_its_slot(server):
     assert code == 200 and out["usage"]["completion_tokens"] <= 3
 
 
-# --- faults: a separate server (two TP ranks, remote media on), so that killing workers disturbs nobody else ---
+# --- faults: a separate server (remote media on), so that killing workers disturbs nobody else ---
 
 @pytest.fixture(scope="module")
 def fault_server(artifacts):
-    base, proc = start_server(artifacts["llm_tp2"], artifacts["visual"], "--llm_devices", "[0,1]",
+    base, proc = start_server(artifacts["llm"], artifacts["visual"], "--llm_devices", "[0,1]",
                               "--vit_devices", "[2]", "--allow-remote-media", "--remote-media-max-mb", "1")
     yield base, proc
     stop_server(proc, clean_log=False)  # killed workers leave their tracebacks in the log
@@ -372,9 +371,11 @@ def media_site(tmp_path):
     """A loopback http server with a small PNG and a 2 MB file (over the fault server's 1 MiB cap)."""
     random_image(56, 56, seed=7).save(tmp_path / "a.png")
     (tmp_path / "big.png").write_bytes(b"\0" * (2 << 20))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *a: None
-    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
     threading.Thread(target=site.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{site.server_address[1]}"
     site.shutdown()
@@ -382,8 +383,8 @@ def media_site(tmp_path):
 
 def test_remote_media_when_enabled(fault_server, media_site):
     base, _ = fault_server
-    local = post(base, image_msg(data_uri(random_image(56, 56, seed=7))))
-    remote = post(base, image_msg(media_site + "/a.png"))
+    local = post(base, dict(image_msg(data_uri(random_image(56, 56, seed=7))), max_tokens=8))
+    remote = post(base, dict(image_msg(media_site + "/a.png"), max_tokens=8))
     assert remote[0] == local[0] == 200
     assert remote[1]["choices"][0]["message"]["content"] == local[1]["choices"][0]["message"]["content"]
     for path, says in [("/missing.png", "HTTP 404"), ("/big.png", "larger than 1 MiB")]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import logging
@@ -99,8 +100,9 @@ class Worker:
     def start(self) -> None:
         mp = multiprocessing.get_context("spawn")
         recv, send = mp.Pipe(duplex=False)
-        self.proc = mp.Process(target=self.target, args=(*self.args_fn(), send), daemon=True,
-                               name=f"vlmc-{self.name}")
+        # Not a daemon: the LLM worker spawns its TP ranks, which daemons may not. Engine.close (and an atexit
+        # hook, for paths that skip it) stops the workers; they also exit by themselves if orphaned.
+        self.proc = mp.Process(target=self.target, args=(*self.args_fn(), send), name=f"vlmc-{self.name}")
         self.proc.start()
         send.close()
         self.conn, self.info, self.state, self.started_at = recv, {}, "starting", time.monotonic()
@@ -176,13 +178,19 @@ class Engine:
                              lambda: (args.vit_model, addr["visual"], addr["llm"], addr["results"],
                                       args.min_pixels, args.max_pixels, args.image_cache_mb), args.vit_devices)
         self.workers = [self.llm, self.visual]
-        for w in self.workers:
-            w.start()
-        for w in self.workers:
-            while not w.poll_ready():
-                if not w.proc.is_alive():
-                    raise RuntimeError(f"the {w.name} worker failed to start (exit {w.proc.exitcode})")
-                w.conn.poll(0.5)
+        # Runs before multiprocessing's own exit hook, which would otherwise wait forever on live workers.
+        atexit.register(self.kill_all)
+        try:
+            for w in self.workers:
+                w.start()
+            for w in self.workers:
+                while not w.poll_ready():
+                    if not w.proc.is_alive():
+                        raise RuntimeError(f"the {w.name} worker failed to start (exit {w.proc.exitcode})")
+                    w.conn.poll(0.5)
+        except BaseException:
+            self.kill_all()
+            raise
         # Cancellations go straight to the scheduler's control socket. A plain (blocking-API) socket, so that a
         # cancel can be sent from a task that is itself being cancelled (a client that went away).
         self.sync_ctx = zmq.Context()
@@ -286,6 +294,10 @@ class Engine:
         except zmq.Again:
             log.error("could not cancel %s: the LLM worker's control queue is full", request_id)
 
+    def kill_all(self) -> None:
+        for w in self.workers:
+            w.kill()
+
     def close(self) -> None:
         # Ask politely (the LLM worker stops its TP ranks), then make sure.
         try:
@@ -297,7 +309,8 @@ class Engine:
         for w in self.workers:
             if w.proc is not None:
                 w.proc.join(timeout=max(0.1, deadline - time.monotonic()))
-            w.kill()
+        self.kill_all()
+        atexit.unregister(self.kill_all)
         self.control.close(linger=0)
         self.sync_ctx.term()
         self.zctx.destroy(linger=0)
