@@ -557,18 +557,18 @@ def parse_devices(text: str, flag: str) -> list[int]:
     return devices
 
 
-def resolve_devices(args, tp: int) -> None:
-    """Fill args.llm_devices / args.vit_devices with validated id lists (one LLM device per TP rank)."""
+def check_devices(llm: list[int] | None, vit: list[int] | None, tp: int) -> tuple[list[int], list[int]]:
+    """Validated (LLM devices, visual devices): one LLM device per TP rank, one visual device."""
     from ...errors import VlmcError
 
-    llm = parse_devices(args.llm_devices, "--llm_devices") if args.llm_devices else list(range(tp))
+    llm = list(range(tp)) if llm is None else llm
     if len(llm) != tp:
         raise VlmcError(f"--llm_devices lists {len(llm)} device(s) but the LLM artifact was compiled for tp={tp}: "
-                        f"give exactly {tp} (one per tensor-parallel rank), e.g. \"{list(range(tp))}\"")
-    vit = parse_devices(args.vit_devices, "--vit_devices") if args.vit_devices else [0]
+                        f"give exactly {tp} (one per tensor-parallel rank), e.g. \"[{','.join(map(str, range(tp)))}]\"")
+    vit = [0] if vit is None else vit
     if len(vit) != 1:
-        raise VlmcError(f"--vit_devices lists {len(vit)} devices; the visual worker runs on one, e.g. \"[{tp}]\"")
-    args.llm_devices, args.vit_devices = llm, vit
+        raise VlmcError(f"--vit_devices lists {len(vit)} devices; the visual worker runs on one, e.g. \"[2]\"")
+    return llm, vit
 
 
 def serve(args) -> int:
@@ -578,6 +578,11 @@ def serve(args) -> int:
     from ..llm.runtime import LLMArtifact
     from ..visual.runtime import read_manifest
 
+    # Flag syntax first: a typo is reported before the artifacts are read.
+    llm_devices = parse_devices(args.llm_devices, "--llm_devices") if args.llm_devices else None
+    vit_devices = parse_devices(args.vit_devices, "--vit_devices") if args.vit_devices else None
+    if vit_devices is not None:
+        check_devices(None, vit_devices, 1)
     llm = LLMArtifact(args.model)
     llm.check_visual(read_manifest(Path(args.vit_model), kind="visual"), args.vit_model)
     compiled = int(llm.manifest["batch_size"])
@@ -587,7 +592,7 @@ def serve(args) -> int:
         raise VlmcError("--image_cache_mb must be 0 (off) or a positive number of MiB")
     if args.remote_media_timeout <= 0 or args.remote_media_max_mb <= 0:
         raise VlmcError("--remote-media-timeout and --remote-media-max-mb must be positive")
-    resolve_devices(args, llm.tp)
+    args.llm_devices, args.vit_devices = check_devices(llm_devices, vit_devices, llm.tp)
     logging.getLogger("vlmc.serve").setLevel(logging.INFO)
     config = uvicorn.Config(None, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=30)

@@ -27,6 +27,7 @@ import zmq
 
 QUEUE_HWM = 64  # messages queued per socket before senders block (back-pressure)
 POLL_MS = 1000  # idle workers wake this often to notice that the HTTP process is gone
+KEEPALIVE_S = 20  # an idle LLM worker pings its TP ranks this often (well inside their 120 s collective timeout)
 log = logging.getLogger("vlmc.serve")
 
 
@@ -204,6 +205,7 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
         return True
 
     busy = False  # whether the last report said sequences were running (so an idle 0 is sent once)
+    last_step = time.monotonic()
     while True:
         if not running:
             # Block for work only when nothing is decoding; wake now and then to notice an orphaned worker.
@@ -212,7 +214,11 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
                 busy = False
             if not poller.poll(POLL_MS):
                 if os.getppid() != parent:
+                    engine.close()
                     return
+                if time.monotonic() - last_step > KEEPALIVE_S:
+                    engine.keepalive()
+                    last_step = time.monotonic()
                 continue
         if not read_control():
             break
@@ -250,6 +256,7 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
         tokens = [running[s].tokens[-1] if s in running else 0 for s in range(slots)]
         results.send_pyobj({"batch": len(running)})
         busy = True
+        last_step = time.monotonic()
         logits = engine.decode(seqs, tokens)
         for s in range(slots):
             if s in running:
