@@ -214,8 +214,8 @@ def test_device_flags_are_validated(artifacts):
         (["--llm_devices", "[0,x]"], "list of device ids"),
         (["--vit_devices", "[1,2]"], "runs on one"),
     ]:
-        proc = vlmc("serve", "--model", artifacts["llm"], "--vit_model", artifacts["visual"], "--port", str(free_port()), *flags,
-                    check=False, timeout=120)
+        proc = vlmc("serve", "--model", artifacts["llm"], "--vit_model", artifacts["visual"], "--port",
+                    str(free_port()), *flags, check=False, timeout=120)
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 

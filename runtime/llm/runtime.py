@@ -150,7 +150,12 @@ class DistributedEngine:
 
 
 def _worker_main(path: str, rank: int, world: int, port: int, device: str, slots) -> None:
+    import signal
+
     import torch.distributed as dist
+
+    # Ctrl-C reaches the whole process group; rank 0 decides when to stop (a server drains its requests first).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from .engine import Sequence
 

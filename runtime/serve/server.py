@@ -322,8 +322,7 @@ class WorkerFailed(Exception):
 
     def __init__(self, event: dict):
         super().__init__(event["error"])
-        status = event.get("status", 500)
-        self.api = ApiError(event["error"], status, event.get("code") or "internal_error", "server_error")
+        self.api = event_error(event)
 
 
 def error_response(exc: ApiError):
@@ -563,8 +562,9 @@ def check_devices(llm: list[int] | None, vit: list[int] | None, tp: int) -> tupl
 
     llm = list(range(tp)) if llm is None else llm
     if len(llm) != tp:
+        example = ",".join(map(str, range(tp)))
         raise VlmcError(f"--llm_devices lists {len(llm)} device(s) but the LLM artifact was compiled for tp={tp}: "
-                        f"give exactly {tp} (one per tensor-parallel rank), e.g. \"[{','.join(map(str, range(tp)))}]\"")
+                        f"give exactly {tp} (one per tensor-parallel rank), e.g. \"[{example}]\"")
     vit = [0] if vit is None else vit
     if len(vit) != 1:
         raise VlmcError(f"--vit_devices lists {len(vit)} devices; the visual worker runs on one, e.g. \"[2]\"")
