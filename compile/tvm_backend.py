@@ -300,12 +300,10 @@ def compile_module(mod: tvm.IRModule, target) -> BuildResult:
     """Lower an optimized module to a VM executable (memory planning, codegen)."""
     target = host_target(target)
     ex = tvm.compile(mod, target)
-    # The kernels library is linked into every CPU graph: attention needs it even without BLAS dispatch. MKL (inside
-    # torch's CPU wheel) threads with OpenMP like the attention kernel, so both share torch's one OpenMP pool instead
-    # of two pools spinning against each other; OpenBLAS (numpy's) is the fallback where torch has no MKL.
-    kind = None
-    if target.kind.name == "llvm":
-        kind = os.environ.get("VLMC_BLAS") or ("mkl" if torch.backends.mkl.is_available() else "openblas")
+    # The kernels library is linked into every CPU graph: attention needs it even without BLAS dispatch. OpenBLAS
+    # (numpy's) by default: measured here, MKL's OpenMP GEMV/small GEMMs made decode steps 10x slower; VLMC_BLAS=mkl
+    # (torch's, where its CPU wheel has it) is there to compare on other hosts.
+    kind = os.environ.get("VLMC_BLAS", "openblas") if target.kind.name == "llvm" else None
     addons, link = _compile_kernel(kind) if kind else ([], [])
     return BuildResult(ex, target, kind, addons, link)
 
