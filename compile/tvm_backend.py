@@ -158,7 +158,6 @@ class DispatchMatmulToBLAS:
 
 # --- (b) native kernels: compile/kernels/kernels.c (BLAS matmuls, segment attention) ---------------------------
 KERNELS_C = Path(__file__).parent / "kernels" / "kernels.c"
-ATTENTION = "vlmc_segment_attention"  # extern name, see kernels.c
 
 
 def _blas_link_info(blas: str) -> tuple[str, Path]:
