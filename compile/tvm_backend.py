@@ -231,6 +231,37 @@ def import_exported(exported, custom_convert_map: dict | None = None):
     return mod, [p.numpy() for p in params.get("main", [])], names
 
 
+def _fast_math_pass():
+    """relax FastMathTransform (exp, erf, tanh, softmax -> TVM's polynomial versions) extended to sigmoid and GELU.
+
+    LLVM cannot vectorize calls to libm's expf, so every SiLU/GELU/softmax element costs a scalar call; the
+    polynomial forms are plain arithmetic that vectorizes (relative error ~1e-7, within every parity threshold).
+    """
+    from tvm import topi
+    from tvm.relax.transform.fast_math import FastMathCodeGenerator
+
+    @relax.expr_functor.mutator
+    class _FastMath(FastMathCodeGenerator._cls):
+        def visit_call_(self, call):
+            name = getattr(call.op, "name", "")
+            if name == "relax.sigmoid":
+                return self.builder_.call_te(lambda x: 1.0 / (1.0 + topi.fast_exp(topi.negative(x))), call.args[0])
+            if name == "relax.nn.gelu":
+                return self.builder_.call_te(
+                    lambda x: x * (0.5 + 0.5 * topi.fast_erf(x * 0.7071067811865476)), call.args[0])
+            return super().visit_call_(call)
+
+    @tvm.transform.module_pass(opt_level=0, name="VlmcFastMath")
+    def fast_math(mod, _ctx):
+        mutator = _FastMath(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    return fast_math
+
+
 class ParallelCPUSchedule:
     """dlight-style rule for CPU targets: inline elementwise producers, then run each remaining block's spatial loops
     on the thread pool and leave the innermost contiguous loop to LLVM's vectorizer. TVM's default lowering runs
@@ -281,8 +312,10 @@ def optimize(mod: tvm.IRModule, target, blas: bool = True) -> tvm.IRModule:
     passes = []
     if blas and target.kind.name == "llvm":
         passes.append(DispatchMatmulToBLAS())  # before LegalizeOps, which would lower matmul to TIR
-    passes += [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-               relax.get_pipeline("zero")]
+    passes += [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
+    if target.kind.name == "llvm":
+        passes.append(_fast_math_pass())
+    passes.append(relax.get_pipeline("zero"))
     with target:
         mod = tvm.transform.Sequential(passes)(mod)
         from tvm.s_tir import dlight as dl
