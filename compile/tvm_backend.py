@@ -66,7 +66,7 @@ from tvm.relax.frontend.torch import from_exported_program
 
 __all__ = [
     "BuildResult", "DispatchMatmulToBLAS", "aligned_zeros", "compile_module", "export_module", "host_target",
-    "import_exported", "load_library", "load_params", "optimize", "save_library", "save_params",
+    "import_exported", "load_library", "load_params", "optimize", "save_library", "save_params", "target_device",
 ]
 
 
@@ -78,14 +78,36 @@ def host_target(target: str | dict | tvm.target.Target = "llvm") -> tvm.target.T
     if isinstance(target, tvm.target.Target):
         return target
     if isinstance(target, str):
-        if target.strip() != "llvm":
+        if target.strip() not in ("llvm", "cuda"):
             return tvm.target.Target(target)
-        target = {"kind": "llvm"}
+        target = {"kind": target.strip()}
     target = dict(target)
+    if target.get("kind") == "cuda":
+        return _cuda_target(target)
     if target.get("kind") == "llvm" and target.get("mcpu", "native") == "native":
         target["mcpu"] = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()
         target.setdefault("mtriple", tvm.get_global_func("tvm.codegen.llvm.GetDefaultTargetTriple")())
     return tvm.target.Target(target)
+
+
+def _cuda_target(target: dict) -> tvm.target.Target:
+    """A CUDA target with an explicit arch and this machine's CPU as host.
+
+    Without an arch TVM silently picks sm_50 when it sees no GPU; take the visible GPU's, else ask for one.
+    """
+    target = dict(target)
+    if "arch" not in target:
+        if not tvm.cuda(0).exist:
+            raise ValueError("a CUDA target needs an arch when no GPU is visible, e.g. "
+                             '{"kind": "cuda", "arch": "sm_90"}')
+        target["arch"] = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+    host = target.pop("host", "llvm")
+    return tvm.target.Target(target, host_target(host))
+
+
+def target_device(target) -> str:
+    """Where a target's kernels run: "cuda" or "cpu" (recorded in artifacts, checked when they are loaded)."""
+    return "cuda" if host_target(target).kind.name == "cuda" else "cpu"
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +345,17 @@ def optimize(mod: tvm.IRModule, target, blas: bool = True) -> tvm.IRModule:
 def compile_module(mod: tvm.IRModule, target, blas: bool = True) -> BuildResult:
     """Lower an optimized module to a VM executable (memory planning, codegen)."""
     target = host_target(target)
-    ex = tvm.compile(mod, target)
+    if target.kind.name == "llvm":
+        ex = tvm.compile(mod, target)
+    else:
+        # optimize() already fused and scheduled the kernels (dlight); the GPU default pipeline would run
+        # FuseOps/FuseTIR over scheduled kernels again, so only lower and finalize here.
+        # TVM 0.27 stores the CUDA source in the library; NVRTC (or nvcc) compiles it when the library is loaded.
+        from tvm.relax.backend.cuda import pipeline as gpu
+
+        lower = tvm.transform.Sequential(gpu.dataflow_lower_passes(target) + gpu.finalize_passes(target))
+        with target:
+            ex = tvm.compile(mod, target, relax_pipeline=lower)
     kind = "openblas" if blas and target.kind.name == "llvm" else None
     addons, link = _compile_kernel(kind) if kind else ([], [])
     return BuildResult(ex, target, kind, addons, link)
@@ -373,15 +405,25 @@ def aligned_zeros(shape, dtype=np.float32) -> np.ndarray:
 def load_library(path: str | os.PathLike, params: list, device=None) -> Callable:
     """A compiled graph as f(*inputs) -> list[np.ndarray], with `params` bound after the inputs."""
     dev = _device(device)
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev)
+    on_host = dev.device_type == tvm.cpu().device_type
+    try:
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev)
+    except RuntimeError as exc:
+        if on_host:
+            raise
+        # GPU kernels are compiled here, at load time, by NVRTC (cuda-bindings) or nvcc (TVM_CUDA_COMPILE_MODE=nvcc).
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise ValueError(f"loading {path} on {device} failed: {first} (GPU kernels are compiled at load time and "
+                         f"need the CUDA runtime and NVRTC or nvcc)") from exc
     main = vm["main"]
 
     def as_tvm(x):
         # Compiled kernels assume 64-byte aligned, compact buffers: share those zero-copy, copy the rest.
+        # A GPU graph gets host arrays copied to the device (tensors already there pass through).
         if torch.is_tensor(x):
-            x = x.detach().numpy()
+            x = x.detach().cpu().numpy()
         if isinstance(x, np.ndarray):
-            if x.flags.c_contiguous and x.ctypes.data % ALIGNMENT == 0:
+            if on_host and x.flags.c_contiguous and x.ctypes.data % ALIGNMENT == 0:
                 return tvm_ffi.from_dlpack(x)
             return tvm.runtime.tensor(np.ascontiguousarray(x), dev)
         return x
@@ -389,7 +431,7 @@ def load_library(path: str | os.PathLike, params: list, device=None) -> Callable
     def run(*inputs) -> list[np.ndarray]:
         out = main(*[as_tvm(x) for x in inputs], *params)
         outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
-        return [np.from_dlpack(o) for o in outs]
+        return [np.from_dlpack(o) if on_host else o.numpy() for o in outs]
 
     run.vm = vm  # the VM owns the loaded code; the function alone does not keep it alive
     return run
