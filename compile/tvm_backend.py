@@ -325,12 +325,46 @@ def import_exported(exported, custom_convert_map: dict | None = None):
     return mod, [p.numpy() for p in params.get("main", [])], names
 
 
+@relax.expr_functor.mutator
+class _SquareRewriter(relax.PyExprMutator):
+    """power(x, 2) -> x * x."""
+
+    _power = Op.get("relax.power")
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op == self._power and isinstance(call.args[1], tvm.ir.expr.Constant):
+            value = call.args[1].value
+            exponent = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+            if exponent.size == 1 and float(exponent.reshape(())) == 2.0:
+                return relax.op.multiply(call.args[0], call.args[0])
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="SquareToMultiply")
+class SquareToMultiply:
+    """Rewrite power(x, 2) (RMSNorm's x.pow(2)) into x * x for GPU targets.
+
+    TVM builds CUDA kernels with --use_fast_math, where powf(x, 2) becomes exp2(2 * log2(x)): NaN for every
+    negative x, so every RMSNorm turned the whole graph into NaN.
+    """
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        rw = _SquareRewriter(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rw.builder_.update_func(gv, rw.visit_expr(func))
+        return rw.builder_.finalize()
+
+
 def optimize(mod: tvm.IRModule, target, blas: bool = True) -> tvm.IRModule:
     """BLAS dispatch of matmuls (CPU), op decomposition, legalization, fusion and default CPU schedules."""
     target = host_target(target)
     passes = []
     if blas and target.kind.name == "llvm":
         passes.append(DispatchMatmulToBLAS())  # before LegalizeOps, which would lower matmul to TIR
+    if target.kind.name != "llvm":
+        passes.append(SquareToMultiply())
     passes += [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                relax.get_pipeline("zero")]
     with target:
