@@ -36,6 +36,11 @@ Pitfalls / API changes in TVM 0.27 (all verified in this venv)
   apply the stock DLight CPU rules.
 * export_library(..., options=[...]) puts options BEFORE the objects on the gcc line, so "-lfoo"
   there is dropped by --as-needed; pass the library file itself in addons=[...] instead.
+* CUDA targets (verified on an H100): a target without "arch" is silently sm_50 when no GPU is visible.
+  tvm.compile keeps the CUDA *source* in the library; NVRTC (cuda-bindings; or nvcc with
+  TVM_CUDA_COMPILE_MODE=nvcc) compiles it when the library is loaded, so building needs no GPU and
+  loading needs the CUDA toolkit.  Kernels are built with --use_fast_math: powf(x, 2) is NaN for x < 0.
+  The VM's Device has dlpack_device_type(), not device_type.
 * Per-call costs (2-core box): VM call ~4 us; tvm.runtime.tensor(np) ~60 us and Tensor.numpy()
   ~23 us (copies) vs tvm_ffi.from_dlpack / np.from_dlpack ~1 us; indexing a returned tuple
   (tvm_ffi Array) ~3 us per element.

@@ -55,10 +55,8 @@ def register(sub) -> None:
 
 
 def run_parity_command(args) -> int:
-    from ..compile.artifact import read_manifest
+    from ..compile.artifact import check_device, read_manifest
     from .parity import failures, run_parity, write_report
-
-    from ..compile.artifact import check_device
 
     device = check_device(read_manifest(args.model, kind="llm", verify=False), args.model, args.device)
     report = run_parity(args.checkpoint, args.model, args.vit_model, args.image, args.prompt, args.max_new_tokens,

@@ -16,6 +16,7 @@ def test_cuda_artifact_is_gpu_scheduled_and_refused_on_cpu(checkpoints, tmp_path
     code = (visual / "visual.so").read_bytes()
     kernels = code.count(b'extern "C" __global__')
     assert kernels > 10 and code.count(b"__launch_bounds__(") >= kernels
+    assert b"powf(" not in code  # RMSNorm's x.pow(2) must be x * x: fast-math powf is NaN for negative x
 
     image = tmp_path / "img.png"
     from conftest import random_image
