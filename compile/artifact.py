@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -169,8 +170,10 @@ def check_device(manifest: dict, folder, device: str | None) -> str:
     built = artifact_device(manifest)
     if built != kind:
         hint = '--target \'{"kind": "cuda"}\'' if kind == "cuda" else "--target llvm"
-        raise VlmcError(f"{folder} was compiled for {built} (target {manifest.get('target')}) and cannot run on "
-                        f"{device}; recompile it with {hint} or pass --device {built}")
+        arch = re.search(r'"arch":\s*"(\w+)"', str(manifest.get("target", "")))
+        what = f"{built} ({arch.group(1)})" if arch else built
+        raise VlmcError(f"{folder} was compiled for {what} and cannot run on {device}; recompile it with {hint} "
+                        f"or pass --device {built}")
     if kind == "cuda":
         import tvm
 
