@@ -23,6 +23,8 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if the artifact is up to date")
     v = p.add_argument_group("visual graph")
     v.add_argument("--max-patches", type=int, help="patch budget N, a multiple of 16 (frontend.max_patches)")
+    v.add_argument("--onnx", action="store_true", default=None,
+                   help="also export model.onnx, checked with onnxruntime (frontend.onnx: true)")
     llm = p.add_argument_group("LLM graph")
     llm.add_argument("--tp", type=int, help="tensor-parallel ranks (frontend.model_kwargs.tp)")
     llm.add_argument("--max-prefill", type=int, help="maximum prefill length P, a multiple of 16")
@@ -43,13 +45,15 @@ def run_compile(args) -> int:
         for flag in ("tp", "max_prefill", "max_context", "batch_size"):
             if getattr(args, flag) is not None:
                 raise VlmcError(f"--{flag.replace('_', '-')} applies to LLM configs; {path} is a visual config")
-        cfg = apply_overrides(cfg, path, **common, **{"frontend.max_patches": args.max_patches})
+        cfg = apply_overrides(cfg, path, **common, **{"frontend.max_patches": args.max_patches,
+                                                      "frontend.onnx": args.onnx})
         if args.max_patches is not None and cfg.frontend.shape is not None:
             cfg = apply_overrides(cfg, path, **{"frontend.shape": None, "frontend.max_patches": args.max_patches})
         build = "visual"
     else:
-        if args.max_patches is not None:
-            raise VlmcError(f"--max-patches applies to visual configs; {path} is an LLM config")
+        if args.max_patches is not None or args.onnx:
+            flag = "--max-patches" if args.max_patches is not None else "--onnx"
+            raise VlmcError(f"{flag} applies to visual configs; {path} is an LLM config")
         shape = cfg.frontend.shape.input_ids
         overrides = dict(common)
         if args.max_prefill is not None or args.max_context is not None:

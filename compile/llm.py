@@ -26,14 +26,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 def graph_inputs(batch: int, seq: int, hidden: int, head_dim: int, layers: int, kv_heads: int, context: int):
     """Example inputs of the deploy LLM graph (the shapes it is compiled for)."""
+    caches = [torch.zeros(batch, kv_heads, context, head_dim) for _ in range(2 * layers)]  # k per layer, v per layer
     return (torch.zeros(batch, seq, hidden), torch.zeros(batch, seq, head_dim), torch.zeros(batch, seq, head_dim),
-            torch.zeros(batch, 1, seq, context + seq), torch.zeros(layers, batch, kv_heads, context, head_dim),
-            torch.zeros(layers, batch, kv_heads, context, head_dim))
+            torch.zeros(batch, 1, seq, context + seq), *caches)
 
 
 def prefill_buckets(cfg: LLMConfig) -> list[int]:
     p = cfg.frontend.max_prefill
-    buckets = cfg.frontend.model_kwargs.prefill_buckets or ([128, p] if p > 128 else [p])
+    # Default: every 128 up to 512, then every 256 up to 2048, then every 512, so a prompt is padded by at most a
+    # third (prefill cost grows with the padded length; each bucket adds one graph, never weights).
+    buckets = cfg.frontend.model_kwargs.prefill_buckets or [
+        b for b in [*range(128, 513, 128), *range(768, 2049, 256), *range(2560, p + 1, 512)] if b < p]
     return sorted(set(buckets) | {p})
 
 
@@ -82,7 +85,7 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
     with stages.stage("optimize"):
         modules = {n: tvm_backend.optimize(m, target, blas=cfg.backend.blas) for n, m in modules.items()}
     with stages.stage("build", str(target.kind.name)):
-        built = {n: tvm_backend.compile_module(m, target, blas=cfg.backend.blas) for n, m in modules.items()}
+        built = {n: tvm_backend.compile_module(m, target) for n, m in modules.items()}
     with stages.stage("save", str(out)), staging_folder(out) as tmp:
         for name, result in built.items():
             tvm_backend.save_library(result, tmp / f"{name}.so")

@@ -184,81 +184,8 @@ class DispatchMatmulToBLAS:
         return relax.transform.DeadCodeElimination()(mod)  # drop now-unused permute_dims
 
 
-# --- (b) native kernel: tiny C file implementing the tvm-ffi "safe call" ABI ---------------
-_KERNEL_C = r"""
-#include <stdint.h>
-#include <tvm/ffi/c_api.h>
-#if defined(VLMC_BLAS_OPENBLAS64)   /* numpy's bundled scipy-openblas: ILP64, suffixed symbols */
-typedef int64_t bint;
-void scipy_cblas_sgemm64_(int, int, int, bint, bint, bint, float, const float*, bint,
-                          const float*, bint, float, float*, bint);
-void scipy_cblas_sgemv64_(int, int, bint, bint, float, const float*, bint, const float*,
-                          bint, float, float*, bint);
-/* row-major C[M,N] = A[M,K] * op(B); tb: B stored [N,K] */
-static void gemm(int tb, bint M, bint N, bint K, const float* A, const float* B, float* C) {
-  if (M == 1) { /* GEMV: explicit sgemv (decode) */
-    if (tb) scipy_cblas_sgemv64_(101, 111, N, K, 1.f, B, K, A, 1, 0.f, C, 1);
-    else    scipy_cblas_sgemv64_(101, 112, K, N, 1.f, B, N, A, 1, 0.f, C, 1);
-    return;
-  }
-  scipy_cblas_sgemm64_(101, 111, tb ? 112 : 111, M, N, K, 1.f, A, K, B, tb ? K : N, 0.f, C, N);
-}
-#elif defined(VLMC_BLAS_FORTRAN)    /* Fortran LP64 sgemm_/sgemv_, e.g. MKL in libtorch_cpu */
-typedef int bint;
-void sgemm_(const char*, const char*, const bint*, const bint*, const bint*, const float*,
-            const float*, const bint*, const float*, const bint*, const float*, float*, const bint*);
-void sgemv_(const char*, const bint*, const bint*, const float*, const float*, const bint*,
-            const float*, const bint*, const float*, float*, const bint*);
-static void gemm(int tb, bint M, bint N, bint K, const float* A, const float* B, float* C) {
-  const float one = 1.f, zero = 0.f; const bint inc = 1, ldb = tb ? K : N;
-  if (M == 1) { /* column-major view of row-major B */
-    if (tb) sgemv_("T", &K, &N, &one, B, &ldb, A, &inc, &zero, C, &inc);
-    else    sgemv_("N", &N, &K, &one, B, &ldb, A, &inc, &zero, C, &inc);
-    return;
-  }
-  /* row-major C = A op(B)  <=>  col-major C^T = op(B)^T A^T */
-  sgemm_(tb ? "T" : "N", "N", &N, &M, &K, &one, B, &ldb, A, &K, &zero, C, &N);
-}
-#endif
-static DLTensor* as_dl(const TVMFFIAny* a) {  /* VM passes ffi::Tensor objects */
-  if (a->type_index == kTVMFFIDLTensorPtr) return (DLTensor*)a->v_ptr;
-  if (a->type_index == kTVMFFITensor) return (DLTensor*)((char*)a->v_obj + sizeof(TVMFFIObject));
-  return 0;
-}
-static float* fp(DLTensor* t) { return (float*)((char*)t->data + t->byte_offset); }
-static int fail(const char* m) { TVMFFIErrorSetRaisedFromCStr("ValueError", m); return -1; }
-static int run(int tb, const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
-  ret->type_index = kTVMFFINone; ret->zero_padding = 0; ret->v_int64 = 0;
-  if (n != 3) return fail("vlmc_matmul: expected (a, b, out)");
-  DLTensor *A = as_dl(args), *B = as_dl(args + 1), *C = as_dl(args + 2);
-  if (!A || !B || !C || A->ndim < 2 || B->ndim < 2 || C->ndim != A->ndim)
-    return fail("vlmc_matmul: bad arguments");
-  if (A->dtype.code != kDLFloat || A->dtype.bits != 32) return fail("vlmc_matmul: float32 only");
-  int64_t K = A->shape[A->ndim - 1];
-  int64_t N = B->shape[B->ndim - (tb ? 2 : 1)], Kb = B->shape[B->ndim - (tb ? 1 : 2)];
-  if (K != Kb) return fail("vlmc_matmul: K mismatch");
-  if (B->ndim == 2) { /* weights: flatten a's leading dims into M */
-    int64_t M = 1;
-    for (int i = 0; i < A->ndim - 1; ++i) M *= A->shape[i];
-    gemm(tb, M, N, K, fp(A), fp(B), fp(C));
-    return 0;
-  }
-  if (B->ndim != A->ndim) return fail("vlmc_matmul: rank mismatch");
-  int64_t batch = 1, M = A->shape[A->ndim - 2];
-  for (int i = 0; i < A->ndim - 2; ++i) {
-    if (A->shape[i] != B->shape[i]) return fail("vlmc_matmul: batch broadcast unsupported");
-    batch *= A->shape[i];
-  }
-  for (int64_t i = 0; i < batch; ++i)
-    gemm(tb, M, N, K, fp(A) + i * M * K, fp(B) + i * K * N, fp(C) + i * M * N);
-  return 0;
-}
-/* A DSO module resolves GetFunction("name") to the symbol "__tvm_ffi_name". */
-__attribute__((visibility("default")))
-int __tvm_ffi_vlmc_matmul_nn(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) { return run(0, a, n, r); }
-__attribute__((visibility("default")))
-int __tvm_ffi_vlmc_matmul_nt(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) { return run(1, a, n, r); }
-"""
+# --- (b) native kernels: compile/kernels/kernels.c (BLAS matmuls, segment attention) ---------------------------
+KERNELS_C = Path(__file__).parent / "kernels" / "kernels.c"
 
 
 def _blas_link_info(blas: str) -> tuple[str, Path]:
@@ -283,19 +210,21 @@ def _compile_kernel(blas: str, cache_dir: str | None = None) -> tuple[list[str],
     """
     define, blas_lib = _blas_link_info(blas)
     inc = Path(tvm_ffi.__file__).parent / "include"
-    key = hashlib.sha1((_KERNEL_C + define + str(inc)).encode()).hexdigest()[:16]
+    source = KERNELS_C.read_text()
+    # Native code for this host (the artifact is built where it runs); fast-math minus finite-math, because the
+    # attention kernel relies on -inf.
+    flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+             "-fno-signed-zeros", "-fassociative-math", "-ffp-contract=fast", "-fPIC", f"-D{define}", f"-I{inc}"]
+    key = hashlib.sha1((source + " ".join(flags)).encode()).hexdigest()[:16]
     cache = Path(cache_dir or os.environ.get("VLMC_CACHE", Path(tempfile.gettempdir()) / "vlmc_kernels"))
     cache.mkdir(parents=True, exist_ok=True)
     obj = cache / f"vlmc_blas_{blas}_{key}.o"
     if not obj.exists():
-        src = cache / f"vlmc_blas_{key}.c"
-        src.write_text(_KERNEL_C)
         tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
         cc = os.environ.get("CC", "gcc")
-        subprocess.run([cc, "-O2", "-fPIC", f"-D{define}", f"-I{inc}", "-c", str(src), "-o", str(tmp)],
-                       check=True)
+        subprocess.run([cc, *flags, "-c", str(KERNELS_C), "-o", str(tmp)], check=True)
         os.replace(tmp, obj)  # atomic w.r.t. concurrent builds
-    return [str(obj), str(blas_lib)], [f"-Wl,-rpath,{blas_lib.parent}"]
+    return [str(obj), str(blas_lib)], ["-fopenmp", f"-Wl,-rpath,{blas_lib.parent}"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,6 +291,50 @@ class SquareToMultiply:
         return rw.builder_.finalize()
 
 
+class ParallelCPUSchedule:
+    """dlight-style rule for CPU targets: inline elementwise producers, then run each remaining block's spatial loops
+    on the thread pool and leave the innermost contiguous loop to LLVM's vectorizer. TVM's default lowering runs
+    every fused kernel on one core; dlight's stock CPU rules are slower still on 0.27 (see above).
+
+    Kernels with less than `min_work` iterations stay serial: a thread-pool launch costs more than they do.
+    """
+
+    def __init__(self, min_work: int = 16384):
+        self.min_work = min_work
+
+    def apply(self, func, target, tunable):
+        from tvm import s_tir
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+        from tvm.s_tir.dlight.base import try_inline
+
+        if not isinstance(func, tvm.tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline(sch, infos)
+        for info in infos:
+            loops = sch.get_loops(info.block_rv)
+            try:
+                extents = [int(sch.get(loop).extent) for loop in loops]
+            except TypeError:  # symbolic extent
+                continue
+            if not loops or int(np.prod(extents)) < self.min_work:
+                continue
+            kinds = info.dom_kind()
+            spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
+            other = [loop for loop, kind in zip(loops, kinds) if kind != "S"]
+            if not spatial:
+                continue
+            sch.reorder(*spatial, *other)
+            if not other and len(spatial) > 1:
+                spatial = spatial[:-1]  # keep the innermost axis whole for vectorization
+            outer = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+            sch.parallel(outer)
+        return sch
+
+
 def optimize(mod: tvm.IRModule, target, blas: bool = True) -> tvm.IRModule:
     """BLAS dispatch of matmuls (CPU), op decomposition, legalization, fusion and default CPU schedules."""
     target = host_target(target)
@@ -374,15 +347,17 @@ def optimize(mod: tvm.IRModule, target, blas: bool = True) -> tvm.IRModule:
                relax.get_pipeline("zero")]
     with target:
         mod = tvm.transform.Sequential(passes)(mod)
-        if target.kind.name != "llvm":  # GPU kernels need thread bindings; dlight's CPU rules only slow down
-            from tvm.s_tir import dlight as dl
+        from tvm.s_tir import dlight as dl
 
+        if target.kind.name == "llvm":
+            mod = dl.ApplyDefaultSchedule(ParallelCPUSchedule())(mod)
+        else:  # GPU kernels need thread bindings
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
     return mod
 
 
-def compile_module(mod: tvm.IRModule, target, blas: bool = True) -> BuildResult:
+def compile_module(mod: tvm.IRModule, target) -> BuildResult:
     """Lower an optimized module to a VM executable (memory planning, codegen)."""
     target = host_target(target)
     if target.kind.name == "llvm":
@@ -396,7 +371,10 @@ def compile_module(mod: tvm.IRModule, target, blas: bool = True) -> BuildResult:
         lower = tvm.transform.Sequential(gpu.dataflow_lower_passes(target) + gpu.finalize_passes(target))
         with target:
             ex = tvm.compile(mod, target, relax_pipeline=lower)
-    kind = "openblas" if blas and target.kind.name == "llvm" else None
+    # The kernels library is linked into every CPU graph: attention needs it even without BLAS dispatch. OpenBLAS
+    # (numpy's) by default: measured here, MKL's OpenMP GEMV/small GEMMs made decode steps 10x slower; VLMC_BLAS=mkl
+    # (torch's, where its CPU wheel has it) is there to compare on other hosts.
+    kind = os.environ.get("VLMC_BLAS", "openblas") if target.kind.name == "llvm" else None
     addons, link = _compile_kernel(kind) if kind else ([], [])
     return BuildResult(ex, target, kind, addons, link)
 

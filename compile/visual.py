@@ -12,17 +12,18 @@ from ..errors import VlmcError
 from .artifact import Stages, library_versions, staging_folder, weights_fingerprint, write_manifest
 from .config import VisualConfig, config_hash, resolve_checkpoint, resolve_chunks
 
-GRAPH_INPUTS = ("pixel_values", "window_mask", "full_mask", "cos", "sin")
+GRAPH_INPUTS = ("pixel_values", "window_ranges", "full_ranges", "cos", "sin")
 
 
 def example_inputs(budget: int, patch_dim: int, head_dim: int) -> tuple[torch.Tensor, ...]:
-    return (torch.zeros(budget, patch_dim), torch.zeros(1, budget, budget), torch.zeros(1, budget, budget),
-            torch.zeros(budget, head_dim), torch.zeros(budget, head_dim))
+    ranges = torch.tensor([[0, budget]], dtype=torch.int32).expand(budget, 2).contiguous()
+    return (torch.zeros(budget, patch_dim), ranges, ranges.clone(), torch.zeros(budget, head_dim),
+            torch.zeros(budget, head_dim))
 
 
 def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
     """Build the visual artifact; returns its folder."""
-    from . import tvm_backend
+    from . import ops, tvm_backend
 
     checkpoint = resolve_checkpoint(cfg.frontend.checkpoint, config_path)
     out = Path(cfg.workspace.path) / cfg.name
@@ -44,17 +45,19 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
         if budget % spec.vision.merge_unit:
             raise VlmcError(f"the patch budget {budget} must be a multiple of {spec.vision.merge_unit}")
     args = example_inputs(budget, module.patch_dim, spec.vision.head_dim)
+    target = tvm_backend.host_target(cfg.backend.target)
     with stages.stage("export", f"torch.export, {budget} patches"):
-        exported = tvm_backend.export_module(module, args)
         if cfg.frontend.onnx:
+            module.use_fused_attention(False)  # ONNX has no vlmc kernel: standard ops
             onnx_bytes, onnx_diff = _export_onnx(module, args)
+        module.use_fused_attention(target.kind.name == "llvm")  # the attention kernel is a host (CPU) kernel
+        exported = tvm_backend.export_module(module, args)
     with stages.stage("import into TVM"):
-        mod, params, names = tvm_backend.import_exported(exported)
+        mod, params, names = tvm_backend.import_exported(exported, ops.CUSTOM_CONVERTERS)
     with stages.stage("optimize", "BLAS dispatch, fusion" if cfg.backend.blas else "fusion"):
-        target = tvm_backend.host_target(cfg.backend.target)
         mod = tvm_backend.optimize(mod, target, blas=cfg.backend.blas)
     with stages.stage("build", str(target.kind.name)):
-        result = tvm_backend.compile_module(mod, target, blas=cfg.backend.blas)
+        result = tvm_backend.compile_module(mod, target)
     with stages.stage("save", str(out)), staging_folder(out) as tmp:
         tvm_backend.save_library(result, tmp / "visual.so")
         tvm_backend.save_params(params, names, tmp / "params.safetensors")
@@ -96,8 +99,7 @@ def _export_onnx(module, args) -> tuple[bytes, float]:
     torch.onnx.export(module, args, buf, input_names=list(GRAPH_INPUTS), dynamo=False)
     rng = np.random.default_rng(0)
     feeds = [rng.standard_normal(a.shape).astype(np.float32) for a in args]
-    feeds[1][:] = 0
-    feeds[2][:] = 0
+    feeds[1] = feeds[2] = args[1].numpy()  # every patch attends to all
     session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
     got = session.run(None, dict(zip(GRAPH_INPUTS, feeds)))
     with torch.no_grad():

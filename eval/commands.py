@@ -1,4 +1,5 @@
-"""`vlmc eval parity` and `vlmc bench`: is the compiled model the same model, and how fast is it."""
+"""`vlmc eval parity|accuracy|perf` and `vlmc bench`: is the compiled model the same model, how accurate and how
+fast is it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from .parity import THRESHOLDS
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="check compiled artifacts against Hugging Face transformers",
-                       description="Evaluation tools. parity: stage-by-stage comparison with transformers.")
+    p = sub.add_parser("eval", help="parity with transformers; evalscope accuracy and perf runs against vlmc serve",
+                       description="Evaluation tools. parity: stage-by-stage comparison with transformers. "
+                                   "accuracy, perf: evalscope runs against a `vlmc serve` daemon (needs the eval "
+                                   "extra: pip install -e '.[eval]').")
     kinds = p.add_subparsers(dest="eval_kind", required=True, metavar="KIND")
     limits = ", ".join(f"{d}: image embedding relative error <= {t['embedding_rel']}, prefill/decode logits max "
                        f"abs diff <= {t['logits_abs']}, all greedy tokens identical" for d, t in THRESHOLDS.items())
@@ -30,7 +33,12 @@ def register(sub) -> None:
     par.add_argument("--report", default="parity-report", help="output folder (default: ./parity-report)")
     par.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where vlmc and transformers both run; "
                                                      "must match the artifacts' target (default: cpu)")
+    par.add_argument("--backend", choices=["tvm", "onnxruntime"], default="tvm",
+                     help="onnxruntime: also run the visual artifact's ONNX export (compile with --onnx) and check "
+                          "its image embeddings against transformers and TVM, same threshold (default: tvm only)")
     par.set_defaults(func=run_parity_command)
+    _register_accuracy(kinds)
+    _register_perf(kinds)
 
     b = sub.add_parser(
         "bench", help="time transformers eager and vlmc side by side",
@@ -54,18 +62,92 @@ def register(sub) -> None:
     b.set_defaults(func=run_bench_command)
 
 
+def _register_accuracy(kinds) -> None:
+    from .evalscope_runs import LOCAL_KINDS, VENDOR
+
+    mapping = "; ".join(f"{k} -> {b.evalscope}" + (f" subset {b.subset}" if b.subset else "") for k, b in VENDOR.items())
+    acc = kinds.add_parser(
+        "accuracy", help="evalscope accuracy benchmarks against a running vlmc serve",
+        description="Run evalscope's accuracy benchmarks against a running `vlmc serve` (its OpenAI API), greedy. "
+                    f"Vendor names map onto evalscope benchmarks: {mapping}. Also takes your own data as "
+                    f"{' / '.join(LOCAL_KINDS)} (evalscope's custom formats; needs --local-path). Without "
+                    "--local-path a built-in benchmark is downloaded from the dataset hub; offline that fails at once "
+                    "with how to provide a local copy (docs/eval.md). Prints a score table and where the full "
+                    "report is; writes vlmc_accuracy.json in the work dir.")
+    acc.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:9900 (or .../v1)")
+    acc.add_argument("--model", required=True, help="model name to send (the server's --served-model-name)")
+    acc.add_argument("--datasets", nargs="+", required=True, metavar="NAME",
+                     help=f"any of {', '.join([*VENDOR, *LOCAL_KINDS])}")
+    acc.add_argument("--local-path", action="append", default=[], metavar="NAME=DIR",
+                     help="local copy of a dataset (repeatable); NAME is a dataset name above (mm_bench=DIR covers "
+                          "both MMBench names)")
+    acc.add_argument("--limit", type=int, help="at most N samples per subset (MMMU has 30 subsets)")
+    acc.add_argument("--max-tokens", type=int,
+                     help="generated-token cap per answer (default: up to the server's compiled context)")
+    acc.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    acc.add_argument("--timeout", type=float, help="per-request timeout in seconds (default: evalscope's)")
+    acc.add_argument("--dataset-hub", choices=["modelscope", "huggingface"], default="modelscope",
+                     help="where missing built-in datasets are downloaded from (default modelscope)")
+    acc.add_argument("--work-dir", default="vlmc-eval/accuracy",
+                     help="output folder: reports/, predictions/, evalscope.log (default ./vlmc-eval/accuracy)")
+    acc.add_argument("--api-key", help="the server's --api-key, if it has one")
+    acc.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    acc.set_defaults(func=_run_accuracy)
+
+
+def _register_perf(kinds) -> None:
+    perf = kinds.add_parser(
+        "perf", help="evalscope perf (random image + text requests) against a running vlmc serve",
+        description="Drive `evalscope perf --api openai --dataset random_vl` against a running `vlmc serve`: "
+                    "streamed requests with one random image of --image-size and --prompt-tokens text tokens, "
+                    "exactly --output-tokens generated (min_tokens + ignore_eos), at each --parallel concurrency. "
+                    "Prints TTFT, TPOT, latency and throughput per concurrency and saves perf.png (throughput and "
+                    "TTFT against concurrency). Exits 1 if any request failed.")
+    perf.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:9900")
+    perf.add_argument("--model", required=True, help="model name to send (the server's --served-model-name)")
+    perf.add_argument("--tokenizer-path", required=True,
+                      help="local checkpoint folder with the tokenizer (evalscope sizes the random prompts with it)")
+    perf.add_argument("--parallel", type=int, nargs="+", default=[1, 2, 4], help="concurrency levels (default 1 2 4)")
+    perf.add_argument("--number", type=int, nargs="+",
+                      help="requests per concurrency level, one per --parallel value (default: 2 x parallel)")
+    perf.add_argument("--image-size", default="448x448", help="WIDTHxHEIGHT of the random images (default 448x448)")
+    perf.add_argument("--image-num", type=int, default=1, help="images per request (default 1)")
+    perf.add_argument("--prompt-tokens", type=int, default=64,
+                      help="text tokens per request including the chat template, which takes about 20 (default 64)")
+    perf.add_argument("--output-tokens", type=int, default=32, help="generated tokens per request (default 32)")
+    perf.add_argument("--name", default="perf", help="run name: results go to WORK_DIR/NAME (default perf)")
+    perf.add_argument("--work-dir", default="vlmc-eval", help="output folder (default ./vlmc-eval)")
+    perf.add_argument("--api-key", help="the server's --api-key, if it has one")
+    perf.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    perf.set_defaults(func=_run_perf)
+
+
+def _run_accuracy(args) -> int:
+    from .evalscope_runs import run_accuracy
+
+    return run_accuracy(args)
+
+
+def _run_perf(args) -> int:
+    from .evalscope_runs import run_perf
+
+    return run_perf(args)
+
+
 def run_parity_command(args) -> int:
     from ..compile.artifact import check_device, read_manifest
     from .parity import failures, run_parity, write_report
 
     device = check_device(read_manifest(args.model, kind="llm", verify=False), args.model, args.device)
     report = run_parity(args.checkpoint, args.model, args.vit_model, args.image, args.prompt, args.max_new_tokens,
-                        device)
+                        args.backend, device)
     path = write_report(report, Path(args.report))
     failed = failures(report)
     summary = {"pass": not failed, "failures": failed, "report": str(path),
                "prefill_max_abs_diff": report["prefill_logits"]["max_abs_diff"],
                "identical_tokens": report["greedy"]["identical_tokens"]}
+    if "onnxruntime" in report:
+        summary["onnxruntime_embedding_rel_error"] = report["onnxruntime"]["image_embedding_rel_error"]
     print(json.dumps(summary))
     for line in failed:
         print(f"vlmc eval parity: FAIL {line}", file=sys.stderr)

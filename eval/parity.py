@@ -26,10 +26,45 @@ def _logit_stats(ours: np.ndarray, ref: np.ndarray) -> dict:
             "top1_agree": bool(int(np.argmax(ours)) == int(np.argmax(ref)))}
 
 
+def onnx_path(vit_model: str | None, images: list[str]) -> Path:
+    """The visual artifact's ONNX export, checked before any model loads."""
+    from ..errors import VlmcError
+
+    if vit_model is None or not images:
+        raise VlmcError("--backend onnxruntime checks the visual graph: pass --vit_model and at least one --image")
+    path = Path(vit_model) / "model.onnx"
+    if not path.is_file():
+        raise VlmcError(f"the visual artifact {vit_model} has no ONNX export (model.onnx); recompile it with "
+                        f"`vlmc compile VISUAL.yaml --onnx` (frontend.onnx: true)")
+    return path
+
+
+def onnx_embeddings(path: Path, visual, images: list[str]) -> list[np.ndarray]:
+    """Image embeddings from the exported ONNX graph on onnxruntime, fed exactly what the TVM graph is fed."""
+    import onnxruntime as ort
+
+    from ..compile.visual import GRAPH_INPUTS
+    from ..runtime.cpu_ops.vision import build_visual_inputs
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs the graph does not use
+    out = []
+    for source in images:
+        pixels, grid, _ = visual.patches(source, visual.image_config())
+        inputs = build_visual_inputs(pixels, grid, visual.spec.vision, visual.budget)
+        feeds = {n: a for n, a in zip(GRAPH_INPUTS, inputs.as_args()) if n in wanted}
+        chunks = session.run(None, feeds)
+        merged = np.concatenate(chunks, axis=-1) if len(chunks) > 1 else chunks[0]
+        out.append(np.ascontiguousarray(merged[:inputs.num_tokens][inputs.reverse_index], dtype=np.float32))
+    return out
+
+
 def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[str], prompt: str,
-               max_new_tokens: int, device: str = "cpu") -> dict:
+               max_new_tokens: int, backend: str = "tvm", device: str = "cpu") -> dict:
     import torch
     from PIL import Image
+
+    onnx = onnx_path(vit_model, images) if backend == "onnxruntime" else None
 
     from ..build_in.source_code import detect_architecture, get_architecture
     from ..runtime.cpu_ops.rope import get_rope_index
@@ -76,6 +111,15 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
                 offset += ours.shape[0]
                 errors.append(_rel(ours, theirs) if theirs.shape == ours.shape else float("inf"))
             report["image_embedding_rel_error"] = errors
+            if onnx is not None:  # the ONNX export against transformers, and against the TVM graph
+                ort_embeds = onnx_embeddings(onnx, pipe.visual, images)
+                offset, vs_hf = 0, []
+                for ours in ort_embeds:
+                    theirs = hf_embeds[offset:offset + ours.shape[0]]
+                    offset += ours.shape[0]
+                    vs_hf.append(_rel(ours, theirs) if theirs.shape == ours.shape else float("inf"))
+                report["onnxruntime"] = {"image_embedding_rel_error": vs_hf, "vs_tvm_rel_error": [
+                    _rel(o, t) if o.shape == t.shape else float("inf") for o, t in zip(ort_embeds, image_embeds)]}
 
         # 3-4. Prefill and decode logits while the greedy tokens agree.
         ref_tokens, ref_logits = reference.generate_reference(hf, ref, max_new_tokens, with_logits=True)
@@ -110,6 +154,9 @@ def failures(report: dict) -> list[str]:
     for i, err in enumerate(report.get("image_embedding_rel_error", [])):
         if not err <= limits["embedding_rel"]:
             out.append(f"image_embedding[{i}]: relative error {err:.3g} > {limits['embedding_rel']}")
+    for i, err in enumerate(report.get("onnxruntime", {}).get("image_embedding_rel_error", [])):
+        if not err <= limits["embedding_rel"]:
+            out.append(f"onnxruntime image_embedding[{i}]: relative error {err:.3g} > {limits['embedding_rel']}")
     diff = report["prefill_logits"]["max_abs_diff"]
     if not diff <= limits["logits_abs"]:
         out.append(f"prefill_logits: max abs diff {diff:.3g} > {limits['logits_abs']}")
@@ -147,6 +194,10 @@ def write_report(report: dict, folder: Path) -> Path:
     lines += [f"| host: {k} | {v} |" for k, v in report["host"].items()]
     for i, err in enumerate(report.get("image_embedding_rel_error", [])):
         lines.append(f"| image {i} embedding relative error | {err:.3g} |")
+    ort_report = report.get("onnxruntime", {})
+    for i, (err, tvm) in enumerate(zip(ort_report.get("image_embedding_rel_error", []),
+                                       ort_report.get("vs_tvm_rel_error", []))):
+        lines.append(f"| image {i} embedding relative error, onnxruntime | {err:.3g} (vs TVM {tvm:.3g}) |")
     p = report["prefill_logits"]
     lines.append(f"| prefill logits | max abs {p['max_abs_diff']:.3g}, cosine {p['cosine']:.6f}, "
                  f"top-1 {'agrees' if p['top1_agree'] else 'differs'} |")

@@ -1,4 +1,5 @@
-"""`vlmc eval parity`: passes on matching artifacts, fails naming the stage on a foreign visual artifact."""
+"""`vlmc eval parity`: passes on matching artifacts (TVM and the ONNX export on onnxruntime), fails naming the stage
+on a foreign visual artifact, and says so when an artifact has no ONNX export."""
 
 import json
 
@@ -13,14 +14,16 @@ def test_parity_passes_and_catches_a_foreign_visual_artifact(checkpoints, tmp_pa
     from conftest import random_image
 
     random_image(150, 220, seed=4).save(image)
-    visual = compile_artifact("qwen2_5_vl_visual.yaml", checkpoints["tiny"], ws / "own", "--max-patches", 256)
+    visual = compile_artifact("qwen2_5_vl_visual.yaml", checkpoints["tiny"], ws / "own", "--max-patches", 256,
+                              "--onnx")
     llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], ws / "own", "--max-prefill", 128,
                            "--max-context", 192)
     report = tmp_path / "report"
     proc = vlmc("eval", "parity", "--checkpoint", checkpoints["tiny"], "--model", llm, "--vit_model", visual,
-                "--image", image, "--max-new-tokens", 8, "--report", report)
+                "--image", image, "--max-new-tokens", 8, "--report", report, "--backend", "onnxruntime")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["pass"] and summary["identical_tokens"] == 8
+    assert summary["onnxruntime_embedding_rel_error"][0] <= 1e-4
     data = json.loads((report / "parity.json").read_text())
     assert data["image_embedding_rel_error"][0] <= 1e-4
     assert data["prefill_logits"]["top1_agree"] and len(data["decode_logits"]) == 7
@@ -32,6 +35,9 @@ def test_parity_passes_and_catches_a_foreign_visual_artifact(checkpoints, tmp_pa
                 "--image", image, "--max-new-tokens", 8, "--report", tmp_path / "bad", check=False)
     assert proc.returncode == 1
     assert "FAIL image_embedding[0]" in proc.stderr
+    proc = vlmc("eval", "parity", "--checkpoint", checkpoints["tiny"], "--model", llm, "--vit_model", foreign,
+                "--image", image, "--backend", "onnxruntime", "--report", tmp_path / "bad", check=False)
+    assert proc.returncode == 2 and "has no ONNX export" in proc.stderr and "--onnx" in proc.stderr
 
 
 def test_bench_json_reports_both_sides_and_ratios(checkpoints, tmp_path):

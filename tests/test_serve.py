@@ -1,14 +1,22 @@
 """`vlmc serve` end to end: a real server subprocess on a loopback port, driven by the official openai client."""
 
 import base64
+import functools
+import http.client
+import http.server
 import io
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -19,8 +27,6 @@ openai = pytest.importorskip("openai")
 
 
 def free_port():
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -37,31 +43,50 @@ def artifacts(checkpoints, tmp_path_factory):
     ws = tmp_path_factory.mktemp("serve_ws")
     ck = checkpoints["tiny"]
     visual = compile_artifact("qwen2_5_vl_visual.yaml", ck, ws, "--max-patches", "512")
+    # Two TP ranks, so that serving runs its rank processes and the fault tests can kill one.
     llm = compile_artifact("qwen2_5_vl_llm.yaml", ck, ws, "--max-prefill", "256", "--max-context", "320",
-                           "--batch-size", "4")
-    # `vlmc generate` decodes one sequence, so its reference runs on a batch-1 artifact of the same checkpoint.
-    llm1 = compile_artifact("qwen2_5_vl_llm.yaml", ck, ws / "b1", "--max-prefill", "256", "--max-context", "320")
-    return {"visual": visual, "llm": llm, "llm1": llm1, "ws": ws}
+                           "--batch-size", "4", "--tp", "2")
+    return {"visual": visual, "llm": llm, "ws": ws}
+
+
+def start_server(llm, visual, *flags):
+    """A `vlmc serve` subprocess on a free loopback port, once /health answers 200; (base URL, process)."""
+    port = free_port()
+    # The server's log goes to a file: a pipe nobody reads would fill up and block the server.
+    log = open(Path(str(llm)).parent / f"serve-{port}.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "vlmc", "serve", "--model", llm, "--vit_model", visual,
+                             "--port", str(port), *flags], stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(480):
+        try:
+            urllib.request.urlopen(base + "/health", timeout=1)
+            return base, proc
+        except OSError:
+            assert proc.poll() is None, server_log(proc)
+            time.sleep(0.5)
+    raise AssertionError("the server did not come up:\n" + server_log(proc))
+
+
+def server_log(proc):
+    proc.log.seek(0)
+    return proc.log.read()[-5000:]
+
+
+def stop_server(proc, clean_log=True):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, server_log(proc)
+    if clean_log:  # bad input is answered, never logged as a crash
+        assert "Traceback" not in server_log(proc), server_log(proc)
 
 
 @pytest.fixture(scope="module")
 def server(artifacts):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vlmc", "serve", "--model", artifacts["llm"], "--vit_model",
-                             artifacts["visual"], "--port", str(port), "--api-key", "k",
-                             "--allowed-local-media-path", str(artifacts["ws"])],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1)
-            break
-        except OSError:
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.5)
+    base, proc = start_server(artifacts["llm"], artifacts["visual"], "--api-key", "k", "--allowed-local-media-path",
+                              str(artifacts["ws"]), "--llm_devices", "[3,4]", "--vit_devices", "[1]")
     yield base
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    stop_server(proc)
 
 
 def client(base, key="k"):
@@ -72,7 +97,8 @@ def test_greedy_text_matches_generate(server, artifacts):
     image = random_image(56, 84, seed=1)
     path = artifacts["ws"] / "img.png"
     image.save(path)
-    ref = generate_json("--model", artifacts["llm1"], "--vit_model", artifacts["visual"], "--image", path,
+    # `vlmc generate` runs on the same batch-4 artifact: it decodes in row 0 and pads the other rows.
+    ref = generate_json("--model", artifacts["llm"], "--vit_model", artifacts["visual"], "--image", path,
                         "--prompt", "Describe it.", "--max-new-tokens", "12")
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image)}},
                                              {"type": "text", "text": "Describe it."}]}]
@@ -119,22 +145,270 @@ def image_msg(url):
                                                       {"type": "text", "text": "hi"}]}]}
 
 
-@pytest.mark.parametrize("body,key,status", [
-    (b"{not json", "k", 400),
-    ({"messages": []}, "k", 400),
-    ({"model": "m"}, "k", 400),
-    ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]}, "k", 400),
-    (image_msg("data:image/png;base64,aGVsbG8="), "k", 400),
-    (image_msg("https://example.com/a.png"), "k", 400),
-    (image_msg("/etc/hostname"), "k", 400),
-    ({"messages": [{"role": "user", "content": "word " * 400}]}, "k", 400),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10000}, "k", 400),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 300}, "k", 400),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "wrong", 401),
+@pytest.mark.parametrize("body,key,status,says", [
+    (b"{not json", "k", 400, "not valid JSON"),
+    ({"messages": []}, "k", 400, "non-empty"),
+    ({"model": "m"}, "k", 400, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]}, "k", 400, "'audio'"),
+    (image_msg("data:image/png;base64,aGVsbG8="), "k", 400, "decoded"),
+    (image_msg("https://example.com/a.png"), "k", 400, "--allow-remote-media"),
+    (image_msg("/etc/hostname"), "k", 400, "--allowed-local-media-path"),
+    # Over the compiled prefill length: the message gives the prompt's token count and the limit.
+    ({"messages": [{"role": "user", "content": "word " * 400}]}, "k", 400, "compiled prefill length of 256"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10000}, "k", 400, "context of 320"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 300}, "k", 400, "context of 320"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "wrong", 401, "API key"),
 ])
-def test_bad_input_gets_4xx_and_server_keeps_serving(server, body, key, status):
+def test_bad_input_gets_4xx_and_server_keeps_serving(server, body, key, status, says):
     code, out = post(server, body, key)
     assert code == status, out
     assert set(out["error"]) >= {"message", "type", "code"}
+    assert says in out["error"]["message"], out
+    if "prefill length" in says:
+        assert "tokens" in out["error"]["message"] and out["error"]["code"] == "context_length_exceeded"
     code, out = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     assert code == 200 and out["usage"]["completion_tokens"] <= 3
+
+
+def get_json(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def metric(base, name):
+    """Sum of a Prometheus sample over its labels (0 if absent)."""
+    text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def wait_for(check, timeout=60, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+LONG = {"max_tokens": 200, "extra_body": {"ignore_eos": True}}  # far longer than a kill or disconnect takes
+
+
+def test_health_reports_workers_and_devices(server):
+    code, health = get_json(server + "/health")
+    assert code == 200 and health["status"] == "ok"
+    llm, visual = health["workers"]["llm"], health["workers"]["visual"]
+    assert llm["devices"] == [3, 4] and visual["devices"] == [1]
+    assert llm["state"] == visual["state"] == "up" and llm["restarts"] == 0
+    assert isinstance(llm["pid"], int) and isinstance(visual["pid"], int) and len(llm["rank_pids"]) == 1
+
+
+def test_device_flags_are_validated(artifacts):
+    from compiled import vlmc
+
+    for flags, says in [
+        (["--llm_devices", "[0,1,2]"], "compiled for tp=2"),
+        (["--llm_devices", "[0,x]"], "list of device ids"),
+        (["--vit_devices", "[1,2]"], "runs on one"),
+    ]:
+        proc = vlmc("serve", "--model", artifacts["llm"], "--vit_model", artifacts["visual"], "--port",
+                    str(free_port()), *flags, check=False, timeout=120)
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_image_cache_skips_the_visual_graph(server):
+    c = client(server)
+    url = data_uri(random_image(56, 56, seed=99))  # an image no other test sends
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "Again?"}]}]
+    hits, misses = metric(server, "vlmc_image_cache_hits_total"), metric(server, "vlmc_image_cache_misses_total")
+    encodes = metric(server, "vlmc_visual_encode_seconds_count")
+    first = c.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+    assert metric(server, "vlmc_image_cache_misses_total") == misses + 1
+    second = c.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+    assert metric(server, "vlmc_image_cache_hits_total") == hits + 1
+    assert metric(server, "vlmc_image_cache_misses_total") == misses + 1
+    assert second.choices[0].message.content == first.choices[0].message.content
+    assert second.usage.prompt_tokens == first.usage.prompt_tokens
+    # The visual encode time histogram sees every request with images.
+    assert metric(server, "vlmc_visual_encode_seconds_count") == encodes + 2
+    assert metric(server, "vlmc_visual_encode_seconds_sum") > 0
+    assert metric(server, "vlmc_image_cache_bytes") > 0
+
+
+def open_stream(base, body, key="k"):
+    """A raw streaming request (so the test can drop the connection); returns (connection, response)."""
+    host, port = base.rsplit("/", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.connect()
+    conn.raw_sock = conn.sock  # http.client may drop its reference once the response is open
+    conn.request("POST", "/v1/chat/completions", json.dumps(dict(body, stream=True)),
+                 {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    return conn, resp
+
+
+def test_client_disconnect_frees_its_slot(server):
+    cancelled = metric(server, "vlmc_cancelled_requests_total")
+    conn, resp = open_stream(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 250,
+                                      "ignore_eos": True})
+    chunks = [resp.readline() for _ in range(6)]  # role chunk and a couple of tokens (with blank separators)
+    assert all(c.startswith(b"data: ") or c == b"\n" for c in chunks)
+    conn.raw_sock.shutdown(2)  # the client goes away mid-stream
+    conn.raw_sock.close()
+    wait_for(lambda: metric(server, "vlmc_cancelled_requests_total") == cancelled + 1, 30, "the cancel")
+    assert 'reason="client_disconnect"' in urllib.request.urlopen(server + "/metrics").read().decode()
+    wait_for(lambda: metric(server, "vlmc_running_batch_size") == 0, 30, "an empty decode batch")
+    # A non-streaming client that hangs up is noticed too.
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 250, "ignore_eos": True})
+    host, port = server.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer k\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        wait_for(lambda: metric(server, "vlmc_running_batch_size") > 0, 30, "decoding to start")
+    wait_for(lambda: metric(server, "vlmc_cancelled_requests_total") == cancelled + 2, 30, "the second cancel")
+    wait_for(lambda: metric(server, "vlmc_running_batch_size") == 0, 30, "an empty decode batch")
+    code, out = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert code == 200 and out["usage"]["completion_tokens"] <= 3
+
+
+# --- faults: a separate server (remote media on), so that killing workers disturbs nobody else ---
+
+@pytest.fixture(scope="module")
+def fault_server(artifacts):
+    base, proc = start_server(artifacts["llm"], artifacts["visual"], "--llm_devices", "[0,1]",
+                              "--vit_devices", "[2]", "--allow-remote-media", "--remote-media-max-mb", "1")
+    yield base, proc
+    stop_server(proc, clean_log=False)  # killed workers leave their tracebacks in the log
+
+
+def wait_healthy(base, timeout=120):
+    wait_for(lambda: get_json(base + "/health")[0] == 200, timeout, "/health to report 200")
+
+
+def assert_serves(base, with_image=False):
+    content = [{"type": "text", "text": "hi"}]
+    if with_image:
+        content.insert(0, {"type": "image_url", "image_url": {"url": data_uri(random_image(28, 56, seed=5))}})
+    out = client(base).chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+                                               max_tokens=4)
+    assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens <= 4
+
+
+def kill_mid_request(base, pid_of, stream=True):
+    """Start a long request, kill the worker `pid_of(health)` names while it decodes; returns the client error."""
+    c = client(base)
+    pid = pid_of(get_json(base + "/health")[1]["workers"])
+    messages = [{"role": "user", "content": "tell me everything"}]
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIError) as err:
+        if stream:
+            chunks = iter(c.chat.completions.create(model="m", messages=messages, stream=True, **LONG))
+            next(chunks), next(chunks)  # decoding has started
+            os.kill(pid, signal.SIGKILL)
+            list(chunks)
+        else:
+            with ThreadPoolExecutor(1) as pool:
+                fut = pool.submit(c.chat.completions.create, model="m", messages=messages, **LONG)
+                wait_for(lambda: metric(base, "vlmc_running_batch_size") > 0, 30, "decoding to start")
+                os.kill(pid, signal.SIGKILL)
+                fut.result(timeout=60)
+    assert time.monotonic() - t0 < 60  # an error, not a hang
+    return err.value
+
+
+def test_llm_worker_death_fails_in_flight_and_restarts(fault_server):
+    base, _ = fault_server
+    err = kill_mid_request(base, lambda w: w["llm"]["pid"])
+    assert "llm worker" in str(err)
+    code, health = get_json(base + "/health")
+    assert code == 503 and health["workers"]["llm"]["state"] != "up"
+    wait_healthy(base)
+    assert get_json(base + "/health")[1]["workers"]["llm"]["restarts"] == 1
+    assert_serves(base, with_image=True)
+
+
+def test_tp_rank_death_fails_in_flight_and_restarts(fault_server):
+    base, _ = fault_server
+    restarts = get_json(base + "/health")[1]["workers"]["llm"]["restarts"]
+    err = kill_mid_request(base, lambda w: w["llm"]["rank_pids"][0], stream=False)
+    assert isinstance(err, openai.APIStatusError) and err.status_code == 503
+    assert err.body["code"] == "worker_died" or "worker" in err.body["message"]
+    wait_healthy(base)
+    assert get_json(base + "/health")[1]["workers"]["llm"]["restarts"] == restarts + 1
+    assert_serves(base)
+
+
+def test_visual_worker_death_restarts_without_hurting_running_requests(fault_server):
+    base, _ = fault_server
+    c = client(base)
+    pid = get_json(base + "/health")[1]["workers"]["visual"]["pid"]
+    chunks = iter(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "go"}], stream=True,
+                                            stream_options={"include_usage": True}, **LONG))
+    next(chunks), next(chunks)
+    os.kill(pid, signal.SIGKILL)
+    # An image request now finds the visual worker dead or restarting: a quick 503, never a hang.
+    with pytest.raises(openai.APIStatusError) as err:
+        assert_serves(base, with_image=True)
+    assert err.value.status_code == 503
+    wait_for(lambda: get_json(base + "/health")[0] == 503 or
+             get_json(base + "/health")[1]["workers"]["visual"]["restarts"] == 1, 10, "the death to be noticed")
+    # The sequence already decoding in the LLM worker does not depend on the visual worker.
+    assert list(chunks)[-1].usage.completion_tokens == LONG["max_tokens"]
+    wait_healthy(base)
+    assert get_json(base + "/health")[1]["workers"]["visual"]["restarts"] == 1
+    assert_serves(base, with_image=True)
+
+
+@pytest.fixture
+def media_site(tmp_path):
+    """A loopback http server with a small PNG and a 2 MB file (over the fault server's 1 MiB cap)."""
+    random_image(56, 56, seed=7).save(tmp_path / "a.png")
+    (tmp_path / "big.png").write_bytes(b"\0" * (2 << 20))
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{site.server_address[1]}"
+    site.shutdown()
+
+
+def test_remote_media_when_enabled(fault_server, media_site):
+    base, _ = fault_server
+    local = post(base, dict(image_msg(data_uri(random_image(56, 56, seed=7))), max_tokens=8))
+    remote = post(base, dict(image_msg(media_site + "/a.png"), max_tokens=8))
+    assert remote[0] == local[0] == 200
+    assert remote[1]["choices"][0]["message"]["content"] == local[1]["choices"][0]["message"]["content"]
+    for path, says in [("/missing.png", "HTTP 404"), ("/big.png", "larger than 1 MiB")]:
+        code, out = post(base, image_msg(media_site + path))
+        assert code == 400 and says in out["error"]["message"], out
+    code, out = post(base, image_msg(f"http://127.0.0.1:{free_port()}/a.png"))  # nobody listens there
+    assert code == 400 and out["error"]["code"] == "image_fetch_failed"
+    assert_serves(base)
+
+
+def test_sigterm_finishes_in_flight_and_exits_0(fault_server):
+    """Last test of the fault server: SIGTERM stops accepting, lets the running stream finish, exits 0."""
+    base, proc = fault_server
+    pids = [p for w in get_json(base + "/health")[1]["workers"].values() for p in [w["pid"], *w.get("rank_pids", [])]]
+    chunks = iter(client(base).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "go"}], stream=True, stream_options={"include_usage": True},
+        **LONG))
+    next(chunks), next(chunks)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(OSError):  # no longer accepting
+        urllib.request.urlopen(base + "/health", timeout=5)
+    rest = list(chunks)
+    assert rest[-1].usage.completion_tokens == LONG["max_tokens"]
+    assert [ch.choices[0].finish_reason for ch in rest if ch.choices][-1] == "length"
+    assert proc.wait(timeout=60) == 0
+    for pid in pids:  # no worker or TP rank outlives the server
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+                 open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 10, f"pid {pid} to exit")

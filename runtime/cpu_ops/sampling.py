@@ -28,13 +28,13 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, num_generated: int) -> int:
         p = self.params
-        logits = np.asarray(logits, dtype=np.float64)
+        logits = np.asarray(logits)
         if p.eos_token_ids and (p.ignore_eos or num_generated < p.min_tokens):
             logits = logits.copy()
             logits[list(p.eos_token_ids)] = -np.inf
-        if p.temperature <= 0:
+        if p.temperature <= 0:  # greedy: argmax of the float32 logits, no float64 copy of the vocabulary per token
             return int(np.argmax(logits))
-        logits = logits / p.temperature
+        logits = logits.astype(np.float64) / p.temperature
         if p.top_k and p.top_k < logits.size:
             kth = np.partition(logits, -p.top_k)[-p.top_k]
             logits = np.where(logits < kth, -np.inf, logits)

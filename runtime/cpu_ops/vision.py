@@ -2,7 +2,8 @@
 
 The vision tower attends inside windows in most blocks and over the whole image in a few. Its graph is compiled
 for a patch budget N; the host reorders an image's patches into window order, pads them to N and describes the
-windows and the padding with additive masks, so the graph itself has no data-dependent control flow.
+windows and the padding as per-patch key ranges (windows are contiguous in window order), so the graph itself has
+no data-dependent control flow and no [N, N] mask.
 """
 
 from __future__ import annotations
@@ -55,20 +56,15 @@ class VisualGraphInputs:
     """One image laid out for a graph compiled for `budget` patches."""
 
     pixel_values: np.ndarray  # [budget, patch_dim], patches in window order, zero padded
-    window_mask: np.ndarray  # [1, budget, budget] additive: 0 inside a window, large negative elsewhere
-    full_mask: np.ndarray  # [1, budget, budget] additive: 0 between real patches, large negative to padding
+    window_ranges: np.ndarray  # int32 [budget, 2]: the keys [lo, hi) each patch attends to in window blocks
+    full_ranges: np.ndarray  # int32 [budget, 2]: the same for full-attention blocks (every real patch)
     cos: np.ndarray  # [budget, head_dim]
     sin: np.ndarray
     num_tokens: int  # merged output tokens that belong to the image
     reverse_index: np.ndarray  # output row order that undoes the window order
 
     def as_args(self) -> list[np.ndarray]:
-        return [self.pixel_values, self.window_mask, self.full_mask, self.cos, self.sin]
-
-
-def _block_mask(group: np.ndarray, dtype) -> np.ndarray:
-    same = group[:, None] == group[None, :]
-    return np.where(same, 0.0, np.finfo(dtype).min).astype(dtype)[None]
+        return [self.pixel_values, self.window_ranges, self.full_ranges, self.cos, self.sin]
 
 
 def build_visual_inputs(pixel_values: np.ndarray, grid_thw, spec: VisionSpec, budget: int,
@@ -88,14 +84,16 @@ def build_visual_inputs(pixel_values: np.ndarray, grid_thw, spec: VisionSpec, bu
     c, s = vision_cos_sin(vision_position_ids(grid_thw, spec.merge_size), spec.head_dim, spec.rope_theta)
     cos[:n], sin[:n] = c[patch_order], s[patch_order]
 
-    # Padding forms its own group so that its rows stay finite; real patches never see it.
-    window_of = np.full(budget, -1, dtype=np.int64)
-    window_of[:n] = np.repeat(np.arange(len(seqlens)), seqlens)
-    is_real = (np.arange(budget) < n).astype(np.int64)
+    # Windows are contiguous in window order, so each patch's keys are one range. Padding rows get the empty range
+    # (zeros out, no work); real patches never see padding.
+    ends = np.cumsum(seqlens)
+    window_ranges = np.zeros((budget, 2), dtype=np.int32)
+    window_ranges[:n, 0] = np.repeat(ends - seqlens, seqlens)
+    window_ranges[:n, 1] = np.repeat(ends, seqlens)
+    full_ranges = np.zeros((budget, 2), dtype=np.int32)
+    full_ranges[:n, 1] = n
     return VisualGraphInputs(
-        pixel_values=padded,
-        window_mask=_block_mask(window_of, dtype),
-        full_mask=_block_mask(is_real, dtype),
+        pixel_values=padded, window_ranges=window_ranges, full_ranges=full_ranges,
         cos=cos.astype(dtype), sin=sin.astype(dtype),
         num_tokens=n // unit,
         reverse_index=np.argsort(order),

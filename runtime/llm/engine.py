@@ -1,7 +1,7 @@
 """LLM runtime core: a KV cache owned by the host and prefill/decode steps through a compiled (or PyTorch) graph.
 
 A step function has the deploy graph's signature
-    step(inputs_embeds [B,S,H], cos [B,S,D], sin [B,S,D], mask [B,1,S,T+S], k_cache, v_cache [L,B,kv,T,D])
+    step(inputs_embeds [B,S,H], cos [B,S,D], sin [B,S,D], mask [B,1,S,T+S], *k_cache[l], *v_cache[l] [B,kv,T,D])
       -> logits [B, vocab], new_k, new_v [L,B,kv,S,D]
 and never writes the cache: the engine copies the S new rows into place, so a decode step moves O(layers * kv * D)
 bytes of cache, not the cache. Prompts are left-padded to the smallest compiled prefill length that fits.
@@ -43,6 +43,11 @@ class KVCache:
         self.v = aligned_zeros(dims, dtype)
         self.lengths = np.zeros(slots, dtype=np.int64)
 
+    def views(self, first_slot: int, count: int) -> list[np.ndarray]:
+        """Per-layer cache views [count, kv, T, D] of consecutive slots, keys of every layer then values (the
+        graphs' cache inputs); contiguous and aligned, so graphs read them in place."""
+        return [*self.k[:, first_slot:first_slot + count], *self.v[:, first_slot:first_slot + count]]
+
     def write(self, slot: int, new_k: np.ndarray, new_v: np.ndarray, count: int, batch_index: int = 0) -> None:
         """Append the last `count` rows of new_k/new_v [L,B,kv,S,D] (batch row `batch_index`) to `slot`."""
         start = int(self.lengths[slot])
@@ -73,6 +78,11 @@ class LLMEngine:
         self.cache_shape = cache_shape
         self.cache = KVCache(cache_shape, slots, dtype)
         self.dtype = dtype
+        # Decode positions are text positions (t = h = w), so their M-RoPE rows come from one table computed once
+        # with the same function (elementwise, hence bit-identical to computing them per step).
+        positions = np.tile(np.arange(cache_shape.context, dtype=np.int64), (3, 1))
+        self._rope_table = tuple(t.astype(dtype) for t in spec.cos_sin(positions))
+        self._decode_inputs: dict[int, tuple[np.ndarray, ...]] = {}
 
     @property
     def max_prefill(self) -> int:
@@ -112,9 +122,19 @@ class LLMEngine:
         cos, sin = self._cos_sin(position_ids, length)
         mask = decoder_mask([cached], [n], self.context, length, self.dtype)
         logits, new_k, new_v = self.prefill_steps[length](
-            embeds, cos, sin, mask, self.cache.k[:, seq.slot:seq.slot + 1], self.cache.v[:, seq.slot:seq.slot + 1])
+            embeds, cos, sin, mask, *self.cache.views(seq.slot, 1))
         self.cache.write(seq.slot, new_k, new_v, n)
         return logits[0]
+
+    def _decode_buffers(self, b: int) -> tuple[np.ndarray, ...]:
+        """Aligned input arrays for a batch-`b` decode step, reused every step so the graph reads them in place."""
+        if b not in self._decode_inputs:
+            from ...compile.tvm_backend import aligned_zeros
+
+            d, hidden, t = self.spec.head_dim, self.embed.hidden_size, self.context
+            self._decode_inputs[b] = (aligned_zeros((b, 1, hidden), self.dtype), aligned_zeros((b, 1, d), self.dtype),
+                                      aligned_zeros((b, 1, d), self.dtype), aligned_zeros((b, 1, 1, t + 1), self.dtype))
+        return self._decode_inputs[b]
 
     def decode(self, seqs: list[Sequence], tokens: list[int]) -> np.ndarray:
         """One decode step for sequences in cache slots 0..B-1 of a batch; returns logits [B, vocab]."""
@@ -122,19 +142,24 @@ class LLMEngine:
         cached = [int(self.cache.lengths[s.slot]) for s in seqs]
         if max(cached) + 1 > self.context:
             raise BudgetError(f"the sequence reached the compiled context of {self.context}")
-        embeds = self.embed.lookup(np.asarray(tokens)).astype(self.dtype)[:, None]
-        cos = np.zeros((b, 1, self.spec.head_dim), self.dtype)
-        sin = np.zeros_like(cos)
+        embeds, cos, sin, mask = self._decode_buffers(b)
+        embeds[:, 0] = self.embed.lookup(np.asarray(tokens))
+        table_cos, table_sin = self._rope_table
+        neg = np.finfo(self.dtype).min
         for i, (s, c) in enumerate(zip(seqs, cached)):
-            pos = np.full((3, 1), c + s.rope_delta, dtype=np.int64)
-            cos[i], sin[i] = self.spec.cos_sin(pos)
-        mask = decoder_mask(cached, [1] * b, self.context, 1, self.dtype)
+            pos = c + s.rope_delta
+            if 0 <= pos < len(table_cos):
+                cos[i, 0], sin[i, 0] = table_cos[pos], table_sin[pos]
+            else:
+                cos[i], sin[i] = self.spec.cos_sin(np.full((3, 1), pos, dtype=np.int64))
+            # The decode mask row: the cached prefix and the new token itself (see decoder_mask).
+            mask[i, 0, 0, :c] = 0
+            mask[i, 0, 0, c:self.context] = neg
+            mask[i, 0, 0, self.context] = 0
         slots = [s.slot for s in seqs]
-        if slots == list(range(slots[0], slots[0] + b)):
-            k, v = self.cache.k[:, slots[0]:slots[0] + b], self.cache.v[:, slots[0]:slots[0] + b]
-        else:
-            k, v = self.cache.k[:, slots], self.cache.v[:, slots]
-        logits, new_k, new_v = self.decode_step(embeds, cos, sin, mask, k, v)
+        if slots != list(range(slots[0], slots[0] + b)):
+            raise ValueError(f"a decode batch must use consecutive cache slots, got {slots}")
+        logits, new_k, new_v = self.decode_step(embeds, cos, sin, mask, *self.cache.views(slots[0], b))
         for i, s in enumerate(seqs):
             self.cache.write(s.slot, new_k, new_v, 1, batch_index=i)
         return logits

@@ -140,6 +140,10 @@ class DistributedEngine:
         self._broadcast("release", seq.slot, seq.rope_delta)
         self.local.release(seq)
 
+    def keepalive(self) -> None:
+        """Wake the ranks: an idle rank waits in a collective, which fails after the group timeout (120 s)."""
+        self._broadcast("ping")
+
     def close(self) -> None:
         if self.world > 1 and self.workers:
             import torch.distributed as dist
@@ -152,7 +156,12 @@ class DistributedEngine:
 
 
 def _worker_main(path: str, rank: int, world: int, port: int, device: str, slots) -> None:
+    import signal
+
     import torch.distributed as dist
+
+    # Ctrl-C reaches the whole process group; rank 0 decides when to stop (a server drains its requests first).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from .engine import Sequence
 
@@ -172,4 +181,5 @@ def _worker_main(path: str, rank: int, world: int, port: int, device: str, slots
             engine.decode([Sequence(slot, delta) for slot, delta in pairs], tokens)
         elif op == "release":
             engine.release(Sequence(*args))
+        # "ping" (keepalive) needs nothing done
     dist.destroy_process_group()

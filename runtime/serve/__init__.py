@@ -24,6 +24,22 @@ def register(sub) -> None:
     p.add_argument("--api-key", dest="api_key", help="require `Authorization: Bearer KEY`")
     p.add_argument("--allowed-local-media-path", dest="allowed_local_media_path",
                    help="folder under which image_url may name local files (default: none allowed)")
+    p.add_argument("--allow-remote-media", dest="allow_remote_media", action="store_true",
+                   help="let image_url fetch http(s) URLs (off by default: the server would fetch any address a "
+                        "client names, including ones on its own network)")
+    p.add_argument("--remote-media-timeout", dest="remote_media_timeout", type=float, default=10.0,
+                   help="seconds allowed for one remote image download (default: 10)")
+    p.add_argument("--remote-media-max-mb", dest="remote_media_max_mb", type=int, default=20,
+                   help="largest remote image accepted, in MiB (default: 20)")
+    p.add_argument("--image_cache_mb", "--image-cache-mb", dest="image_cache_mb", type=int, default=256,
+                   help="MiB of image embeddings kept so that a repeated image (same decoded pixels and resize "
+                        "settings) skips the visual graph; least recently used go first; 0 disables (default: 256)")
+    p.add_argument("--llm_devices", "--llm-devices", dest="llm_devices", metavar="LIST",
+                   help="devices of the LLM's tensor-parallel ranks, e.g. \"[0,1]\"; must list exactly the "
+                        "artifact's tp devices (default: \"[0..tp-1]\"). On CPU hosts the ids are validated and "
+                        "reported (start-up log, /health) only")
+    p.add_argument("--vit_devices", "--vit-devices", dest="vit_devices", metavar="LIST",
+                   help="device of the visual worker, e.g. \"[2]\" (default: \"[0]\"); on CPU reported only")
     p.set_defaults(func=run_serve)
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -17,9 +21,49 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "code": self.code}}
 
 
-def load_image_url(url: str, allowed_dir: str | None):
-    """An image_url as a decoded PIL image: data: URIs always, local files only under `allowed_dir`."""
+@dataclass(frozen=True)
+class RemoteMedia:
+    """http(s) image fetching, enabled by --allow-remote-media: a deadline for the whole download, a size cap."""
+
+    timeout_s: float = 10.0
+    max_bytes: int = 20 * 2**20
+
+
+def fetch_url(url: str, remote: RemoteMedia) -> bytes:
+    too_large = ApiError(f"the image at the URL is larger than {remote.max_bytes // 2**20} MiB "
+                         "(--remote-media-max-mb)", code="image_too_large")
+    deadline = time.monotonic() + remote.timeout_s
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "vlmc-serve"}),
+                                    timeout=remote.timeout_s) as r:
+            if int(r.headers.get("Content-Length") or 0) > remote.max_bytes:
+                raise too_large
+            data = bytearray()
+            # The socket timeout bounds each read; the deadline bounds a server that trickles bytes.
+            while chunk := r.read(64 * 1024):
+                data += chunk
+                if len(data) > remote.max_bytes:
+                    raise too_large
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+            return bytes(data)
+    except ApiError:
+        raise
+    except urllib.error.HTTPError as exc:
+        raise ApiError(f"fetching the image URL failed: HTTP {exc.code}", code="image_fetch_failed") from None
+    except (TimeoutError, urllib.error.URLError, OSError, ValueError) as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) or "timed out" in str(exc) else \
+            str(getattr(exc, "reason", exc))
+        raise ApiError(f"fetching the image URL failed: {reason} (limit {remote.timeout_s:g} s, "
+                       "--remote-media-timeout)", code="image_fetch_failed") from None
+
+
+def load_image_url(url: str, allowed_dir: str | None, remote: RemoteMedia | None = None):
+    """An image_url as a decoded RGB PIL image: data: URIs always, local files only under `allowed_dir`, http(s)
+    only when `remote` is given (--allow-remote-media)."""
     from PIL import Image
+
+    from ..cpu_ops.image import load_image
 
     if not isinstance(url, str) or not url:
         raise ApiError("image_url.url must be a non-empty string", code="invalid_image_url")
@@ -29,8 +73,10 @@ def load_image_url(url: str, allowed_dir: str | None):
         except Exception:
             raise ApiError("the data: URI is not valid base64", code="invalid_image") from None
     elif url.startswith(("http://", "https://")):
-        raise ApiError("http(s) image URLs are not enabled on this server; send a data: URI",
-                       code="image_url_not_allowed")
+        if remote is None:
+            raise ApiError("http(s) image URLs are not enabled on this server (start it with --allow-remote-media);"
+                           " send a data: URI", code="image_url_not_allowed")
+        data = fetch_url(url, remote)
     else:
         path = Path(url[len("file://"):] if url.startswith("file://") else url).resolve()
         if allowed_dir is None or not path.is_relative_to(Path(allowed_dir).resolve()):
@@ -43,12 +89,12 @@ def load_image_url(url: str, allowed_dir: str | None):
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-        return image.convert("RGB")
+        return load_image(image)  # the same RGB conversion (alpha onto white) as `vlmc generate`
     except Exception:
         raise ApiError("the image could not be decoded", code="invalid_image") from None
 
 
-def convert_messages(messages, allowed_dir: str | None):
+def convert_messages(messages, allowed_dir: str | None, remote: RemoteMedia | None = None):
     """OpenAI messages -> (chat-template messages with {"type": "image"} parts, images in prompt order)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError("`messages` must be a non-empty list", code="missing_messages")
@@ -67,7 +113,8 @@ def convert_messages(messages, allowed_dir: str | None):
                     parts.append({"type": "text", "text": part["text"]})
                 elif kind == "image_url":
                     ref = part.get("image_url")
-                    images.append(load_image_url(ref.get("url") if isinstance(ref, dict) else ref, allowed_dir))
+                    images.append(load_image_url(ref.get("url") if isinstance(ref, dict) else ref, allowed_dir,
+                                                 remote))
                     parts.append({"type": "image"})
                 else:
                     raise ApiError(f"messages[{i}] has an unsupported content part type {kind!r}",

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import json
 import logging
 import multiprocessing
+import os
+import shutil
 import signal
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -17,7 +22,7 @@ import zmq.asyncio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .protocol import ApiError, convert_messages, sampling_params, stop_strings
+from .protocol import ApiError, RemoteMedia, convert_messages, sampling_params, stop_strings
 from .workers import QUEUE_HWM, llm_main, visual_main
 
 log = logging.getLogger("vlmc.serve")
@@ -40,15 +45,125 @@ class Metrics:
                                   registry=self.registry)
         self.tokens_in = Counter("vlmc_prompt_tokens", "prompt tokens", registry=self.registry)
         self.tokens_out = Counter("vlmc_generation_tokens", "generated tokens", registry=self.registry)
+        self.cache_hits = Counter("vlmc_image_cache_hits", "images served from the embedding cache",
+                                  registry=self.registry)
+        self.cache_misses = Counter("vlmc_image_cache_misses", "images run through the visual graph",
+                                    registry=self.registry)
+        self.cache_bytes = Gauge("vlmc_image_cache_bytes", "bytes held by the image embedding cache",
+                                 registry=self.registry)
+        self.cancelled = Counter("vlmc_cancelled_requests", "sequences dropped before they finished, by reason "
+                                 "(client_disconnect, stop_string, worker_died)", ["reason"], registry=self.registry)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs. A dead grandchild (a TP rank) stays a zombie until its parent reaps it, and
+    signal 0 still reaches zombies, so /proc's state is read where there is one."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Worker:
+    """One supervised worker process: how to start it, its current process and what it reported when ready."""
+
+    START_TIMEOUT = 600  # a real 32B artifact takes minutes to load; a worker stuck longer is restarted
+
+    def __init__(self, name: str, target, args_fn, devices: list[int]):
+        self.name, self.target, self.args_fn, self.devices = name, target, args_fn, devices
+        self.proc = None
+        self.conn = None
+        self.info: dict = {}
+        self.state = "stopped"  # starting | up | down
+        self.restarts = 0
+        self.last_exit = None
+        self.started_at = 0.0
+        self.retry_at = 0.0
+
+    def start(self) -> None:
+        mp = multiprocessing.get_context("spawn")
+        recv, send = mp.Pipe(duplex=False)
+        # Not a daemon: the LLM worker spawns its TP ranks, which daemons may not. Engine.close (and an atexit
+        # hook, for paths that skip it) stops the workers; they also exit by themselves if orphaned.
+        self.proc = mp.Process(target=self.target, args=(*self.args_fn(), send), name=f"vlmc-{self.name}")
+        self.proc.start()
+        send.close()
+        self.conn, self.info, self.state, self.started_at = recv, {}, "starting", time.monotonic()
+
+    def poll_ready(self) -> bool:
+        if self.state == "starting" and self.conn.poll(0):
+            try:
+                self.info = self.conn.recv()
+            except EOFError:  # died before it was ready; alive() reports it
+                return False
+            self.state = "up"
+        return self.state == "up"
+
+    def pids(self) -> list[int]:
+        return [p for p in [self.proc.pid if self.proc else None, *self.info.get("ranks", [])] if p]
+
+    def alive(self) -> bool:
+        """The process and every TP rank it spawned are running."""
+        if self.proc is None or not self.proc.is_alive():
+            return False
+        return all(pid_alive(pid) for pid in self.info.get("ranks", []))
+
+    def kill(self) -> None:
+        for pid in self.info.get("ranks", []):
+            kill_pid(pid)
+        if self.proc is not None:
+            if self.proc.is_alive():
+                self.proc.kill()
+            self.proc.join(timeout=10)
+            self.last_exit = self.proc.exitcode
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def describe(self) -> dict:
+        out = {"state": self.state, "pid": self.proc.pid if self.proc and self.state != "down" else None,
+               "restarts": self.restarts, "devices": self.devices}
+        if "ranks" in self.info:
+            out["rank_pids"] = self.info["ranks"]
+        if self.last_exit is not None:
+            out["last_exit_code"] = self.last_exit
+        return out
+
+
+@dataclass
+class Pending:
+    queue: asyncio.Queue
+    started: bool = False  # the LLM worker admitted it (its image, if any, is encoded)
 
 
 class Engine:
-    """HTTP-side handle on the workers: submit a request, get an asyncio queue of its events."""
+    """HTTP-side handle on the workers: submit a request, get an asyncio queue of its events. Also supervises
+    the workers: a dead one fails the requests it held (5xx, so nobody hangs) and is restarted."""
 
-    def __init__(self, args):
+    SUPERVISE_S = 0.2
+
+    def __init__(self, args, stopping=lambda: False):
         self.args = args
+        self.stopping = stopping  # True once the server is shutting down: no restarts then
         self.dir = tempfile.mkdtemp(prefix="vlmc-serve-")
-        addr = {n: f"ipc://{self.dir}/{n}" for n in ("visual", "llm", "results")}
+        addr = {n: f"ipc://{self.dir}/{n}" for n in ("visual", "llm", "control", "results")}
         self.addr = addr
         self.zctx = zmq.asyncio.Context()
         self.results = self.zctx.socket(zmq.PULL)
@@ -56,80 +171,193 @@ class Engine:
         self.to_visual = self.zctx.socket(zmq.PUSH)
         self.to_visual.setsockopt(zmq.SNDHWM, QUEUE_HWM)
         self.to_visual.bind(addr["visual"])
-        mp = multiprocessing.get_context("spawn")
-        ready_v, ready_l = mp.Event(), mp.Event()
-        self.procs = [
-            mp.Process(target=llm_main, args=(args.model, addr["llm"], addr["results"], args.batch_size, ready_l),
-                       daemon=True, name="vlmc-llm"),
-            mp.Process(target=visual_main, args=(args.vit_model, addr["visual"], addr["llm"], addr["results"],
-                                                 args.min_pixels, args.max_pixels, ready_v),
-                       daemon=True, name="vlmc-visual"),
-        ]
-        for p in self.procs:
-            p.start()
-        for ev, p in ((ready_l, self.procs[0]), (ready_v, self.procs[1])):
-            while not ev.wait(1):
-                if not p.is_alive():
-                    raise RuntimeError(f"the {p.name} worker failed to start (exit {p.exitcode})")
-        self.to_llm = self.zctx.socket(zmq.PUSH)  # cancellations go straight to the scheduler
-        self.to_llm.connect(addr["llm"])
-        self.queues: dict[str, asyncio.Queue] = {}
+        self.epoch = 0  # bumped on every LLM restart; the new LLM worker drops requests stamped earlier
+        self.llm = Worker("llm", llm_main, lambda: (args.model, addr["llm"], addr["control"], addr["results"],
+                                                    args.batch_size, self.epoch), args.llm_devices)
+        self.visual = Worker("visual", visual_main,
+                             lambda: (args.vit_model, addr["visual"], addr["llm"], addr["results"],
+                                      args.min_pixels, args.max_pixels, args.image_cache_mb), args.vit_devices)
+        self.workers = [self.llm, self.visual]
+        # Runs before multiprocessing's own exit hook, which would otherwise wait forever on live workers.
+        atexit.register(self.kill_all)
+        try:
+            for w in self.workers:
+                w.start()
+            for w in self.workers:
+                while not w.poll_ready():
+                    if not w.proc.is_alive():
+                        raise RuntimeError(f"the {w.name} worker failed to start (exit {w.proc.exitcode})")
+                    w.conn.poll(0.5)
+        except BaseException:
+            self.kill_all()
+            raise
+        # Cancellations go straight to the scheduler's control socket. A plain (blocking-API) socket, so that a
+        # cancel can be sent from a task that is itself being cancelled (a client that went away).
+        self.sync_ctx = zmq.Context()
+        self.control = self.sync_ctx.socket(zmq.PUSH)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.SNDHWM, 10000)
+        self.control.connect(addr["control"])
+        self.pending: dict[str, Pending] = {}
         self.metrics = Metrics()
 
     def healthy(self) -> bool:
-        return all(p.is_alive() for p in self.procs)
+        return all(w.state == "up" for w in self.workers)
+
+    def health(self) -> dict:
+        return {"status": "ok" if self.healthy() else "unavailable",
+                "workers": {w.name: w.describe() for w in self.workers}}
 
     async def dispatch(self) -> None:
+        m = self.metrics
         while True:
             msg = await self.results.recv_pyobj()
             if "batch" in msg:
-                self.metrics.batch.set(msg["batch"])
-                if msg["batch"] > self.metrics.max_batch._value.get():
-                    self.metrics.max_batch.set(msg["batch"])
+                m.batch.set(msg["batch"])
+                if msg["batch"] > m.max_batch._value.get():
+                    m.max_batch.set(msg["batch"])
                 continue
-            queue = self.queues.get(msg["id"])
-            if queue is not None:
-                queue.put_nowait(msg)
+            if msg.get("stats") == "visual":
+                m.visual_s.observe(msg["seconds"])
+                m.cache_hits.inc(msg["hits"])
+                m.cache_misses.inc(msg["misses"])
+                m.cache_bytes.set(msg["cache_bytes"])
+                continue
+            if msg.get("cancel_reason"):  # the LLM worker dropped a sequence and freed its slot
+                m.cancelled.labels(msg["cancel_reason"]).inc()
+            pending = self.pending.get(msg["id"])
+            if pending is not None:
+                pending.started = pending.started or bool(msg.get("started"))
+                pending.queue.put_nowait(msg)
+
+    async def supervise(self) -> None:
+        while True:
+            await asyncio.sleep(self.SUPERVISE_S)
+            if self.stopping():
+                return
+            for w in self.workers:
+                try:
+                    self._check(w)
+                except Exception:  # the supervisor itself must keep running
+                    log.exception("supervising the %s worker failed", w.name)
+
+    def _check(self, w: Worker) -> None:
+        now = time.monotonic()
+        if w.state == "up" and not w.alive():
+            self._on_death(w)
+        elif w.state == "starting":
+            if w.poll_ready():
+                log.warning("the %s worker is back (pid %d)", w.name, w.proc.pid)
+            elif not w.alive() or now - w.started_at > w.START_TIMEOUT:
+                w.kill()
+                log.error("the %s worker did not come back (exit %s); retrying", w.name, w.last_exit)
+                w.state, w.retry_at = "down", now + min(30.0, 2.0 ** min(w.restarts, 5))
+        if w.state == "down" and now >= w.retry_at:
+            w.restarts += 1
+            w.start()
+
+    def _on_death(self, w: Worker) -> None:
+        w.kill()
+        log.error("the %s worker died (exit %s); failing its requests and restarting it", w.name, w.last_exit)
+        w.state, w.retry_at = "down", 0.0
+        error = {"error": f"the {w.name} worker process died; the request was aborted (it is being restarted)",
+                 "status": 503, "code": "worker_died"}
+        if w is self.llm:
+            self.epoch += 1  # requests still on their way from the visual worker belong to the dead one
+            self.metrics.batch.set(0)
+            failed = list(self.pending)
+        else:
+            # Requests the LLM already admitted are unaffected; the others were lost with the visual worker (or
+            # are on their way to the LLM, which is told to drop them).
+            failed = [rid for rid, p in self.pending.items() if not p.started]
+        for rid in failed:
+            self.pending.pop(rid).queue.put_nowait(dict(error, id=rid))
+            if w is self.visual:
+                self.cancel(rid, "worker_died")
 
     async def submit(self, request_id: str, messages, images, max_tokens, sampling) -> asyncio.Queue:
+        down = [w.name for w in self.workers if w.state != "up"]
+        if down:
+            raise ApiError(f"the {' and '.join(down)} worker is restarting; retry shortly", 503,
+                           "worker_unavailable", "server_error")
         queue = asyncio.Queue()
-        self.queues[request_id] = queue
+        self.pending[request_id] = Pending(queue)
         await self.to_visual.send_pyobj({"id": request_id, "messages": messages, "images": images,
-                                         "max_tokens": max_tokens, "sampling": sampling})
+                                         "max_tokens": max_tokens, "sampling": sampling, "epoch": self.epoch})
         return queue
 
-    async def cancel(self, request_id: str) -> None:
-        self.queues.pop(request_id, None)
-        await self.to_llm.send_pyobj({"cancel": request_id})
+    def cancel(self, request_id: str, reason: str) -> None:
+        """Drop a request: the LLM worker frees its slot (or drops it on arrival). Never blocks."""
+        self.pending.pop(request_id, None)
+        try:
+            self.control.send_pyobj({"cancel": request_id, "reason": reason}, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.error("could not cancel %s: the LLM worker's control queue is full", request_id)
+
+    def kill_all(self) -> None:
+        for w in self.workers:
+            w.kill()
 
     def close(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            p.join(timeout=10)
+        # Ask politely (the LLM worker stops its TP ranks), then make sure.
+        try:
+            self.control.send_pyobj({"stop": True}, flags=zmq.NOBLOCK)
+            self.to_visual.send_pyobj(None, flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        deadline = time.monotonic() + 10
+        for w in self.workers:
+            if w.proc is not None:
+                w.proc.join(timeout=max(0.1, deadline - time.monotonic()))
+        self.kill_all()
+        atexit.unregister(self.kill_all)
+        self.control.close(linger=0)
+        self.sync_ctx.term()
         self.zctx.destroy(linger=0)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class WorkerFailed(Exception):
+    """A worker reported an error for a request after it started (or died under it)."""
+
+    def __init__(self, event: dict):
+        super().__init__(event["error"])
+        self.api = event_error(event)
 
 
 def error_response(exc: ApiError):
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status,
+                        headers={"Retry-After": "5"} if exc.status == 503 else None)
 
 
-def build_app(args, tokenizer, context: int):
+def event_error(event: dict) -> ApiError:
+    status = event.get("status", 500)
+    if status < 500:
+        return ApiError(event["error"], status, event.get("code") or "invalid_request", "invalid_request_error")
+    return ApiError(event["error"], status, event.get("code") or "internal_error", "server_error")
+
+
+def build_app(args, tokenizer, context: int, stopping=lambda: False):
     from prometheus_client import generate_latest
 
     model_name = args.served_model_name or Path(args.model).name
-    app = FastAPI(title="vlmc", version="0.1.0")
+    remote = RemoteMedia(args.remote_media_timeout, args.remote_media_max_mb * 2**20) \
+        if args.allow_remote_media else None
     state = {}
 
-    @app.on_event("startup")
-    async def start():
-        state["engine"] = engine = Engine(args)
-        state["dispatcher"] = asyncio.create_task(engine.dispatch())
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # Workers start with the app (not at import) so that uvicorn's port is bound by a process that is ready.
+        state["engine"] = engine = Engine(args, stopping)
+        tasks = [asyncio.create_task(engine.dispatch()), asyncio.create_task(engine.supervise())]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            engine.close()
 
-    @app.on_event("shutdown")
-    async def stop():
-        state["dispatcher"].cancel()
-        state["engine"].close()
+    app = FastAPI(title="vlmc", version="0.1.0", lifespan=lifespan)
 
     def check_key(request: Request):
         if args.api_key and request.headers.get("authorization") != f"Bearer {args.api_key}":
@@ -141,8 +369,10 @@ def build_app(args, tokenizer, context: int):
 
     @app.get("/health")
     async def health():
-        ok = state["engine"].healthy()
-        return JSONResponse({"status": "ok" if ok else "worker down"}, status_code=200 if ok else 503)
+        """200 when every worker is up; 503 naming the worker that is down or restarting. Lists worker pids
+        and the devices they were given."""
+        engine: Engine = state["engine"]
+        return JSONResponse(engine.health(), status_code=200 if engine.healthy() else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -167,7 +397,9 @@ def build_app(args, tokenizer, context: int):
                 raise ApiError("the request body is not valid JSON", code="invalid_json") from None
             if not isinstance(body, dict):
                 raise ApiError("the request body must be a JSON object", code="invalid_json")
-            messages, images = convert_messages(body.get("messages"), args.allowed_local_media_path)
+            # In a thread: decoding large images or fetching remote ones must not stall the event loop.
+            messages, images = await asyncio.to_thread(convert_messages, body.get("messages"),
+                                                       args.allowed_local_media_path, remote)
             sampling = sampling_params(body)
             stops = stop_strings(body)
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -176,21 +408,24 @@ def build_app(args, tokenizer, context: int):
             if max_tokens is not None and max_tokens >= context:
                 raise ApiError(f"max_tokens ({max_tokens}) must be less than the compiled context of {context}",
                                code="context_length_exceeded")
+            request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+            queue = await engine.submit(request_id, messages, images, max_tokens, sampling)
         except ApiError as exc:
             m.requests.labels(str(exc.status)).inc()
             return error_response(exc)
-        request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         stream = bool(body.get("stream"))
         include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
         m.queue_depth.inc()
-        queue = await engine.submit(request_id, messages, images, max_tokens, sampling)
-        first = await next_event(engine, queue)
-        m.queue_depth.dec()
+        try:
+            first = await queue.get()
+        except asyncio.CancelledError:
+            engine.cancel(request_id, "client_disconnect")
+            raise
+        finally:
+            m.queue_depth.dec()
         if "error" in first:
-            engine.queues.pop(request_id, None)
-            exc = ApiError(first["error"], first.get("status", 500),
-                           "context_length_exceeded" if first.get("status") == 400 else "internal_error",
-                           "invalid_request_error" if first.get("status") == 400 else "server_error")
+            engine.pending.pop(request_id, None)
+            exc = event_error(first)
             m.requests.labels(str(exc.status)).inc()
             return error_response(exc)
         prompt_tokens = first["prompt_tokens"]
@@ -201,14 +436,16 @@ def build_app(args, tokenizer, context: int):
             """Yields (new text, finish_reason or None); detokenizes incrementally and applies `stop`."""
             ids, sent, reason = [], "", None
             while reason is None:
-                ev = await next_event(engine, queue)
+                # No timeout needed here: the supervisor puts an error event in the queue if a worker dies.
+                ev = await queue.get()
                 if "error" in ev:
-                    raise RuntimeError(ev["error"])
+                    raise WorkerFailed(ev)
                 if "token" in ev:
                     if timing["first"] is None:
                         timing["first"] = time.perf_counter()
                         m.ttft.observe(timing["first"] - t0)
                     ids.append(ev["token"])
+                    timing["completion"] = len(ids)
                     text = tokenizer.decode(ids, skip_special_tokens=True)
                     if text.endswith("\ufffd"):
                         continue  # an incomplete UTF-8 character: wait for the rest
@@ -216,7 +453,7 @@ def build_app(args, tokenizer, context: int):
                                if text.find(s, max(0, len(sent) - len(s))) >= 0), default=-1)
                     if hit >= 0:
                         text, reason = text[:hit], "stop"
-                        await engine.cancel(request_id)
+                        engine.cancel(request_id, "stop_string")
                     if len(text) > len(sent):
                         yield text[len(sent):], None
                         sent = text
@@ -226,11 +463,11 @@ def build_app(args, tokenizer, context: int):
             yield "", reason
 
         def finished(status: int):
-            engine.queues.pop(request_id, None)
+            engine.pending.pop(request_id, None)
             total = time.perf_counter() - t0
             out = timing.get("completion", 0)
             ttft = (timing["first"] - t0) if timing["first"] else total
-            if out > 1:
+            if out > 1 and status == 200:
                 m.per_token.observe((total - ttft) / (out - 1))
             m.requests.labels(str(status)).inc()
             m.tokens_in.inc(prompt_tokens)
@@ -243,16 +480,30 @@ def build_app(args, tokenizer, context: int):
             return {"prompt_tokens": prompt_tokens, "completion_tokens": out, "total_tokens": prompt_tokens + out}
 
         if not stream:
-            parts, reason = [], None
-            try:
+            async def collect():
+                parts, reason = [], None
                 async for text, reason in tokens():
                     parts.append(text)
-            except RuntimeError as exc:
-                finished(500)
-                return error_response(ApiError(str(exc), 500, "internal_error", "server_error"))
+                return "".join(parts), reason
+
+            # Starlette does not cancel a plain handler when its client leaves: watch for that ourselves so a
+            # disconnected client's sequence stops decoding.
+            work = asyncio.create_task(collect())
+            while not work.done():
+                await asyncio.wait({work}, timeout=0.5)
+                if not work.done() and await request.is_disconnected():
+                    work.cancel()
+                    engine.cancel(request_id, "client_disconnect")
+                    finished(499)
+                    return Response(status_code=499)
+            try:
+                content, reason = work.result()
+            except WorkerFailed as exc:
+                finished(exc.api.status)
+                return error_response(exc.api)
             finished(200)
             return {"id": request_id, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                  "finish_reason": reason}], "usage": usage()}
 
         def chunk(delta, reason=None, with_usage=False):
@@ -271,13 +522,14 @@ def build_app(args, tokenizer, context: int):
                 if include_usage:
                     yield chunk({}, with_usage=True)
                 yield "data: [DONE]\n\n"
-            except asyncio.CancelledError:  # the client went away: free its slot
+            except asyncio.CancelledError:  # the client went away: free its slot (cancel() never awaits)
                 status = 499
-                await engine.cancel(request_id)
+                engine.cancel(request_id, "client_disconnect")
                 raise
-            except RuntimeError as exc:
-                status = 500
-                yield f"data: {json.dumps(ApiError(str(exc), 500, 'internal_error', 'server_error').body())}\n\n"
+            except WorkerFailed as exc:
+                # Headers (200) are already sent: the error goes in-band, as OpenAI does; clients raise on it.
+                status = exc.api.status
+                yield f"data: {json.dumps(exc.api.body())}\n\n"
             finally:
                 finished(status)
 
@@ -286,14 +538,37 @@ def build_app(args, tokenizer, context: int):
     return app
 
 
-async def next_event(engine: Engine, queue: asyncio.Queue) -> dict:
-    """The next worker event for a request; an error event if a worker died (so no request hangs)."""
-    while True:
-        try:
-            return await asyncio.wait_for(queue.get(), timeout=1.0)
-        except asyncio.TimeoutError:
-            if not engine.healthy():
-                return {"error": "a worker process died", "status": 503}
+def parse_devices(text: str, flag: str) -> list[int]:
+    """The vendor's device list syntax: "[0,1,2]" (also "0,1,2" or "2")."""
+    from ...errors import VlmcError
+
+    body = text.strip()
+    if body.startswith("[") and body.endswith("]"):
+        body = body[1:-1]
+    try:
+        devices = [int(part) for part in body.split(",") if part.strip()] if body.strip() else []
+    except ValueError:
+        raise VlmcError(f"{flag} must be a list of device ids like \"[0,1]\", got {text!r}") from None
+    if not devices:
+        raise VlmcError(f"{flag} lists no devices")
+    if any(d < 0 for d in devices) or len(set(devices)) != len(devices):
+        raise VlmcError(f"{flag} must list distinct non-negative device ids, got {text!r}")
+    return devices
+
+
+def check_devices(llm: list[int] | None, vit: list[int] | None, tp: int) -> tuple[list[int], list[int]]:
+    """Validated (LLM devices, visual devices): one LLM device per TP rank, one visual device."""
+    from ...errors import VlmcError
+
+    llm = list(range(tp)) if llm is None else llm
+    if len(llm) != tp:
+        example = ",".join(map(str, range(tp)))
+        raise VlmcError(f"--llm_devices lists {len(llm)} device(s) but the LLM artifact was compiled for tp={tp}: "
+                        f"give exactly {tp} (one per tensor-parallel rank), e.g. \"[{example}]\"")
+    vit = [0] if vit is None else vit
+    if len(vit) != 1:
+        raise VlmcError(f"--vit_devices lists {len(vit)} devices; the visual worker runs on one, e.g. \"[2]\"")
+    return llm, vit
 
 
 def serve(args) -> int:
@@ -303,16 +578,32 @@ def serve(args) -> int:
     from ..llm.runtime import LLMArtifact
     from ..visual.runtime import read_manifest
 
+    # Flag syntax first: a typo is reported before the artifacts are read.
+    llm_devices = parse_devices(args.llm_devices, "--llm_devices") if args.llm_devices else None
+    vit_devices = parse_devices(args.vit_devices, "--vit_devices") if args.vit_devices else None
+    if vit_devices is not None:
+        check_devices(None, vit_devices, 1)
     llm = LLMArtifact(args.model)
     llm.check_visual(read_manifest(Path(args.vit_model), kind="visual"), args.vit_model)
     compiled = int(llm.manifest["batch_size"])
     if args.batch_size is not None and not 1 <= args.batch_size <= compiled:
         raise VlmcError(f"--batch_size must be between 1 and the LLM artifact's compiled batch of {compiled}")
+    if args.image_cache_mb < 0:
+        raise VlmcError("--image_cache_mb must be 0 (off) or a positive number of MiB")
+    if args.remote_media_timeout <= 0 or args.remote_media_max_mb <= 0:
+        raise VlmcError("--remote-media-timeout and --remote-media-max-mb must be positive")
+    args.llm_devices, args.vit_devices = check_devices(llm_devices, vit_devices, llm.tp)
     logging.getLogger("vlmc.serve").setLevel(logging.INFO)
-    app = build_app(args, llm.tokenizer(), int(llm.manifest["context"]))
-    log.warning("vlmc serve: %s on http://%s:%d (batch %d)", Path(args.model).name, args.host, args.port,
-                args.batch_size or compiled)
+    config = uvicorn.Config(None, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    config.app = build_app(args, llm.tokenizer(), int(llm.manifest["context"]), lambda: server.should_exit)
+    # On CPU the device ids are only recorded (and shown in /health); an accelerator runtime binds to them.
+    log.warning("vlmc serve: %s on http://%s:%d (batch %d; LLM tp=%d on devices %s, visual on device %s; "
+                "image cache %d MiB; remote media %s)", Path(args.model).name, args.host, args.port,
+                args.batch_size or compiled, llm.tp, args.llm_devices, args.vit_devices, args.image_cache_mb,
+                "allowed" if args.allow_remote_media else "off")
     # uvicorn shuts down gracefully on SIGTERM and then re-raises it; a no-op handler makes that a clean exit 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    server.run()
     return 0

@@ -1,23 +1,33 @@
 """The visual and LLM worker processes.
 
-visual worker: PULL requests from HTTP -> encode images -> PUSH (bounded by HWM: a flood of images blocks here
-instead of filling memory) to the LLM worker.
+visual worker: PULL requests from HTTP -> encode images (or take them from the embedding cache) -> PUSH (bounded
+by HWM: a flood of images blocks here instead of filling memory) to the LLM worker.
 LLM worker: a scheduler loop. Between decode steps it admits waiting requests into free cache slots and prefills
 them; then one decode step runs for ALL slots together (idle slots get a dummy token and are reset afterwards),
-and every token is PUSHed back to HTTP. Encoding in the visual process overlaps this loop.
+and every token is PUSHed back to HTTP. Encoding in the visual process overlaps this loop. Cancellations arrive
+on a separate control socket so that they are read even when every slot is busy.
+
+Both workers report their pids (and the LLM worker its TP ranks' pids) through `info` once ready; the HTTP
+process supervises them (see server.Engine) and restarts a dead one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import signal
 import time
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
 
 QUEUE_HWM = 64  # messages queued per socket before senders block (back-pressure)
+POLL_MS = 1000  # idle workers wake this often to notice that the HTTP process is gone
+KEEPALIVE_S = 20  # an idle LLM worker pings its TP ranks this often (well inside their 120 s collective timeout)
 log = logging.getLogger("vlmc.serve")
 
 
@@ -30,32 +40,88 @@ def _socket(ctx, kind, address, bind=False):
     return sock
 
 
+def _worker_signals() -> None:
+    # Ctrl-C reaches the whole process group; the HTTP process drains requests first and then stops us itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class EmbeddingCache:
+    """LRU of image embeddings keyed by the decoded pixels plus the resize settings, bounded by bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.entries: OrderedDict[str, tuple[np.ndarray, list[int]]] = OrderedDict()
+
+    @staticmethod
+    def key(image, settings: tuple) -> str:
+        h = hashlib.blake2b(digest_size=20)
+        h.update(repr((image.mode, image.size, settings)).encode())
+        h.update(image.tobytes())
+        return h.hexdigest()
+
+    def get(self, key: str):
+        hit = self.entries.get(key)
+        if hit is not None:
+            self.entries.move_to_end(key)
+        return hit
+
+    def put(self, key: str, embeds: np.ndarray, grid: list[int]) -> None:
+        if embeds.nbytes > self.max_bytes:
+            return  # also covers max_bytes == 0 (cache disabled)
+        self.entries[key] = (embeds, grid)
+        self.bytes += embeds.nbytes
+        while self.bytes > self.max_bytes:
+            _, (old, _) = self.entries.popitem(last=False)
+            self.bytes -= old.nbytes
+
+
 def visual_main(vit_model: str, requests_addr: str, llm_addr: str, results_addr: str, min_pixels, max_pixels,
-                ready) -> None:
+                cache_mb: int, info) -> None:
     from ..visual.runtime import VisualRuntime
 
+    _worker_signals()
+    parent = os.getppid()
     visual = VisualRuntime(vit_model, verify=False)  # the HTTP process checked the artifact's hashes
     cfg = visual.image_config(min_pixels, max_pixels)
+    settings = (cfg.min_pixels, cfg.max_pixels, visual.budget)  # what the resize depends on besides the pixels
+    cache = EmbeddingCache(int(cache_mb) * 2**20)
     ctx = zmq.Context()
     inbox = _socket(ctx, zmq.PULL, requests_addr)
     to_llm = _socket(ctx, zmq.PUSH, llm_addr)
     results = _socket(ctx, zmq.PUSH, results_addr)
-    ready.set()
+    info.send({"pid": os.getpid()})
     while True:
+        if not inbox.poll(POLL_MS):
+            if os.getppid() != parent:
+                return  # orphaned: the HTTP process is gone
+            continue
         req = inbox.recv_pyobj()
         if req is None:
             break
         try:
             t0 = time.perf_counter()
-            embeds, grids = [], []
+            embeds, grids, hits = [], [], 0
             for image in req["images"]:
-                pixels, grid, _ = visual.patches(image, cfg)
-                embeds.append(visual.encode_patches(pixels, grid))
-                grids.append([int(g) for g in grid])
-            req.update(images=None, image_embeds=embeds, grids=grids, visual_s=time.perf_counter() - t0)
+                key = EmbeddingCache.key(image, settings)
+                cached = cache.get(key)
+                if cached is None:
+                    pixels, grid, _ = visual.patches(image, cfg)
+                    cached = (visual.encode_patches(pixels, grid), [int(g) for g in grid])
+                    cache.put(key, *cached)
+                else:
+                    hits += 1
+                embeds.append(cached[0])
+                grids.append(cached[1])
+            seconds = time.perf_counter() - t0
+            req.update(images=None, image_embeds=embeds, grids=grids, visual_s=seconds)
+            if embeds:
+                results.send_pyobj({"stats": "visual", "seconds": seconds, "hits": hits,
+                                    "misses": len(embeds) - hits, "cache_bytes": cache.bytes})
             to_llm.send_pyobj(req)
         except Exception as exc:  # one bad image must not stop the worker
-            results.send_pyobj({"id": req["id"], "error": f"image could not be encoded: {exc}", "status": 400})
+            results.send_pyobj({"id": req["id"], "error": f"image could not be encoded: {exc}", "status": 400,
+                                "code": "invalid_image"})
 
 
 @dataclass
@@ -69,13 +135,16 @@ class Running:
     logits: np.ndarray | None = None
 
 
-def llm_main(model: str, llm_addr: str, results_addr: str, batch_size, ready) -> None:
+def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, batch_size, epoch: int,
+             info) -> None:
     from ..cpu_ops.prompt import tokenize_prompt
     from ..cpu_ops.rope import get_rope_index
     from ..cpu_ops.sampling import Sampler, SamplingParams
     from ..llm.engine import BudgetError, Sequence, splice_image_embeddings
     from ..llm.runtime import DistributedEngine, LLMArtifact
 
+    _worker_signals()
+    parent = os.getppid()
     artifact = LLMArtifact(model, verify=False)  # the HTTP process checked the artifact's hashes
     tokenizer = artifact.tokenizer()
     spec = artifact.spec
@@ -84,10 +153,17 @@ def llm_main(model: str, llm_addr: str, results_addr: str, batch_size, ready) ->
     usable = min(batch_size or slots, slots)
     ctx = zmq.Context()
     inbox = _socket(ctx, zmq.PULL, llm_addr, bind=True)
+    control = _socket(ctx, zmq.PULL, control_addr, bind=True)
     results = _socket(ctx, zmq.PUSH, results_addr)
+    poller = zmq.Poller()
+    poller.register(inbox, zmq.POLLIN)
+    poller.register(control, zmq.POLLIN)
     image_id, merge = spec.text.image_token_id, spec.image.merge_size
     running: dict[int, Running] = {}
-    ready.set()
+    # Ids cancelled before their request got here (client gone while its image was encoding, or failed by the
+    # HTTP process after the visual worker died): dropped on arrival. Bounded; old entries fall off.
+    cancelled: OrderedDict[str, bool] = OrderedDict()
+    info.send({"pid": os.getpid(), "ranks": [p.pid for p in engine.workers]})
 
     def admit(req) -> None:
         slot = next(s for s in range(usable) if s not in running)
@@ -96,7 +172,8 @@ def llm_main(model: str, llm_addr: str, results_addr: str, batch_size, ready) ->
             max_tokens = req["max_tokens"] if req["max_tokens"] is not None else engine.context - len(ids)
             engine.check_budget(len(ids), max(max_tokens, 1))
         except (BudgetError, ValueError) as exc:
-            results.send_pyobj({"id": req["id"], "error": str(exc), "status": 400})
+            code = "context_length_exceeded" if isinstance(exc, BudgetError) else "invalid_request"
+            results.send_pyobj({"id": req["id"], "error": str(exc), "status": 400, "code": code})
             return
         positions, delta = get_rope_index(ids, np.asarray(req["grids"], np.int64).reshape(-1, 3), image_id, merge)
         embeds = splice_image_embeddings(engine.embed.lookup(ids), ids, image_id, req["image_embeds"])
@@ -106,29 +183,60 @@ def llm_main(model: str, llm_addr: str, results_addr: str, batch_size, ready) ->
         running[slot] = run
         results.send_pyobj({"id": run.id, "started": True, "prompt_tokens": run.prompt_tokens})
 
-    def finish(slot: int, reason: str) -> None:
+    def finish(slot: int, reason: str, cancel_reason: str | None = None) -> None:
         run = running.pop(slot)
         engine.release(run.seq)
-        results.send_pyobj({"id": run.id, "done": True, "finish_reason": reason,
+        results.send_pyobj({"id": run.id, "done": True, "finish_reason": reason, "cancel_reason": cancel_reason,
                             "prompt_tokens": run.prompt_tokens, "completion_tokens": len(run.tokens)})
 
+    def read_control() -> bool:
+        """Apply pending cancellations; False when told to stop."""
+        while control.poll(0):
+            msg = control.recv_pyobj()
+            if msg.get("stop"):
+                return False
+            slot = next((s for s, run in running.items() if run.id == msg["cancel"]), None)
+            if slot is not None:
+                finish(slot, "abort", msg.get("reason"))
+            else:
+                cancelled[msg["cancel"]] = True
+                while len(cancelled) > 4096:
+                    cancelled.popitem(last=False)
+        return True
+
+    busy = False  # whether the last report said sequences were running (so an idle 0 is sent once)
+    last_step = time.monotonic()
     while True:
-        # Block for work only when nothing is decoding; otherwise just drain what is already waiting.
-        while len(running) < usable and (inbox.poll(0 if running else None)):
+        if not running:
+            # Block for work only when nothing is decoding; wake now and then to notice an orphaned worker.
+            if busy:
+                results.send_pyobj({"batch": 0})
+                busy = False
+            if not poller.poll(POLL_MS):
+                if os.getppid() != parent:
+                    engine.close()
+                    return
+                if time.monotonic() - last_step > KEEPALIVE_S:
+                    engine.keepalive()
+                    last_step = time.monotonic()
+                continue
+        if not read_control():
+            break
+        while len(running) < usable and inbox.poll(0):
             req = inbox.recv_pyobj()
             if req is None:
                 engine.close()
                 return
-            if req.get("cancel"):
-                for slot, run in list(running.items()):
-                    if run.id == req["cancel"]:
-                        finish(slot, "abort")
-                continue
+            if req.get("epoch", epoch) < epoch or cancelled.pop(req["id"], None):
+                continue  # already failed or cancelled on the HTTP side
             try:
                 admit(req)
             except Exception as exc:
                 log.error("prefill failed: %s", traceback.format_exc())
-                results.send_pyobj({"id": req["id"], "error": f"prefill failed: {exc}", "status": 500})
+                results.send_pyobj({"id": req["id"], "error": f"prefill failed: {exc}", "status": 500,
+                                    "code": "internal_error"})
+                if engine.world > 1:
+                    raise  # the ranks may be out of step now; let the HTTP process restart us cleanly
         if not running:
             continue
         # Sample each sequence's next token from its last logits; retire those that are finished.
@@ -147,9 +255,12 @@ def llm_main(model: str, llm_addr: str, results_addr: str, batch_size, ready) ->
         seqs = [running[s].seq if s in running else Sequence(s, 0) for s in range(slots)]
         tokens = [running[s].tokens[-1] if s in running else 0 for s in range(slots)]
         results.send_pyobj({"batch": len(running)})
+        busy = True
+        last_step = time.monotonic()
         logits = engine.decode(seqs, tokens)
         for s in range(slots):
             if s in running:
                 running[s].logits = logits[s]
             else:
                 engine.release(seqs[s])
+    engine.close()

@@ -70,6 +70,14 @@ PRESETS = {
                   num_key_value_heads=2, mrope_section=[16, 24, 24]),
         vision=dict(depth=4, hidden_size=160, intermediate_size=320, num_heads=2, fullatt_block_indexes=[1, 3]),
     ),
+    # Qwen2.5-VL-3B's real widths and vocabulary size (tied embeddings, as in the 3B model) at reduced depth: for
+    # benchmarks whose bytes and FLOPs per layer are the real model's. About 2.3 GB of fp32 weights.
+    "3b-width": dict(
+        num_merges=800, vocab_size=151936, tie_word_embeddings=True,
+        text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=16,
+                  num_key_value_heads=2, mrope_section=[16, 24, 24]),
+        vision=dict(depth=4, hidden_size=1280, intermediate_size=3420, num_heads=16, fullatt_block_indexes=[3]),
+    ),
 }
 
 
@@ -139,14 +147,16 @@ def build_config(preset: str, tokenizer):
 
     spec = PRESETS[preset]
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    vocab_size = (len(tokenizer) + 63) // 64 * 64  # padded like Qwen's 151936 over its 151665 tokens
+    # Padded like Qwen's 151936 over its 151665 tokens; a preset may fix the real size (rows past the tokenizer unused).
+    vocab_size = spec.get("vocab_size", (len(tokenizer) + 63) // 64 * 64)
+    tied = spec.get("tie_word_embeddings", False)
     text, vision = dict(spec["text"]), dict(spec["vision"])
     mrope_section = text.pop("mrope_section")
     text_config = dict(
         text, vocab_size=vocab_size, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
         rope_scaling={"type": "mrope", "mrope_section": mrope_section}, rope_theta=1000000.0,
         use_sliding_window=False, sliding_window=32768, max_window_layers=text["num_hidden_layers"],
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], tie_word_embeddings=False,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], tie_word_embeddings=tied,
         # Larger than Qwen's 0.02 so random logits are well separated and greedy decoding is not a coin toss.
         initializer_range=0.1,
     )
@@ -158,7 +168,7 @@ def build_config(preset: str, tokenizer):
         text_config=text_config, vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False, initializer_range=0.1,
+        tie_word_embeddings=tied, initializer_range=0.1,
     )
 
 

@@ -1,6 +1,7 @@
 """Deploy-friendly Qwen2.5-VL: static shapes, no data-dependent control flow, host-computed rotary and masks.
 
-- `DeployVision`: patch embed as a matmul, blocks taking explicit window/full masks and cos/sin, the merger; the
+- `DeployVision`: patch embed as a matmul, blocks taking per-patch key ranges (window / full attention) and cos/sin,
+  the merger; the
   output comes back as chunks along the hidden axis (the target cannot emit one large tensor).
 - `DeployLanguageModel`: takes `inputs_embeds`, host cos/sin, an additive mask and the KV cache as inputs and
   returns the new keys/values instead of writing the cache, so a step never copies the cache; attention is
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ....compile.ops import segment_attention, segment_attention_decomposed
 
 
 class RMSNorm(nn.Module):
@@ -61,15 +64,16 @@ class VisionAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
+        self.fused = True  # vlmc::segment_attention (CPU kernel); False: standard ops (GPU targets, ONNX)
 
-    def forward(self, x, mask, cos, sin):
+    def forward(self, x, ranges, cos, sin):
         n = x.shape[0]
-        q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)
-        q = q * cos + rotate_half(q) * sin  # [heads, n, head_dim]
+        # [n, heads, head_dim] throughout: the attention kernel reads this layout, so no transposes are needed.
+        q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim).unbind(1)
+        q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        scores = torch.matmul(q, k.transpose(1, 2)) * (self.head_dim ** -0.5) + mask
-        out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [heads, n, head_dim]
-        return self.proj(out.transpose(0, 1).reshape(n, -1))
+        attend = segment_attention if self.fused else segment_attention_decomposed
+        return self.proj(attend(q, k, v, ranges).reshape(n, -1))
 
 
 class VisionBlock(nn.Module):
@@ -80,8 +84,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, num_heads)
         self.mlp = VisionMLP(dim, intermediate)
 
-    def forward(self, x, mask, cos, sin):
-        x = x + self.attn(self.norm1(x), mask, cos, sin)
+    def forward(self, x, ranges, cos, sin):
+        x = x + self.attn(self.norm1(x), ranges, cos, sin)
         return x + self.mlp(self.norm2(x))
 
 
@@ -100,8 +104,9 @@ class PatchMerger(nn.Module):
 class DeployVision(nn.Module):
     """Vision tower for one image padded to a fixed patch budget.
 
-    Inputs: pixel_values [N, patch_dim] in window order, window_mask and full_mask [1, N, N] (additive),
-    cos and sin [N, head_dim]. Output: a tuple of chunks of the merged embeddings [N / merge_unit, out_hidden].
+    Inputs: pixel_values [N, patch_dim] in window order; window_ranges and full_ranges int32 [N, 2], the keys each
+    patch attends to in window and in full-attention blocks (see `segment_attention`); cos and sin [N, head_dim].
+    Output: a tuple of chunks of the merged embeddings [N / merge_unit, out_hidden].
     """
 
     def __init__(self, vision_config, chunks: Sequence[int] | None = None):
@@ -117,11 +122,15 @@ class DeployVision(nn.Module):
         if sum(self.chunks) != c.out_hidden_size:
             raise ValueError(f"output chunks {self.chunks} do not add up to the hidden size {c.out_hidden_size}")
 
-    def forward(self, pixel_values, window_mask, full_mask, cos, sin):
+    def use_fused_attention(self, fused: bool) -> None:
+        for block in self.blocks:
+            block.attn.fused = fused
+
+    def forward(self, pixel_values, window_ranges, full_ranges, cos, sin):
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
-        cos, sin = cos[None], sin[None]  # broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         for i, block in enumerate(self.blocks):
-            x = block(x, full_mask if i in self.fullatt_block_indexes else window_mask, cos, sin)
+            x = block(x, full_ranges if i in self.fullatt_block_indexes else window_ranges, cos, sin)
         return tuple(torch.split(self.merger(x), self.chunks, dim=-1))
 
 
@@ -179,16 +188,18 @@ class Attention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        # Group query heads by KV head instead of repeating the cache: [B, kv, group * S, head_dim].
-        group = self.plan.num_heads // self.plan.num_kv_heads
-        qg = q.reshape(b, self.plan.num_kv_heads, group * s, self.head_dim)
+        # Group query heads by KV head instead of repeating the cache: [B * kv, group * S, head_dim]. Batched matmuls
+        # on 3-D views (bmm, not 4-D matmul, which exports as a broadcast copy of the cache) read the cache in place.
+        kv, group = self.plan.num_kv_heads, self.plan.num_heads // self.plan.num_kv_heads
+        qg = q.reshape(b * kv, group * s, self.head_dim)
         scale = self.head_dim ** -0.5
         t = k_cache.shape[2]
-        scores_cache = torch.matmul(qg, k_cache.transpose(2, 3)).view(b, -1, s, t)
-        scores_new = torch.matmul(qg, k.transpose(2, 3)).view(b, -1, s, s)
+        k_cache, v_cache = k_cache.reshape(b * kv, t, self.head_dim), v_cache.reshape(b * kv, t, self.head_dim)
+        scores_cache = torch.bmm(qg, k_cache.transpose(1, 2)).view(b, -1, s, t)
+        scores_new = torch.bmm(qg, k.reshape(b * kv, s, self.head_dim).transpose(1, 2)).view(b, -1, s, s)
         scores = torch.cat([scores_cache, scores_new], dim=-1) * scale + mask
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, self.plan.num_kv_heads, group * s, t + s)
-        out = torch.matmul(probs[..., :t], v_cache) + torch.matmul(probs[..., t:], v)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b * kv, group * s, t + s)
+        out = torch.bmm(probs[..., :t], v_cache) + torch.bmm(probs[..., t:], v.reshape(b * kv, s, self.head_dim))
         out = out.view(b, -1, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(out), k, v
 
@@ -229,8 +240,10 @@ class DeployLanguageModel(nn.Module):
     """Decoder for one tensor-parallel rank.
 
     forward(inputs_embeds [B, S, hidden], cos, sin [B, S, head_dim], mask [B, 1, S, T + S],
-            k_cache, v_cache [layers, B, kv_heads_local, T, head_dim])
+            *caches: k_cache of each layer, then v_cache of each layer, [B, kv_heads_local, T, head_dim])
       -> logits [B, vocab] of the last position, new_k, new_v [layers, B, kv_heads_local, S, head_dim]
+    One input per layer's cache, not one [layers, ...] tensor: selecting a layer from a stacked input is a copy in
+    the compiled graph, while separate inputs are views of the host's cache, read in place.
     Mask columns 0..T-1 address cache slots and T..T+S-1 the new tokens. The caller writes new_k/new_v into its
     cache at the positions it chose, so the graph neither copies nor owns the cache.
     """
@@ -245,11 +258,14 @@ class DeployLanguageModel(nn.Module):
         self.norm = RMSNorm(text_config.hidden_size, text_config.rms_norm_eps)
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
 
-    def forward(self, inputs_embeds, cos, sin, mask, k_cache, v_cache):
+    def forward(self, inputs_embeds, cos, sin, mask, *caches):
         x = inputs_embeds
+        n = len(self.layers)
+        if len(caches) != 2 * n:
+            raise ValueError(f"expected {2 * n} cache tensors (k then v per layer), got {len(caches)}")
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, mask, k_cache[i], v_cache[i])
+            x, k, v = layer(x, cos, sin, mask, caches[i], caches[n + i])
             new_k.append(k)
             new_v.append(v)
         # A static slice, not x[:, -1]: TVM 0.27's importer mistranslates a negative select index.

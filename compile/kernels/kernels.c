@@ -1,0 +1,239 @@
+/* Host kernels that compiled graphs call through R.call_dps_packed (tvm-ffi "safe call" ABI).
+ *
+ *   vlmc_matmul_nn(a, b, out)               out = a @ b            (BLAS)
+ *   vlmc_matmul_nt(a, b, out)               out = a @ b^T, b [N,K] (BLAS; nn.Linear weights)
+ *   vlmc_segment_attention(q, k, v, ranges, out)
+ *       out[i,h] = softmax_j(q[i,h] . k[j,h] / sqrt(D)) v[j,h] over keys j in [ranges[i,0], ranges[i,1])
+ *       q, k, v, out [N, H, D] float32; ranges int32 [N, 2]; an empty range gives zeros.
+ *
+ * A DSO module resolves GetFunction("name") to the exported symbol "__tvm_ffi_name".
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <tvm/ffi/c_api.h>
+
+#if defined(VLMC_BLAS_OPENBLAS64)   /* numpy's bundled scipy-openblas: ILP64, suffixed symbols */
+typedef int64_t bint;
+void scipy_cblas_sgemm64_(int, int, int, bint, bint, bint, float, const float*, bint,
+                          const float*, bint, float, float*, bint);
+void scipy_cblas_sgemv64_(int, int, bint, bint, float, const float*, bint, const float*,
+                          bint, float, float*, bint);
+/* row-major C[M,N] = A[M,K] * op(B); tb: B stored [N,K] */
+static void gemm(int tb, bint M, bint N, bint K, const float* A, const float* B, float* C) {
+  if (M == 1) { /* GEMV: explicit sgemv (decode) */
+    if (tb) scipy_cblas_sgemv64_(101, 111, N, K, 1.f, B, K, A, 1, 0.f, C, 1);
+    else    scipy_cblas_sgemv64_(101, 112, K, N, 1.f, B, N, A, 1, 0.f, C, 1);
+    return;
+  }
+  scipy_cblas_sgemm64_(101, 111, tb ? 112 : 111, M, N, K, 1.f, A, K, B, tb ? K : N, 0.f, C, N);
+}
+#elif defined(VLMC_BLAS_FORTRAN)    /* Fortran LP64 sgemm_/sgemv_, e.g. MKL in libtorch_cpu */
+typedef int bint;
+void sgemm_(const char*, const char*, const bint*, const bint*, const bint*, const float*,
+            const float*, const bint*, const float*, const bint*, const float*, float*, const bint*);
+void sgemv_(const char*, const bint*, const bint*, const float*, const float*, const bint*,
+            const float*, const bint*, const float*, float*, const bint*);
+static void gemm(int tb, bint M, bint N, bint K, const float* A, const float* B, float* C) {
+  const float one = 1.f, zero = 0.f; const bint inc = 1, ldb = tb ? K : N;
+  if (M == 1) { /* column-major view of row-major B */
+    if (tb) sgemv_("T", &K, &N, &one, B, &ldb, A, &inc, &zero, C, &inc);
+    else    sgemv_("N", &N, &K, &one, B, &ldb, A, &inc, &zero, C, &inc);
+    return;
+  }
+  /* row-major C = A op(B)  <=>  col-major C^T = op(B)^T A^T */
+  sgemm_(tb ? "T" : "N", "N", &N, &M, &K, &one, B, &ldb, A, &K, &zero, C, &N);
+}
+#endif
+static DLTensor* as_dl(const TVMFFIAny* a) {  /* VM passes ffi::Tensor objects */
+  if (a->type_index == kTVMFFIDLTensorPtr) return (DLTensor*)a->v_ptr;
+  if (a->type_index == kTVMFFITensor) return (DLTensor*)((char*)a->v_obj + sizeof(TVMFFIObject));
+  return 0;
+}
+static float* fp(DLTensor* t) { return (float*)((char*)t->data + t->byte_offset); }
+static int fail(const char* m) { TVMFFIErrorSetRaisedFromCStr("ValueError", m); return -1; }
+static int run(int tb, const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
+  ret->type_index = kTVMFFINone; ret->zero_padding = 0; ret->v_int64 = 0;
+  if (n != 3) return fail("vlmc_matmul: expected (a, b, out)");
+  DLTensor *A = as_dl(args), *B = as_dl(args + 1), *C = as_dl(args + 2);
+  if (!A || !B || !C || A->ndim < 2 || B->ndim < 2 || C->ndim != A->ndim)
+    return fail("vlmc_matmul: bad arguments");
+  if (A->dtype.code != kDLFloat || A->dtype.bits != 32) return fail("vlmc_matmul: float32 only");
+  int64_t K = A->shape[A->ndim - 1];
+  int64_t N = B->shape[B->ndim - (tb ? 2 : 1)], Kb = B->shape[B->ndim - (tb ? 1 : 2)];
+  if (K != Kb) return fail("vlmc_matmul: K mismatch");
+  if (B->ndim == 2) { /* weights: flatten a's leading dims into M */
+    int64_t M = 1;
+    for (int i = 0; i < A->ndim - 1; ++i) M *= A->shape[i];
+    gemm(tb, M, N, K, fp(A), fp(B), fp(C));
+    return 0;
+  }
+  if (B->ndim != A->ndim) return fail("vlmc_matmul: rank mismatch");
+  int64_t batch = 1, M = A->shape[A->ndim - 2];
+  for (int i = 0; i < A->ndim - 2; ++i) {
+    if (A->shape[i] != B->shape[i]) return fail("vlmc_matmul: batch broadcast unsupported");
+    batch *= A->shape[i];
+  }
+  for (int64_t i = 0; i < batch; ++i)
+    gemm(tb, M, N, K, fp(A) + i * M * K, fp(B) + i * K * N, fp(C) + i * M * N);
+  return 0;
+}
+__attribute__((visibility("default")))
+int __tvm_ffi_vlmc_matmul_nn(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) { return run(0, a, n, r); }
+__attribute__((visibility("default")))
+int __tvm_ffi_vlmc_matmul_nt(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) { return run(1, a, n, r); }
+
+/* ---- segment attention ----------------------------------------------------------------------------------------
+ * Flash-attention style: rows that share a key range form a tile, key tiles are folded in with an online softmax,
+ * so no [N, N] score matrix exists and window attention costs only its windows. Work items (tile, head) run on
+ * OpenMP threads; 16-float vector types keep the score accumulators in registers. */
+#define TQ 64 /* query rows per work item */
+#define TK 64 /* keys per tile */
+#define RB 4  /* query rows scored together, sharing each key load */
+#define VW 16 /* floats per vector */
+typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+
+typedef int32_t vi __attribute__((vector_size(VW * sizeof(int32_t))));
+
+static inline vf vload(const float* p) { vf x; memcpy(&x, p, sizeof x); return x; }
+static inline void vstore(float* p, vf x) { memcpy(p, &x, sizeof x); }
+static inline vf vsplat(float a) { return (vf){0} + a; }
+static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+static inline float hmax(vf x) { float m = x[0]; for (int i = 1; i < VW; ++i) m = x[i] > m ? x[i] : m; return m; }
+static inline float hsum(vf x) { float s = 0.f; for (int i = 0; i < VW; ++i) s += x[i]; return s; }
+
+/* exp(x) for x <= 0, VW lanes at once: 2^n * exp(r), |r| <= ln2/2, Taylor to r^7 (relative error ~1e-7). */
+static inline vf vexp_nonpos(vf x) {
+  x = vselect(x < vsplat(-87.f), vsplat(-87.f), x);
+  const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi); /* round to nearest for x <= 0 */
+  const vf nf = __builtin_convertvector(n, vf);
+  const vf r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f;
+  const vf p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720 +
+               r * (1.f / 5040)))))));
+  return p * (vf)((n + 127) << 23);
+}
+
+typedef struct { int64_t r0, r1, lo, hi; } Tile;
+
+static void attend(const float* q, const float* k, const float* v, float* out, int64_t H, int64_t D, int64_t h,
+                   const Tile* t, float scale, float* kt /* [D][TK] */, float* acc /* [TQ][D] */) {
+  const int64_t ld = H * D, nr = t->r1 - t->r0, dv = D / VW * VW;
+  float m[TQ], l[TQ];
+  for (int64_t i = 0; i < nr; ++i) { m[i] = -INFINITY; l[i] = 0.f; }
+  memset(acc, 0, sizeof(float) * nr * D);
+  for (int64_t j0 = t->lo; j0 < t->hi; j0 += TK) {
+    const int64_t nk = t->hi - j0 < TK ? t->hi - j0 : TK;
+    for (int64_t j = 0; j < TK; ++j) { /* key tile, transposed so that scores vectorize over keys */
+      const float* kr = k + (j0 + (j < nk ? j : 0)) * ld + h * D;
+      for (int64_t d = 0; d < D; ++d) kt[d * TK + j] = kr[d];
+    }
+    vi valid[TK / VW]; /* lanes of real keys in this tile */
+    for (int c = 0; c < TK / VW; ++c)
+      for (int e = 0; e < VW; ++e) valid[c][e] = c * VW + e < nk ? -1 : 0;
+    for (int64_t i0 = 0; i0 < nr; i0 += RB) {
+      const int64_t nb = nr - i0 < RB ? nr - i0 : RB;
+      const float* qr[RB];
+      for (int b = 0; b < RB; ++b) qr[b] = q + (t->r0 + i0 + (b < nb ? b : 0)) * ld + h * D;
+      vf s[RB][TK / VW];
+      memset(s, 0, sizeof s);
+      for (int64_t d = 0; d < D; ++d) {
+        vf kd[TK / VW];
+#pragma GCC unroll 8
+        for (int c = 0; c < TK / VW; ++c) kd[c] = vload(kt + d * TK + c * VW);
+#pragma GCC unroll 8
+        for (int b = 0; b < RB; ++b) {
+          const float a = qr[b][d];
+#pragma GCC unroll 8
+          for (int c = 0; c < TK / VW; ++c) s[b][c] += a * kd[c];
+        }
+      }
+      /* online softmax: rescale what was accumulated so far by exp(m_old - m_new) */
+      float p[RB][TK], alpha[RB];
+      for (int b = 0; b < RB; ++b) {
+        const int64_t i = i0 + (b < nb ? b : 0);
+        vf mx = vsplat(m[i]);
+        for (int c = 0; c < TK / VW; ++c) {
+          s[b][c] = vselect(valid[c], s[b][c] * scale, vsplat(-INFINITY));
+          mx = vselect(s[b][c] > mx, s[b][c], mx);
+        }
+        const float mnew = hmax(mx);
+        vf sum = vsplat(0.f);
+        for (int c = 0; c < TK / VW; ++c) {
+          const vf e = vselect(valid[c], vexp_nonpos(s[b][c] - mnew), vsplat(0.f));
+          vstore(p[b] + c * VW, e);
+          sum += e;
+        }
+        alpha[b] = vexp_nonpos(vsplat(m[i] - mnew))[0];
+        if (b < nb) { l[i] = l[i] * alpha[b] + hsum(sum); m[i] = mnew; }
+      }
+      /* acc[rows] = acc * alpha + P V, a 16-wide slice of D at a time with the rows' slices in registers */
+      for (int64_t c = 0; c < dv; c += VW) {
+        vf a[RB];
+        for (int b = 0; b < RB; ++b) a[b] = vload(acc + (i0 + (b < nb ? b : 0)) * D + c) * alpha[b];
+        for (int64_t j = 0; j < nk; ++j) {
+          const vf vr = vload(v + (j0 + j) * ld + h * D + c);
+#pragma GCC unroll 8
+          for (int b = 0; b < RB; ++b) a[b] += p[b][j] * vr;
+        }
+        for (int b = 0; b < nb; ++b) vstore(acc + (i0 + b) * D + c, a[b]);
+      }
+      for (int64_t d = dv; d < D; ++d) /* head_dim not a multiple of 16 */
+        for (int b = 0; b < nb; ++b) {
+          float x = acc[(i0 + b) * D + d] * alpha[b];
+          for (int64_t j = 0; j < nk; ++j) x += p[b][j] * v[(j0 + j) * ld + h * D + d];
+          acc[(i0 + b) * D + d] = x;
+        }
+    }
+  }
+  for (int64_t i = 0; i < nr; ++i) {
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    float* o = out + (t->r0 + i) * ld + h * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[i * D + d] * inv;
+  }
+}
+
+static int run_attention(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
+  ret->type_index = kTVMFFINone; ret->zero_padding = 0; ret->v_int64 = 0;
+  if (n != 5) return fail("vlmc_segment_attention: expected (q, k, v, ranges, out)");
+  DLTensor *Q = as_dl(args), *K = as_dl(args + 1), *V = as_dl(args + 2), *R = as_dl(args + 3), *O = as_dl(args + 4);
+  if (!Q || !K || !V || !R || !O || Q->ndim != 3 || K->ndim != 3 || V->ndim != 3 || O->ndim != 3 || R->ndim != 2)
+    return fail("vlmc_segment_attention: bad arguments");
+  if (R->dtype.code != kDLInt || R->dtype.bits != 32) return fail("vlmc_segment_attention: ranges must be int32");
+  const int64_t N = Q->shape[0], H = Q->shape[1], D = Q->shape[2], M = K->shape[0];
+  for (int i = 0; i < 3; ++i)
+    if (O->shape[i] != Q->shape[i] || (i && (K->shape[i] != Q->shape[i] || V->shape[i] != Q->shape[i])))
+      return fail("vlmc_segment_attention: shape mismatch");
+  if (R->shape[0] != N || R->shape[1] != 2 || V->shape[0] != M) return fail("vlmc_segment_attention: shape mismatch");
+  const int32_t* rg = (const int32_t*)((char*)R->data + R->byte_offset);
+  Tile* tiles = (Tile*)malloc(sizeof(Tile) * (N > 0 ? N : 1));
+  if (!tiles) return fail("vlmc_segment_attention: out of memory");
+  int64_t nt = 0;
+  for (int64_t i = 0; i < N;) {
+    const int64_t lo = rg[2 * i], hi = rg[2 * i + 1];
+    if (lo < 0 || hi < lo || hi > M) { free(tiles); return fail("vlmc_segment_attention: key range out of bounds"); }
+    int64_t j = i + 1;
+    while (j < N && j - i < TQ && rg[2 * j] == lo && rg[2 * j + 1] == hi) ++j;
+    tiles[nt++] = (Tile){i, j, lo, hi};
+    i = j;
+  }
+  const float scale = 1.f / sqrtf((float)D);
+  const float *q = fp(Q), *k = fp(K), *v = fp(V);
+  float* o = fp(O);
+#pragma omp parallel
+  {
+    float* kt = (float*)aligned_alloc(64, sizeof(float) * ((D * TK + 15) / 16 * 16));
+    float* acc = (float*)aligned_alloc(64, sizeof(float) * ((TQ * D + 15) / 16 * 16));
+#pragma omp for schedule(dynamic)
+    for (int64_t w = 0; w < nt * H; ++w) attend(q, k, v, o, H, D, w % H, &tiles[w / H], scale, kt, acc);
+    free(kt);
+    free(acc);
+  }
+  free(tiles);
+  return 0;
+}
+
+__attribute__((visibility("default")))
+int __tvm_ffi_vlmc_segment_attention(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) {
+  return run_attention(a, n, r);
+}

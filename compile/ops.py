@@ -1,0 +1,47 @@
+"""Graph ops that vlmc lowers to its own kernels instead of TVM's generic ones.
+
+`segment_attention(q, k, v, ranges)`: each query row i attends to the keys in [ranges[i, 0], ranges[i, 1]) with
+softmax(q k^T / sqrt(D)); q, k, v [N, H, D], ranges int32 [N, 2]; a row with an empty range gets zeros. Key ranges
+say what a dense [N, N] mask says for window, full and padded attention, in O(N) input, and let the CPU kernel skip
+everything outside them: window blocks cost their windows, not N^2.
+
+In PyTorch it is the custom op `vlmc::segment_attention` (torch.export keeps it as one node). On CPU targets it
+imports as `R.call_dps_packed("vlmc_segment_attention")` (compile/kernels/kernels.c); elsewhere (GPU targets, ONNX)
+the model calls `segment_attention_decomposed`, the same math in standard ops with a mask built from the ranges.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ATTENTION_EXTERN = "vlmc_segment_attention"
+
+
+def segment_attention_decomposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 ranges: torch.Tensor) -> torch.Tensor:
+    keys = torch.arange(k.shape[0], device=k.device, dtype=ranges.dtype)
+    allowed = (keys[None] >= ranges[:, :1]) & (keys[None] < ranges[:, 1:])  # [N, M]
+    scores = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0)) * q.shape[-1] ** -0.5  # [H, N, M]
+    scores = torch.where(allowed[None], scores, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1) * allowed.any(-1, keepdim=True)[None].to(scores.dtype)
+    return torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1)  # [N, H, D]
+
+
+@torch.library.custom_op("vlmc::segment_attention", mutates_args=())
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    return segment_attention_decomposed(q, k, v, ranges).contiguous()
+
+
+@segment_attention.register_fake
+def _segment_attention_shape(q, k, v, ranges):
+    return torch.empty_like(q)
+
+
+def _segment_attention_converter(node, importer):
+    from tvm import relax
+
+    q, k, v, ranges = (importer.env[a] for a in node.args[:4])
+    return importer.block_builder.emit(relax.call_dps_packed(ATTENTION_EXTERN, [q, k, v, ranges], q.ty))
+
+
+CUSTOM_CONVERTERS = {"segment_attention.default": _segment_attention_converter}
