@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -152,3 +153,31 @@ class Stages:
     @property
     def total(self) -> float:
         return round(time.perf_counter() - self.start, 3)
+
+
+def artifact_device(manifest: dict) -> str:
+    """Where an artifact's kernels run, "cpu" or "cuda" (manifests from before the key: read off the target)."""
+    if "device" in manifest:
+        return manifest["device"]
+    return "cuda" if '"kind":"cuda"' in str(manifest.get("target", "")).replace(" ", "") else "cpu"
+
+
+def check_device(manifest: dict, folder, device: str | None) -> str:
+    """Validate a --device value against the artifact it will run; returns it normalized ("cpu", "cuda:0")."""
+    kind, _, index = (device or "cpu").strip().lower().partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise VlmcError(f"device {device!r} is not one of: cpu, cuda, cuda:N")
+    built = artifact_device(manifest)
+    if built != kind:
+        hint = '--target \'{"kind": "cuda"}\'' if kind == "cuda" else "--target llvm"
+        arch = re.search(r'"arch":\s*"(\w+)"', str(manifest.get("target", "")))
+        what = f"{built} ({arch.group(1)})" if arch else built
+        raise VlmcError(f"{folder} was compiled for {what} and cannot run on {device}; recompile it with {hint} "
+                        f"or pass --device {built}")
+    if kind == "cuda":
+        import tvm
+
+        if not tvm.cuda(int(index or 0)).exist:
+            raise VlmcError(f"no CUDA device {kind}:{index or 0} is visible to TVM")
+        return f"cuda:{int(index or 0)}"
+    return "cpu"

@@ -52,6 +52,10 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
     tp, batch, context = kwargs.tp, kwargs.batch_size, cfg.frontend.context
     buckets = prefill_buckets(cfg)
     graphs = [(f"prefill_{s}", 1, s) for s in buckets] + [("decode", batch, 1)]
+    if tp > 1 and tvm_backend.target_device(cfg.backend.target) != "cpu":
+        # The all-reduce is a torch.distributed (gloo) call on host memory; there is no GPU collective yet.
+        raise VlmcError(f"tensor parallelism (tp={tp}) is supported on CPU targets only; compile for "
+                        f"{cfg.backend.target} with --tp 1")
     stages = Stages(["load", "export", "import into TVM", "optimize", "build", "save"])
     with stages.stage("load", f"{checkpoint}, tp={tp}"):
         arch_name = detect_architecture(checkpoint)
@@ -101,7 +105,8 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
             "layers": text.num_hidden_layers, "kv_heads_per_rank": plan.num_kv_heads, "head_dim": spec.text.head_dim,
             "hidden_size": text.hidden_size, "vocab_size": text.vocab_size, "param_names": param_names,
             "embed_tokens": {"file": "embed_tokens.npy", "dtype": str(embed.dtype), "shape": list(embed.shape)},
-            "dtype": cfg.backend.dtype, "target": str(target), "versions": library_versions(),
+            "dtype": cfg.backend.dtype, "target": str(target), "device": tvm_backend.target_device(target),
+            "versions": library_versions(),
             "config_hash": digest, "weights_fingerprint": weights, "host": spec.to_dict(),
             "compile_seconds": stages.times,
         })

@@ -20,10 +20,12 @@ ATTENTION_EXTERN = "vlmc_segment_attention"
 def segment_attention_decomposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  ranges: torch.Tensor) -> torch.Tensor:
     keys = torch.arange(k.shape[0], device=k.device, dtype=ranges.dtype)
-    allowed = (keys[None] >= ranges[:, :1]) & (keys[None] < ranges[:, 1:])  # [N, M]
+    # A 0/1 float mask, not a bool tensor: TVM 0.27's CUDA codegen loads bool pairs as ushort2 (2 bytes each), which
+    # mixed neighbouring mask entries in the GPU graph. The arithmetic below is exact: s*1 + 0*min = s, s*0 + min = min.
+    allowed = ((keys[None] >= ranges[:, :1]) & (keys[None] < ranges[:, 1:])).to(q.dtype)  # [N, M]
     scores = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0)) * q.shape[-1] ** -0.5  # [H, N, M]
-    scores = torch.where(allowed[None], scores, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1) * allowed.any(-1, keepdim=True)[None].to(scores.dtype)
+    scores = scores * allowed[None] + (1 - allowed[None]) * torch.finfo(scores.dtype).min
+    probs = torch.softmax(scores, dim=-1) * allowed.sum(-1, keepdim=True).clamp(max=1)[None]  # 1: any key
     return torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1)  # [N, H, D]
 
 

@@ -36,6 +36,11 @@ Pitfalls / API changes in TVM 0.27 (all verified in this venv)
   apply the stock DLight CPU rules.
 * export_library(..., options=[...]) puts options BEFORE the objects on the gcc line, so "-lfoo"
   there is dropped by --as-needed; pass the library file itself in addons=[...] instead.
+* CUDA targets (verified on an H100): a target without "arch" is silently sm_50 when no GPU is visible.
+  tvm.compile keeps the CUDA *source* in the library; NVRTC (cuda-bindings; or nvcc with
+  TVM_CUDA_COMPILE_MODE=nvcc) compiles it when the library is loaded, so building needs no GPU and
+  loading needs the CUDA toolkit.  Kernels are built with --use_fast_math: powf(x, 2) is NaN for x < 0.
+  The VM's Device has dlpack_device_type(), not device_type.
 * Per-call costs (2-core box): VM call ~4 us; tvm.runtime.tensor(np) ~60 us and Tensor.numpy()
   ~23 us (copies) vs tvm_ffi.from_dlpack / np.from_dlpack ~1 us; indexing a returned tuple
   (tvm_ffi Array) ~3 us per element.
@@ -66,7 +71,7 @@ from tvm.relax.frontend.torch import from_exported_program
 
 __all__ = [
     "BuildResult", "DispatchMatmulToBLAS", "aligned_zeros", "compile_module", "export_module", "host_target",
-    "import_exported", "load_library", "load_params", "optimize", "save_library", "save_params",
+    "import_exported", "load_library", "load_params", "optimize", "save_library", "save_params", "target_device",
 ]
 
 
@@ -78,14 +83,37 @@ def host_target(target: str | dict | tvm.target.Target = "llvm") -> tvm.target.T
     if isinstance(target, tvm.target.Target):
         return target
     if isinstance(target, str):
-        if target.strip() != "llvm":
+        if target.strip() not in ("llvm", "cuda"):
             return tvm.target.Target(target)
-        target = {"kind": "llvm"}
+        target = {"kind": target.strip()}
     target = dict(target)
+    if target.get("kind") == "cuda":
+        return _cuda_target(target)
     if target.get("kind") == "llvm" and target.get("mcpu", "native") == "native":
         target["mcpu"] = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()
         target.setdefault("mtriple", tvm.get_global_func("tvm.codegen.llvm.GetDefaultTargetTriple")())
     return tvm.target.Target(target)
+
+
+def _cuda_target(target: dict) -> tvm.target.Target:
+    """A CUDA target with an explicit arch and this machine's CPU as host.
+
+    Without an arch TVM silently picks sm_50 when it sees no GPU; take the visible GPU's, else ask for one.
+    """
+    target = dict(target)
+    if "arch" not in target:
+        if not tvm.cuda(0).exist:
+            raise ValueError("a CUDA target needs an arch when no GPU is visible, e.g. "
+                             '{"kind": "cuda", "arch": "sm_90"}')
+        target["arch"] = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+    target.setdefault("max_shared_memory_per_block", 49152)  # dlight's tile sizes; 48 KiB needs no opt-in anywhere
+    host = target.pop("host", "llvm")
+    return tvm.target.Target(target, host_target(host))
+
+
+def target_device(target) -> str:
+    """Where a target's kernels run: "cuda" or "cpu" (recorded in artifacts, checked when they are loaded)."""
+    return "cuda" if host_target(target).kind.name == "cuda" else "cpu"
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +290,38 @@ def _fast_math_pass():
     return fast_math
 
 
+@relax.expr_functor.mutator
+class _SquareRewriter(relax.PyExprMutator):
+    """power(x, 2) -> x * x."""
+
+    _power = Op.get("relax.power")
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op == self._power and isinstance(call.args[1], tvm.ir.expr.Constant):
+            value = call.args[1].value
+            exponent = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+            if exponent.size == 1 and float(exponent.reshape(())) == 2.0:
+                return relax.op.multiply(call.args[0], call.args[0])
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="SquareToMultiply")
+class SquareToMultiply:
+    """Rewrite power(x, 2) (RMSNorm's x.pow(2)) into x * x.
+
+    TVM builds CUDA kernels with --use_fast_math, where powf(x, 2) becomes exp2(2 * log2(x)): NaN for every
+    negative x, so every RMSNorm turned the whole graph into NaN.
+    """
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        rw = _SquareRewriter(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rw.builder_.update_func(gv, rw.visit_expr(func))
+        return rw.builder_.finalize()
+
+
 class ParallelCPUSchedule:
     """dlight-style rule for CPU targets: inline elementwise producers, then run each remaining block's spatial loops
     on the thread pool and leave the innermost contiguous loop to LLVM's vectorizer. TVM's default lowering runs
@@ -312,7 +372,8 @@ def optimize(mod: tvm.IRModule, target, blas: bool = True) -> tvm.IRModule:
     passes = []
     if blas and target.kind.name == "llvm":
         passes.append(DispatchMatmulToBLAS())  # before LegalizeOps, which would lower matmul to TIR
-    passes += [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
+    # x * x instead of power(x, 2): exact on every target, fuses on CPU, and avoids CUDA fast-math's NaN powf.
+    passes += [SquareToMultiply(), relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
     if target.kind.name == "llvm":
         passes.append(_fast_math_pass())
     passes.append(relax.get_pipeline("zero"))
@@ -331,7 +392,17 @@ def optimize(mod: tvm.IRModule, target, blas: bool = True) -> tvm.IRModule:
 def compile_module(mod: tvm.IRModule, target) -> BuildResult:
     """Lower an optimized module to a VM executable (memory planning, codegen)."""
     target = host_target(target)
-    ex = tvm.compile(mod, target)
+    if target.kind.name == "llvm":
+        ex = tvm.compile(mod, target)
+    else:
+        # optimize() already fused and scheduled the kernels (dlight); the GPU default pipeline would run
+        # FuseOps/FuseTIR over scheduled kernels again, so only lower and finalize here.
+        # TVM 0.27 stores the CUDA source in the library; NVRTC (or nvcc) compiles it when the library is loaded.
+        from tvm.relax.backend.cuda import pipeline as gpu
+
+        lower = tvm.transform.Sequential(gpu.dataflow_lower_passes(target) + gpu.finalize_passes(target))
+        with target:
+            ex = tvm.compile(mod, target, relax_pipeline=lower)
     # The kernels library is linked into every CPU graph: attention needs it even without BLAS dispatch. OpenBLAS
     # (numpy's) by default: measured here, MKL's OpenMP GEMV/small GEMMs made decode steps 10x slower; VLMC_BLAS=mkl
     # (torch's, where its CPU wheel has it) is there to compare on other hosts.
@@ -384,15 +455,25 @@ def aligned_zeros(shape, dtype=np.float32) -> np.ndarray:
 def load_library(path: str | os.PathLike, params: list, device=None) -> Callable:
     """A compiled graph as f(*inputs) -> list[np.ndarray], with `params` bound after the inputs."""
     dev = _device(device)
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev)
+    on_host = dev.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+    try:
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev)
+    except RuntimeError as exc:
+        if on_host:
+            raise
+        # GPU kernels are compiled here, at load time, by NVRTC (cuda-bindings) or nvcc (TVM_CUDA_COMPILE_MODE=nvcc).
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise ValueError(f"loading {path} on {device} failed: {first} (GPU kernels are compiled at load time and "
+                         f"need the CUDA runtime and NVRTC or nvcc)") from exc
     main = vm["main"]
 
     def as_tvm(x):
         # Compiled kernels assume 64-byte aligned, compact buffers: share those zero-copy, copy the rest.
+        # A GPU graph gets host arrays copied to the device (tensors already there pass through).
         if torch.is_tensor(x):
-            x = x.detach().numpy()
+            x = x.detach().cpu().numpy()
         if isinstance(x, np.ndarray):
-            if x.flags.c_contiguous and x.ctypes.data % ALIGNMENT == 0:
+            if on_host and x.flags.c_contiguous and x.ctypes.data % ALIGNMENT == 0:
                 return tvm_ffi.from_dlpack(x)
             return tvm.runtime.tensor(np.ascontiguousarray(x), dev)
         return x
@@ -400,7 +481,7 @@ def load_library(path: str | os.PathLike, params: list, device=None) -> Callable
     def run(*inputs) -> list[np.ndarray]:
         out = main(*[as_tvm(x) for x in inputs], *params)
         outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
-        return [np.from_dlpack(o) for o in outs]
+        return [np.from_dlpack(o) if on_host else o.numpy() for o in outs]
 
     run.vm = vm  # the VM owns the loaded code; the function alone does not keep it alive
     return run

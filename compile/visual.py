@@ -29,6 +29,7 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
     out = Path(cfg.workspace.path) / cfg.name
     digest, weights = config_hash(cfg), weights_fingerprint(checkpoint)
 
+    tvm_backend.host_target(cfg.backend.target)  # a bad target fails now, not after the export
     stages = Stages(["load", "export", "import into TVM", "optimize", "build", "save"])
     budget = cfg.frontend.max_patches
     with stages.stage("load", str(checkpoint)):
@@ -66,7 +67,7 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
             "kind": "visual", "name": cfg.name, "arch": arch_name, "checkpoint": str(checkpoint),
             "patch_budget": budget, "merge_unit": spec.vision.merge_unit, "patch_dim": module.patch_dim,
             "hidden_size": vision.out_hidden_size, "output_chunks": chunks, "dtype": cfg.backend.dtype,
-            "target": str(target), "param_names": names, "inputs": {n: list(a.shape) for n, a in zip(GRAPH_INPUTS, args)},
+            "target": str(target), "device": tvm_backend.target_device(target), "param_names": names, "inputs": {n: list(a.shape) for n, a in zip(GRAPH_INPUTS, args)},
             "versions": library_versions(), "config_hash": digest, "weights_fingerprint": weights,
             "host": spec.to_dict(), "compile_seconds": stages.times,
         }

@@ -29,8 +29,14 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+def read_bandwidth(megabytes: int = 512, repeats: int = 5, device: str = "cpu") -> float:
     """Memory read bandwidth in bytes/s, from a reduction over an array larger than the caches."""
+    if device != "cpu":  # the GPU's memory: that is where the weights are read from
+        import torch
+
+        big = torch.ones(megabytes * 4 * (1 << 20) // 4, device=device)
+        seconds = _median_time(lambda: (big.sum(), torch.cuda.synchronize(device)), repeats)
+        return big.numel() * 4 / seconds
     data = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
     seconds = _median_time(lambda: data.sum(dtype=np.float32), repeats)
     return data.nbytes / seconds
@@ -51,29 +57,35 @@ def _side_hf(args: dict) -> dict:
     from ..build_in.source_code import detect_architecture, get_architecture
 
     reference = get_architecture(detect_architecture(args["checkpoint"])).reference
-    model = reference.load_model(args["checkpoint"])
+    device = args.get("device", "cpu")
+    model = reference.load_model(args["checkpoint"]).to(device)
+    # GPU kernels run asynchronously: a timed call ends only when the device is done.
+    sync = (lambda: torch.cuda.synchronize(device)) if device != "cpu" else (lambda: None)
     image = Image.open(args["image"])
     prompt = _prompt(AutoTokenizer.from_pretrained(args["checkpoint"]), args["prompt_tokens"])
     ref = reference.reference_inputs(args["checkpoint"], [image], prompt, model=model)
     kwargs = dict(input_ids=ref["input_ids"], attention_mask=torch.ones_like(ref["input_ids"]),
                   mm_token_type_ids=ref["mm_token_type_ids"], pixel_values=ref["pixel_values"],
                   image_grid_thw=ref["image_grid_thw"])
+    kwargs = {k: v.to(device) for k, v in kwargs.items()}
     out = {}
     with torch.no_grad():
         def vision():
             r = reference.reference_inputs(args["checkpoint"], [image], prompt, model=model)
-            model.model.visual(r["pixel_values"], grid_thw=r["image_grid_thw"])
+            model.model.visual(r["pixel_values"].to(device), grid_thw=r["image_grid_thw"].to(device))
+            sync()
 
         out["vision_encode_s"] = _median_time(vision, args["repeats"])
 
         def ttft():
             r = reference.reference_inputs(args["checkpoint"], [image], prompt, model=model)
-            model(**dict(kwargs, pixel_values=r["pixel_values"]), logits_to_keep=1)
+            model(**dict(kwargs, pixel_values=r["pixel_values"].to(device)), logits_to_keep=1)
+            sync()
 
         out["ttft_s"] = _median_time(ttft, args["repeats"])
         n = args["new_tokens"]
-        gen = _median_time(lambda: model.generate(**kwargs, do_sample=False, max_new_tokens=n, min_new_tokens=n),
-                           args["repeats"])
+        gen = _median_time(lambda: (model.generate(**kwargs, do_sample=False, max_new_tokens=n, min_new_tokens=n),
+                                    sync()), args["repeats"])
         out["decode_tokens_per_s"] = (n - 1) / max(gen - out["ttft_s"], 1e-9)
         text = model.config.text_config
         head_dim = text.hidden_size // text.num_attention_heads
@@ -81,18 +93,22 @@ def _side_hf(args: dict) -> dict:
                                                                                args["long_context"])):
             cache = DynamicCache(config=model.config)
             for layer in range(text.num_hidden_layers):
-                kv = torch.randn(1, text.num_key_value_heads, length, head_dim)
+                kv = torch.randn(1, text.num_key_value_heads, length, head_dim, device=device)
                 cache.update(kv, kv.clone(), layer)
-            token = torch.tensor([[1]])
-            mask = torch.ones(1, length + 1, dtype=torch.long)
+            token = torch.tensor([[1]], device=device)
+            mask = torch.ones(1, length + 1, dtype=torch.long, device=device)
+            position_ids = torch.full((3, 1, 1), length, device=device)
 
             def step():
-                model(input_ids=token, past_key_values=cache, attention_mask=mask,
-                      position_ids=torch.full((3, 1, 1), length), use_cache=True)
+                model(input_ids=token, past_key_values=cache, attention_mask=mask, position_ids=position_ids,
+                      use_cache=True)
                 cache.crop(-1)  # drop the token again so every step sees `length` cached positions
+                sync()
 
             out[key] = _median_time(step, args["repeats"] * 3)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device != "cpu":
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / (1 << 20)
     return out
 
 
@@ -101,7 +117,7 @@ def _side_vlmc(args: dict) -> dict:
     from ..runtime.llm.engine import Sequence
     from ..runtime.llm.pipeline import Pipeline
 
-    pipe = Pipeline(args["model"], args["vit_model"])
+    pipe = Pipeline(args["model"], args["vit_model"], args.get("device", "cpu"))
     try:
         prompt = _prompt(pipe.tokenizer, args["prompt_tokens"])
         out = {"vision_encode_s": _median_time(lambda: pipe.encode_images([args["image"]]), args["repeats"])}
@@ -161,11 +177,11 @@ def run_bench(args: dict) -> dict:
         if error:
             raise VlmcError(f"bench: the {side} side failed: {error}")
         results[name] = result
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth(device=args.get("device", "cpu"))
     floor = results["vlmc"]["weight_bytes_per_token"] / bandwidth
     ratios = {k: results["vlmc"][k] / results["transformers"][k] for k, _ in METRICS
               if results["transformers"].get(k)}
-    return {"inputs": args, "transformers": results["transformers"], "vlmc": results["vlmc"],
+    return {"inputs": args, "device": args.get("device", "cpu"), "transformers": results["transformers"], "vlmc": results["vlmc"],
             "ratio_vlmc_over_transformers": ratios, "memory_read_bandwidth_gb_s": bandwidth / 1e9,
             "decode_floor_s": floor, "vlmc_decode_step_over_floor": results["vlmc"]["decode_step_short_s"] / floor}
 
@@ -176,7 +192,10 @@ def format_table(report: dict) -> str:
         hf, ours = report["transformers"].get(key), report["vlmc"].get(key)
         ratio = report["ratio_vlmc_over_transformers"].get(key)
         rows.append(f"| {label} | {hf:.4g} | {ours:.4g} | {ratio:.3g} |")
-    rows.append(f"| memory read bandwidth (GB/s) | | {report['memory_read_bandwidth_gb_s']:.3g} | |")
+    if "peak_gpu_mib" in report["transformers"]:  # TVM's GPU allocations are not visible to torch's counter
+        rows.append(f"| peak GPU memory, torch allocator (MiB) | {report['transformers']['peak_gpu_mib']:.4g} | | |")
+    where = "GPU" if report.get("device", "cpu") != "cpu" else "host"
+    rows.append(f"| {where} memory read bandwidth (GB/s) | | {report['memory_read_bandwidth_gb_s']:.3g} | |")
     rows.append(f"| decode floor: weight bytes / bandwidth (s) | | {report['decode_floor_s']:.3g} | |")
     rows.append(f"| vlmc decode step / floor | | {report['vlmc_decode_step_over_floor']:.3g} | |")
     return "\n".join(rows)

@@ -31,6 +31,8 @@ def register(sub) -> None:
     par.add_argument("--prompt", default="Describe the image.", help="user text (default: Describe the image.)")
     par.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens to compare (default: 16)")
     par.add_argument("--report", default="parity-report", help="output folder (default: ./parity-report)")
+    par.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where vlmc and transformers both run; "
+                                                     "must match the artifacts' target (default: cpu)")
     par.add_argument("--backend", choices=["tvm", "onnxruntime"], default="tvm",
                      help="onnxruntime: also run the visual artifact's ONNX export (compile with --onnx) and check "
                           "its image embeddings against transformers and TVM, same threshold (default: tvm only)")
@@ -54,6 +56,8 @@ def register(sub) -> None:
     b.add_argument("--short-context", type=int, default=64, help="cache length of the short decode step")
     b.add_argument("--long-context", type=int, help="cache length of the long decode step (default: context-1)")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats per figure (default 3)")
+    b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both sides run; must match the "
+                                                   "artifacts' target (default: cpu)")
     b.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     b.set_defaults(func=run_bench_command)
 
@@ -131,10 +135,12 @@ def _run_perf(args) -> int:
 
 
 def run_parity_command(args) -> int:
+    from ..compile.artifact import check_device, read_manifest
     from .parity import failures, run_parity, write_report
 
+    device = check_device(read_manifest(args.model, kind="llm", verify=False), args.model, args.device)
     report = run_parity(args.checkpoint, args.model, args.vit_model, args.image, args.prompt, args.max_new_tokens,
-                        args.backend)
+                        args.backend, device)
     path = write_report(report, Path(args.report))
     failed = failures(report)
     summary = {"pass": not failed, "failures": failed, "report": str(path),
@@ -162,7 +168,10 @@ def run_bench_command(args) -> int:
         width, height = (int(v) for v in args.image_size.lower().split("x"))
     except ValueError:
         raise VlmcError(f"--image-size must look like 448x448, got {args.image_size!r}") from None
-    context = read_manifest(args.model, kind="llm", verify=False)["context"]
+    from ..compile.artifact import check_device
+
+    manifest = read_manifest(args.model, kind="llm", verify=False)
+    context, device = manifest["context"], check_device(manifest, args.model, args.device)
     long_context = args.long_context or context - args.new_tokens - 1
     if not 0 < args.short_context < long_context < context:
         raise VlmcError(f"need 0 < --short-context < --long-context < the compiled context {context}")
@@ -173,6 +182,6 @@ def run_bench_command(args) -> int:
         report = run_bench({"checkpoint": args.checkpoint, "model": args.model, "vit_model": args.vit_model,
                             "image": image, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                             "short_context": args.short_context, "long_context": long_context,
-                            "repeats": args.repeats})
+                            "repeats": args.repeats, "device": device})
     print(json.dumps(report) if args.json else format_table(report))
     return 0

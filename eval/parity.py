@@ -60,7 +60,7 @@ def onnx_embeddings(path: Path, visual, images: list[str]) -> list[np.ndarray]:
 
 
 def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[str], prompt: str,
-               max_new_tokens: int, backend: str = "tvm") -> dict:
+               max_new_tokens: int, backend: str = "tvm", device: str = "cpu") -> dict:
     import torch
     from PIL import Image
 
@@ -73,13 +73,16 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
 
     arch = get_architecture(detect_architecture(checkpoint))
     reference = arch.reference
+    pipe = Pipeline(model, vit_model, device, same_checkpoint=False)  # a foreign visual artifact must show up
     hf = reference.load_model(checkpoint)
-    pipe = Pipeline(model, vit_model, same_checkpoint=False)  # a foreign visual artifact must show up as a stage
+    if device != "cpu":  # transformers on the same GPU, in true fp32 (TF32 would be the drift we measure)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        hf = hf.to(device)
     try:
         spec = pipe.spec
         ref = reference.reference_inputs(checkpoint, [Image.open(p) for p in images], prompt, model=hf)
         report: dict = {"inputs": {"images": images, "prompt": prompt, "max_new_tokens": max_new_tokens},
-                        "dtype": pipe.llm.manifest["dtype"]}
+                        "dtype": pipe.llm.manifest["dtype"], "device": device}
 
         # 1. Host preprocessing: vlmc's host ops against the reference processor.
         image_embeds, grids, _ = pipe.encode_images(images)
@@ -99,7 +102,8 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
         # 2. Image embeddings, per image.
         if images:
             with torch.no_grad():
-                hf_embeds = reference.as_numpy(hf.model.visual(ref["pixel_values"], grid_thw=ref["image_grid_thw"])
+                hf_embeds = reference.as_numpy(hf.model.visual(ref["pixel_values"].to(hf.device),
+                                                               grid_thw=ref["image_grid_thw"].to(hf.device))
                                                .pooler_output)
             errors, offset = [], 0
             for ours in image_embeds:
@@ -184,7 +188,8 @@ def write_report(report: dict, folder: Path) -> Path:
     fig.tight_layout()
     fig.savefig(plot)
     plt.close(fig)
-    lines = ["# Parity report: vlmc vs transformers", "", f"dtype: {report['dtype']}", "", "| stage | result |",
+    lines = ["# Parity report: vlmc vs transformers", "",
+             f"dtype: {report['dtype']}, device: {report.get('device', 'cpu')}", "", "| stage | result |",
              "|---|---|"]
     lines += [f"| host: {k} | {v} |" for k, v in report["host"].items()]
     for i, err in enumerate(report.get("image_embedding_rel_error", [])):

@@ -61,6 +61,8 @@ def register_inference(sub) -> None:
     p.add_argument("--out", required=True, help="output .npy path")
     p.add_argument("--min-pixels", type=int, help="lower bound on resized pixels (default: the artifact's)")
     p.add_argument("--max-pixels", type=int, help="upper bound on resized pixels (default: the artifact's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; must match the artifact's target "
+                                                   "(default: cpu)")
     p.set_defaults(func=run_encode)
 
     g = sub.add_parser(
@@ -79,6 +81,8 @@ def register_inference(sub) -> None:
     g.add_argument("--seed", type=int, help="sampling seed")
     g.add_argument("--min-pixels", type=int, help="lower bound on resized pixels")
     g.add_argument("--max-pixels", type=int, help="upper bound on resized pixels")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; must match the artifacts' target "
+                                                   "(default: cpu)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token_ids, prompt_tokens, timings) as the last line")
     g.set_defaults(func=run_generate)
@@ -87,7 +91,7 @@ def register_inference(sub) -> None:
 def run_encode(args) -> int:
     from .visual.runtime import VisualRuntime
 
-    runtime = VisualRuntime(args.vit_model)
+    runtime = VisualRuntime(args.vit_model, args.device)
     encoded = runtime.encode(args.image, args.min_pixels, args.max_pixels)
     np.save(args.out, encoded.embeddings)
     h, w = encoded.resized_to
@@ -105,7 +109,7 @@ def run_generate(args) -> int:
 
     if args.max_new_tokens <= 0:
         raise VlmcError("--max-new-tokens must be positive")
-    pipeline = Pipeline(args.model, args.vit_model)
+    pipeline = Pipeline(args.model, args.vit_model, args.device)
     try:
         result = pipeline.generate(args.image, args.prompt, args.max_new_tokens, SamplingParams(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),

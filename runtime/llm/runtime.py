@@ -13,7 +13,7 @@ import os
 import socket
 from pathlib import Path
 
-from ...compile.artifact import read_manifest
+from ...compile.artifact import check_device, read_manifest
 from ..cpu_ops.embedding import EmbeddingTable
 from ..cpu_ops.pipeline import HostSpec
 from .engine import CacheShape, LLMEngine
@@ -57,6 +57,7 @@ class LLMArtifact:
         return EmbeddingTable.load(self.path / self.manifest["embed_tokens"]["file"])
 
     def engine(self, rank: int = 0, device: str = "cpu", slots: int | None = None) -> LLMEngine:
+        device = check_device(self.manifest, self.path, device)
         prefill, decode = load_rank_steps(self.path, self.manifest, rank, device)
         return LLMEngine(prefill, decode, self.spec.text, self.embedding(), self.cache_shape(),
                          slots=slots or int(self.manifest["batch_size"]))
@@ -102,6 +103,11 @@ class DistributedEngine:
         self.artifact = artifact
         self.world = artifact.tp
         self.workers = []
+        if self.world > 1 and device != "cpu":
+            from ...errors import VlmcError
+
+            # The packed all-reduce is torch.distributed over gloo on host memory (no GPU collective yet).
+            raise VlmcError(f"{artifact.path} has tp={self.world}; tensor parallelism runs on the CPU only")
         if self.world > 1:
             port = free_port()
             ctx = multiprocessing.get_context("spawn")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...compile.artifact import read_manifest
+from ...compile.artifact import check_device, read_manifest
 from ..cpu_ops.image import ImageConfig, image_to_patches, load_image
 from ..cpu_ops.pipeline import HostSpec
 from ..cpu_ops.vision import build_visual_inputs
@@ -44,6 +44,7 @@ class VisualRuntime:
 
         self.path = Path(artifact)
         self.manifest = read_manifest(self.path, kind="visual", verify=verify)
+        device = check_device(self.manifest, self.path, device)
         self.spec = HostSpec.from_dict(self.manifest["host"])
         self.budget = int(self.manifest["patch_budget"])
         self.hidden_size = int(self.manifest["hidden_size"])

@@ -12,7 +12,9 @@ def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=N
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
     kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    processor = AutoImageProcessor.from_pretrained(checkpoint_dir, **kwargs)
+    # The PIL processor is what the host ops reproduce; with torchvision installed (GPU machines) transformers would
+    # pick its torchvision one, whose resize differs slightly.
+    processor = AutoImageProcessor.from_pretrained(checkpoint_dir, backend="pil", **kwargs)
     messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if images:
@@ -27,7 +29,10 @@ def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=N
     input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     model = model or Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint_dir)
     mm_type = (input_ids == model.config.image_token_id).int()
-    position_ids, deltas = model.model.get_rope_index(input_ids, mm_type, image_grid_thw=grid)
+    dev = model.device  # get_rope_index runs where the model is (a GPU model too); results come back to the host
+    position_ids, deltas = model.model.get_rope_index(input_ids.to(dev), mm_type.to(dev),
+                                                      image_grid_thw=None if grid is None else grid.to(dev))
+    position_ids, deltas = position_ids.cpu(), deltas.cpu()
     return {"pixel_values": pixel_values, "image_grid_thw": grid, "input_ids": input_ids,
             "mm_token_type_ids": mm_type, "position_ids": position_ids, "rope_deltas": deltas}
 
@@ -38,6 +43,7 @@ def generate_reference(model, ref, max_new_tokens, with_logits=False):
                   mm_token_type_ids=ref["mm_token_type_ids"])
     if ref["pixel_values"] is not None:
         kwargs.update(pixel_values=ref["pixel_values"], image_grid_thw=ref["image_grid_thw"])
+    kwargs = {k: v.to(model.device) for k, v in kwargs.items()}
     with torch.no_grad():
         out = model.generate(**kwargs, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                              output_logits=True, return_dict_in_generate=True)
