@@ -92,6 +92,11 @@ def host_target(target: str | dict | tvm.target.Target = "llvm") -> tvm.target.T
     if target.get("kind") == "llvm" and target.get("mcpu", "native") == "native":
         target["mcpu"] = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()
         target.setdefault("mtriple", tvm.get_global_func("tvm.codegen.llvm.GetDefaultTargetTriple")())
+    if target.get("kind") == "llvm":
+        # Reassociation lets LLVM vectorize float reductions (softmax, RMSNorm); no finite-math assumptions, since
+        # masks carry very large negative values.
+        for flag in ("fast-math-reassoc", "fast-math-contract", "fast-math-nsz", "fast-math-arcp"):
+            target.setdefault(flag, True)
     return tvm.target.Target(target)
 
 
@@ -274,6 +279,12 @@ def _fast_math_pass():
             name = getattr(call.op, "name", "")
             if name == "relax.sigmoid":
                 return self.builder_.call_te(lambda x: 1.0 / (1.0 + topi.fast_exp(topi.negative(x))), call.args[0])
+            if name == "relax.nn.softmax":  # topi's fast_softmax does not schedule on CPU: max, fast exp, sum, divide
+                def softmax(x, axis=int(call.attrs.axis)):
+                    e = topi.fast_exp(x - topi.max(x, axis=axis, keepdims=True))
+                    return e / topi.sum(e, axis=axis, keepdims=True)
+
+                return self.builder_.call_te(softmax, call.args[0])
             if name == "relax.nn.gelu":
                 return self.builder_.call_te(
                     lambda x: x * (0.5 + 0.5 * topi.fast_erf(x * 0.7071067811865476)), call.args[0])

@@ -8,6 +8,7 @@ no data-dependent control flow and no [N, N] mask.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +68,16 @@ class VisualGraphInputs:
         return [self.pixel_values, self.window_ranges, self.full_ranges, self.cos, self.sin]
 
 
+@functools.lru_cache(maxsize=64)
+def _grid_rotary(grid: tuple[int, int, int], merge_size: int, head_dim: int, theta: float):
+    """Rotary tables of an image grid. They depend on the grid alone and images of one size recur (a camera, a
+    benchmark), so they are computed once per grid; read-only so that no caller can change the cached copy."""
+    tables = vision_cos_sin(vision_position_ids(np.asarray(grid), merge_size), head_dim, theta)
+    for table in tables:
+        table.flags.writeable = False
+    return tables
+
+
 def build_visual_inputs(pixel_values: np.ndarray, grid_thw, spec: VisionSpec, budget: int,
                         dtype=np.float32) -> VisualGraphInputs:
     """Lay out one image's patches [n, patch_dim] for a graph compiled for `budget` patches (n <= budget)."""
@@ -81,7 +92,8 @@ def build_visual_inputs(pixel_values: np.ndarray, grid_thw, spec: VisionSpec, bu
     padded[:n] = pixel_values[patch_order]
     cos = np.zeros((budget, spec.head_dim), dtype=np.float32)
     sin = np.zeros((budget, spec.head_dim), dtype=np.float32)
-    c, s = vision_cos_sin(vision_position_ids(grid_thw, spec.merge_size), spec.head_dim, spec.rope_theta)
+    grid = tuple(int(g) for g in np.asarray(grid_thw).reshape(-1)[:3])
+    c, s = _grid_rotary(grid, spec.merge_size, spec.head_dim, float(spec.rope_theta))
     cos[:n], sin[:n] = c[patch_order], s[patch_order]
 
     # Windows are contiguous in window order, so each patch's keys are one range. Padding rows get the empty range
