@@ -25,18 +25,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 def graph_inputs(batch: int, seq: int, hidden: int, head_dim: int, layers: int, kv_heads: int, context: int):
-    """Example inputs of the deploy LLM graph (the shapes it is compiled for)."""
-    caches = [torch.zeros(batch, kv_heads, context, head_dim) for _ in range(2 * layers)]  # k per layer, v per layer
+    """Example inputs of the deploy LLM graph (the shapes it is compiled for); context 0: no cache inputs (prefill
+    graphs, which always start on an empty cache slot)."""
+    caches = [torch.zeros(batch, kv_heads, context, head_dim) for _ in range(2 * layers if context else 0)]
     return (torch.zeros(batch, seq, hidden), torch.zeros(batch, seq, head_dim), torch.zeros(batch, seq, head_dim),
             torch.zeros(batch, 1, seq, context + seq), *caches)
 
 
 def prefill_buckets(cfg: LLMConfig) -> list[int]:
     p = cfg.frontend.max_prefill
-    # Default: every 128 up to 512, then every 256 up to 2048, then every 512, so a prompt is padded by at most a
-    # third (prefill cost grows with the padded length; each bucket adds one graph, never weights).
+    # Default: 128, every 64 up to 512, every 128 up to 1024, every 256 up to 2048, then every 512, so a prompt of
+    # more than 128 tokens is padded by at most a third (prefill cost grows with the padded length; each bucket adds
+    # one graph, never weights).
     buckets = cfg.frontend.model_kwargs.prefill_buckets or [
-        b for b in [*range(128, 513, 128), *range(768, 2049, 256), *range(2560, p + 1, 512)] if b < p]
+        b for b in [*range(128, 513, 64), *range(640, 1025, 128), *range(1280, 2049, 256), *range(2560, p + 1, 512)]
+        if b < p]
     return sorted(set(buckets) | {p})
 
 
@@ -51,7 +54,7 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
     kwargs = cfg.frontend.model_kwargs
     tp, batch, context = kwargs.tp, kwargs.batch_size, cfg.frontend.context
     buckets = prefill_buckets(cfg)
-    graphs = [(f"prefill_{s}", 1, s) for s in buckets] + [("decode", batch, 1)]
+    graphs = [(f"prefill_{s}", 1, s, 0) for s in buckets] + [("decode", batch, 1, context)]  # name, B, S, cache T
     if tp > 1 and tvm_backend.target_device(cfg.backend.target) != "cpu":
         # The all-reduce is a torch.distributed (gloo) call on host memory; there is no GPU collective yet.
         raise VlmcError(f"tensor parallelism (tp={tp}) is supported on CPU targets only; compile for "
@@ -71,11 +74,11 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
         plan = ranks[0].plan
         embed = arch.embedding_table(checkpoint).float().numpy()
     dims = dict(hidden=text.hidden_size, head_dim=spec.text.head_dim, layers=text.num_hidden_layers,
-                kv_heads=plan.num_kv_heads, context=context)
+                kv_heads=plan.num_kv_heads)
     exported = {}
     with stages.stage("export", f"{len(graphs)} graphs: " + ", ".join(g[0] for g in graphs)):
-        for name, b, s in graphs:
-            exported[name] = tvm_backend.export_module(ranks[0], graph_inputs(b, s, **dims))
+        for name, b, s, t in graphs:
+            exported[name] = tvm_backend.export_module(ranks[0], graph_inputs(b, s, context=t, **dims))
         param_names = list(exported["decode"].graph_signature.parameters)
     modules = {}
     with stages.stage("import into TVM"):
@@ -101,7 +104,7 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
         write_manifest(tmp, {
             "kind": "llm", "name": cfg.name, "arch": arch_name, "checkpoint": str(checkpoint),
             "tp": tp, "max_prefill": cfg.frontend.max_prefill, "context": context, "prefill_buckets": buckets,
-            "batch_size": batch, "graphs": {n: {"batch": b, "seq": s} for n, b, s in graphs},
+            "batch_size": batch, "graphs": {n: {"batch": b, "seq": s, "cache": t} for n, b, s, t in graphs},
             "layers": text.num_hidden_layers, "kv_heads_per_rank": plan.num_kv_heads, "head_dim": spec.text.head_dim,
             "hidden_size": text.hidden_size, "vocab_size": text.vocab_size, "param_names": param_names,
             "embed_tokens": {"file": "embed_tokens.npy", "dtype": str(embed.dtype), "shape": list(embed.shape)},

@@ -7,7 +7,9 @@ and gives the decode floor: bytes of weights read per token / bandwidth.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import resource
 import statistics
 import time
@@ -30,16 +32,22 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def read_bandwidth(megabytes: int = 512, repeats: int = 5, device: str = "cpu") -> float:
-    """Memory read bandwidth in bytes/s, from a reduction over an array larger than the caches."""
+    """Memory read bandwidth in bytes/s: the fastest of a few all-core reads of an array larger than the caches."""
     if device != "cpu":  # the GPU's memory: that is where the weights are read from
         import torch
 
         big = torch.ones(megabytes * 4 * (1 << 20) // 4, device=device)
         seconds = _median_time(lambda: (big.sum(), torch.cuda.synchronize(device)), repeats)
         return big.numel() * 4 / seconds
+    import torch
+
+    # numpy's sum runs on one core, which does not saturate the memory bus; torch's sum and BLAS matrix-vector
+    # products (both layouts: what decode steps run) use every core. The best of them is the floor's bandwidth.
     data = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
-    seconds = _median_time(lambda: data.sum(dtype=np.float32), repeats)
-    return data.nbytes / seconds
+    matrix = data.reshape(-1, 4096)
+    reads = [lambda: torch.from_numpy(data).sum(), lambda: matrix @ np.ones(matrix.shape[1], np.float32),
+             lambda: np.ones(matrix.shape[0], np.float32) @ matrix]
+    return max(data.nbytes / _median_time(read, repeats) for read in reads)
 
 
 def _prompt(tokenizer, tokens: int) -> str:
@@ -163,6 +171,23 @@ def _run_side(side: str, args: dict, queue) -> None:
         queue.put((side, None, f"{type(exc).__name__}: {exc}"))
 
 
+@contextlib.contextmanager
+def _reference_thread_env(reference: bool):
+    """Start transformers' side with the thread settings it would have on its own, not vlmc's (see vlmc/__init__)."""
+    from .. import THREAD_ENV_SET_HERE
+
+    saved = dict(os.environ)
+    if reference:
+        os.environ["VLMC_THREAD_ENV"] = "0"
+        for name in THREAD_ENV_SET_HERE:
+            os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def run_bench(args: dict) -> dict:
     from ..errors import VlmcError
 
@@ -171,19 +196,29 @@ def run_bench(args: dict) -> dict:
     for side in ("transformers", "vlmc"):
         queue = ctx.Queue()
         proc = ctx.Process(target=_run_side, args=(side, args, queue))
-        proc.start()
+        with _reference_thread_env(side == "transformers"):
+            proc.start()
         name, result, error = queue.get()
         proc.join()
         if error:
             raise VlmcError(f"bench: the {side} side failed: {error}")
         results[name] = result
+    from ..compile.artifact import read_manifest
+
+    # Compile time per artifact and stage, from the manifests (weights are parameters: only load, import and save
+    # move weight bytes; export, optimize and build depend on the graph alone).
+    compile_seconds = {}
+    for name, kind in ((args["vit_model"], "visual"), (args["model"], "llm")):
+        manifest = read_manifest(name, kind=kind, verify=False)
+        compile_seconds[kind] = {"graphs": len(manifest.get("graphs", {"visual": 1})), **manifest["compile_seconds"]}
     bandwidth = read_bandwidth(device=args.get("device", "cpu"))
     floor = results["vlmc"]["weight_bytes_per_token"] / bandwidth
     ratios = {k: results["vlmc"][k] / results["transformers"][k] for k, _ in METRICS
               if results["transformers"].get(k)}
     return {"inputs": args, "device": args.get("device", "cpu"), "transformers": results["transformers"], "vlmc": results["vlmc"],
             "ratio_vlmc_over_transformers": ratios, "memory_read_bandwidth_gb_s": bandwidth / 1e9,
-            "decode_floor_s": floor, "vlmc_decode_step_over_floor": results["vlmc"]["decode_step_short_s"] / floor}
+            "decode_floor_s": floor, "vlmc_decode_step_over_floor": results["vlmc"]["decode_step_short_s"] / floor,
+            "compile_seconds": compile_seconds}
 
 
 def format_table(report: dict) -> str:
@@ -198,5 +233,8 @@ def format_table(report: dict) -> str:
     rows.append(f"| {where} memory read bandwidth (GB/s) | | {report['memory_read_bandwidth_gb_s']:.3g} | |")
     rows.append(f"| decode floor: weight bytes / bandwidth (s) | | {report['decode_floor_s']:.3g} | |")
     rows.append(f"| vlmc decode step / floor | | {report['vlmc_decode_step_over_floor']:.3g} | |")
+    for kind, stages in report.get("compile_seconds", {}).items():
+        times = ", ".join(f"{k} {v:.1f}" for k, v in stages.items() if k != "graphs")
+        rows.append(f"| compile {kind} ({stages['graphs']} graph{'s' * (stages['graphs'] > 1)}), s | | {times} | |")
     return "\n".join(rows)
 

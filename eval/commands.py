@@ -44,9 +44,11 @@ def register(sub) -> None:
         "bench", help="time transformers eager and vlmc side by side",
         description="Time, in one run on this machine, transformers eager and vlmc on the same image and prompt: "
                     "vision encode, time to first token, decode tokens/s, decode step at a short and a long "
-                    "context, peak memory. Also measures memory read bandwidth and the decode floor (weight bytes "
-                    "per token / bandwidth). Each side runs in its own process; warm-up excluded, medians of "
-                    "repeats. Prints a table with vlmc/transformers ratios (below 1 is faster for times).")
+                    "context, peak memory. Also measures memory read bandwidth (the fastest of a few all-core "
+                    "reads) and the decode floor (weight bytes per token / bandwidth), and lists each artifact's "
+                    "compile time by stage. Each side runs in its own process, transformers with its default thread "
+                    "settings; warm-up excluded, medians of repeats. Prints a table with vlmc/transformers ratios "
+                    "(below 1 is faster for times).")
     b.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint (the transformers side)")
     b.add_argument("--model", required=True, help="LLM artifact compiled from it")
     b.add_argument("--vit_model", "--vit-model", dest="vit_model", required=True, help="visual artifact")

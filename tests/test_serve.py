@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -113,6 +114,33 @@ def test_greedy_text_matches_generate(server, artifacts):
     assert chunks[-1].usage.completion_tokens == len(ref["token_ids"])
 
 
+def test_several_images_and_multi_turn_history_match_transformers(server, checkpoints):
+    from transformers import AutoTokenizer
+    from vlmc.build_in.source_code.qwen2_5_vl.reference import generate_reference, load_model, reference_inputs
+
+    images = [random_image(56, 84, seed=21), random_image(84, 56, seed=22), random_image(56, 56, seed=23)]
+
+    def image_part(image):
+        return {"type": "image_url", "image_url": {"url": data_uri(image)}}
+
+    chat = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [image_part(images[0]), image_part(images[1]),
+                                         {"type": "text", "text": "Compare them."}]},
+            {"role": "assistant", "content": "They differ."},
+            {"role": "user", "content": [image_part(images[2]), {"type": "text", "text": "And this one?"}]}]
+    out = client(server).chat.completions.create(model="m", messages=chat, max_tokens=8, temperature=0,
+                                                 extra_body={"min_tokens": 8})
+    # transformers on the same conversation (images as the chat template's image parts), greedy, EOS suppressed.
+    template = [dict(m, content=m["content"] if isinstance(m["content"], str) else
+                     [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]]) for m in chat]
+    model = load_model(checkpoints["tiny"])
+    ref = reference_inputs(checkpoints["tiny"], images, None, model=model, messages=template)
+    tokens = generate_reference(model, ref, 8)
+    assert out.usage.prompt_tokens == ref["input_ids"].shape[1]
+    text = AutoTokenizer.from_pretrained(checkpoints["tiny"]).decode(tokens, skip_special_tokens=True)
+    assert out.choices[0].message.content == text
+
+
 def test_concurrent_requests_batch_together(server):
     c = client(server)
 
@@ -122,9 +150,9 @@ def test_concurrent_requests_batch_together(server):
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                          {"type": "text", "text": f"picture {i}"}]}])
 
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(ask, range(8)))
-    assert all(r.usage.completion_tokens == 24 for r in results)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(ask, range(16)))
+    assert len(results) == 16 and all(r.usage.completion_tokens == 24 for r in results)
     metrics = urllib.request.urlopen(server + "/metrics").read().decode()
     peak = [line for line in metrics.splitlines() if line.startswith("vlmc_max_running_batch_size ")]
     assert float(peak[0].split()[1]) > 1
@@ -204,6 +232,30 @@ def test_health_reports_workers_and_devices(server):
     assert llm["devices"] == [3, 4] and visual["devices"] == [1]
     assert llm["state"] == visual["state"] == "up" and llm["restarts"] == 0
     assert isinstance(llm["pid"], int) and isinstance(visual["pid"], int) and len(llm["rank_pids"]) == 1
+
+
+def test_openapi_document_describes_the_api(server):
+    from vlmc.runtime.serve.openapi import ChatCompletion, ChatCompletionRequest, ModelList
+
+    doc = get_json(server + "/openapi.json")[1]
+    assert {"/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= set(doc["paths"])
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    fields = set(chat["requestBody"]["content"]["application/json"]["schema"]["properties"])
+    assert {"messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "ignore_eos",
+            "stream", "stream_options"} <= fields
+    assert {"200", "400", "401", "503"} <= set(chat["responses"])
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(doc)))
+    assert refs and refs <= set(doc["components"]["schemas"])  # every reference resolves
+    # A real request and the server's real answers have the documented shapes.
+    body = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(random_image(56, 56, seed=5))}},
+        {"type": "text", "text": "hi"}]}]}
+    ChatCompletionRequest.model_validate(body)
+    code, out = post(server, body)
+    assert code == 200
+    ChatCompletion.model_validate(out)
+    req = urllib.request.Request(server + "/v1/models", headers={"Authorization": "Bearer k"})
+    ModelList.model_validate(json.loads(urllib.request.urlopen(req).read()))
 
 
 def test_device_flags_are_validated(artifacts):

@@ -109,20 +109,22 @@ class LLMEngine:
         return cos, sin
 
     def prefill(self, seq: Sequence, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Run the prompt [n, hidden] through the smallest prefill graph that fits; returns last-token logits."""
+        """Run the prompt [n, hidden] through the smallest prefill graph that fits, on the sequence's empty cache
+        slot (prefill graphs take no cache); returns last-token logits."""
         n = inputs_embeds.shape[0]
         length = next((p for p in self.prefill_steps if p >= n), None)
         if length is None:
             raise BudgetError(f"the prompt has {n} tokens, more than the compiled prefill length {self.max_prefill}")
-        cached = int(self.cache.lengths[seq.slot])
-        if cached + n > self.context:
-            raise BudgetError(f"{cached + n} tokens exceed the compiled context of {self.context}")
+        if n > self.context:
+            raise BudgetError(f"{n} tokens exceed the compiled context of {self.context}")
+        if self.cache.lengths[seq.slot]:
+            raise ValueError(f"prefill needs an empty cache slot; slot {seq.slot} holds "
+                             f"{int(self.cache.lengths[seq.slot])} positions")
         embeds = np.zeros((1, length, inputs_embeds.shape[1]), self.dtype)
         embeds[0, length - n:] = inputs_embeds
         cos, sin = self._cos_sin(position_ids, length)
-        mask = decoder_mask([cached], [n], self.context, length, self.dtype)
-        logits, new_k, new_v = self.prefill_steps[length](
-            embeds, cos, sin, mask, *self.cache.views(seq.slot, 1))
+        mask = decoder_mask([0], [n], 0, length, self.dtype)
+        logits, new_k, new_v = self.prefill_steps[length](embeds, cos, sin, mask)
         self.cache.write(seq.slot, new_k, new_v, n)
         return logits[0]
 

@@ -22,6 +22,8 @@ import zmq.asyncio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ... import __version__
+from .openapi import ERRORS, ModelList, add_request_schemas, chat_route_docs
 from .protocol import ApiError, RemoteMedia, convert_messages, sampling_params, stop_strings
 from .workers import QUEUE_HWM, llm_main, visual_main
 
@@ -357,7 +359,9 @@ def build_app(args, tokenizer, context: int, stopping=lambda: False):
                 task.cancel()
             engine.close()
 
-    app = FastAPI(title="vlmc", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="vlmc", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible chat completions over vlmc's compiled visual and LLM graphs.")
+    add_request_schemas(app)
 
     def check_key(request: Request):
         if args.api_key and request.headers.get("authorization") != f"Bearer {args.api_key}":
@@ -378,14 +382,15 @@ def build_app(args, tokenizer, context: int, stopping=lambda: False):
     async def metrics():
         return Response(generate_latest(state["engine"].metrics.registry), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}, 401: ERRORS[401]})
     async def models(request: Request):
         check_key(request)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "vlmc",
                                             "max_model_len": context}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **chat_route_docs())
     async def chat(request: Request):
+        """Chat completion over text and images, streamed (SSE) or not; `usage` in every response."""
         engine: Engine = state["engine"]
         m = engine.metrics
         t0 = time.perf_counter()

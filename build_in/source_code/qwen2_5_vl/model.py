@@ -49,12 +49,12 @@ def rotate_half(x):
 class VisionMLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden)
-        self.up_proj = nn.Linear(dim, hidden)
+        self.gate_up_proj = nn.Linear(dim, 2 * hidden)  # gate and up in one matmul (see FUSED)
         self.down_proj = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class VisionAttention(nn.Module):
@@ -174,17 +174,15 @@ class Attention(nn.Module):
     def __init__(self, hidden: int, head_dim: int, plan: ShardPlan):
         super().__init__()
         self.plan, self.head_dim = plan, head_dim
-        self.q_proj = nn.Linear(hidden, plan.num_heads * head_dim)
-        self.k_proj = nn.Linear(hidden, plan.num_kv_heads * head_dim)
-        self.v_proj = nn.Linear(hidden, plan.num_kv_heads * head_dim)
+        self.sizes = [plan.num_heads * head_dim, plan.num_kv_heads * head_dim, plan.num_kv_heads * head_dim]
+        self.qkv_proj = nn.Linear(hidden, sum(self.sizes))  # q, k and v in one matmul (see FUSED)
         self.o_proj = nn.Linear(plan.num_heads * head_dim, hidden, bias=False)
 
-    def forward(self, x, cos, sin, mask, k_cache, v_cache):
-        """x [B, S, hidden]; cos/sin [B, S, head_dim]; mask [B, 1, S, T + S]; caches [B, kv, T, head_dim]."""
+    def forward(self, x, cos, sin, mask, k_cache=None, v_cache=None):
+        """x [B, S, hidden]; cos/sin [B, S, head_dim]; mask [B, 1, S, T + S]; caches [B, kv, T, head_dim], or none
+        (a prompt on an empty cache: mask [B, 1, S, S], no work spent on cache slots that are all masked)."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (y.view(b, s, -1, self.head_dim).transpose(1, 2) for y in self.qkv_proj(x).split(self.sizes, -1))
         cos, sin = cos[:, None], sin[:, None]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -193,13 +191,19 @@ class Attention(nn.Module):
         kv, group = self.plan.num_kv_heads, self.plan.num_heads // self.plan.num_kv_heads
         qg = q.reshape(b * kv, group * s, self.head_dim)
         scale = self.head_dim ** -0.5
+        k_new, v_new = k.reshape(b * kv, s, self.head_dim), v.reshape(b * kv, s, self.head_dim)
+        if k_cache is None:
+            scores = torch.bmm(qg, k_new.transpose(1, 2)).view(b, -1, s, s) * scale + mask
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b * kv, group * s, s)
+            out = torch.bmm(probs, v_new).view(b, -1, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
+            return self.o_proj(out), k, v
         t = k_cache.shape[2]
         k_cache, v_cache = k_cache.reshape(b * kv, t, self.head_dim), v_cache.reshape(b * kv, t, self.head_dim)
         scores_cache = torch.bmm(qg, k_cache.transpose(1, 2)).view(b, -1, s, t)
-        scores_new = torch.bmm(qg, k.reshape(b * kv, s, self.head_dim).transpose(1, 2)).view(b, -1, s, s)
+        scores_new = torch.bmm(qg, k_new.transpose(1, 2)).view(b, -1, s, s)
         scores = torch.cat([scores_cache, scores_new], dim=-1) * scale + mask
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b * kv, group * s, t + s)
-        out = torch.bmm(probs[..., :t], v_cache) + torch.bmm(probs[..., t:], v.reshape(b * kv, s, self.head_dim))
+        out = torch.bmm(probs[..., :t], v_cache) + torch.bmm(probs[..., t:], v_new)
         out = out.view(b, -1, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(out), k, v
 
@@ -207,12 +211,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)  # gate and up in one matmul
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def _identity(x):
@@ -229,7 +233,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg.hidden_size, plan.intermediate)
         self.all_reduce = all_reduce
 
-    def forward(self, x, cos, sin, mask, k_cache, v_cache):
+    def forward(self, x, cos, sin, mask, k_cache=None, v_cache=None):
         attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache)
         x = x + self.all_reduce(attn)
         x = x + self.all_reduce(self.mlp(self.post_attention_layernorm(x)))
@@ -242,6 +246,8 @@ class DeployLanguageModel(nn.Module):
     forward(inputs_embeds [B, S, hidden], cos, sin [B, S, head_dim], mask [B, 1, S, T + S],
             *caches: k_cache of each layer, then v_cache of each layer, [B, kv_heads_local, T, head_dim])
       -> logits [B, vocab] of the last position, new_k, new_v [layers, B, kv_heads_local, S, head_dim]
+    Without caches (prefill graphs: a prompt always starts on an empty cache slot) the mask is [B, 1, S, S] and
+    attention covers the new tokens only.
     One input per layer's cache, not one [layers, ...] tensor: selecting a layer from a stacked input is a copy in
     the compiled graph, while separate inputs are views of the host's cache, read in place.
     Mask columns 0..T-1 address cache slots and T..T+S-1 the new tokens. The caller writes new_k/new_v into its
@@ -261,11 +267,11 @@ class DeployLanguageModel(nn.Module):
     def forward(self, inputs_embeds, cos, sin, mask, *caches):
         x = inputs_embeds
         n = len(self.layers)
-        if len(caches) != 2 * n:
-            raise ValueError(f"expected {2 * n} cache tensors (k then v per layer), got {len(caches)}")
+        if caches and len(caches) != 2 * n:
+            raise ValueError(f"expected {2 * n} cache tensors (k then v per layer) or none, got {len(caches)}")
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, mask, caches[i], caches[n + i])
+            x, k, v = layer(x, cos, sin, mask, *((caches[i], caches[n + i]) if caches else ()))
             new_k.append(k)
             new_v.append(v)
         # A static slice, not x[:, -1]: TVM 0.27's importer mistranslates a negative select index.
@@ -284,6 +290,13 @@ SHARDING = {
     "mlp.gate_proj": ("column", "mlp"),
     "mlp.up_proj": ("column", "mlp"),
     "mlp.down_proj": ("row", "mlp"),
+}
+
+# Checkpoint tensors that the deploy model holds as one tensor, concatenated along the output axis (after sharding):
+# one wide matmul instead of several narrow ones over the same input keeps the cores busier and halves the calls.
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
 
 _PREFIXES = {  # checkpoint prefix -> deploy module (original Qwen layout and transformers 5's layout)
@@ -313,12 +326,22 @@ def read_weights(checkpoint_dir: str | Path, part: str) -> dict[str, torch.Tenso
     return out
 
 
+def _fuse(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenate the tensors FUSED names into the deploy model's fused ones (weights and biases alike)."""
+    out = dict(weights)
+    for fused, parts in FUSED.items():
+        for key in [k for k in weights if f".{parts[0]}." in f".{k}"]:
+            prefix, suffix = key.split(parts[0])  # "layers.0.", ".weight"
+            out[prefix + fused + suffix] = torch.cat([out.pop(prefix + part + suffix) for part in parts])
+    return out
+
+
 def load_vision(checkpoint_dir: str | Path, vision_config, chunks=None) -> DeployVision:
     weights = read_weights(checkpoint_dir, "vision")
     patch = weights.pop("patch_embed.proj.weight")
     weights["patch_embed.weight"] = patch.reshape(patch.shape[0], -1)  # Conv3d with stride == kernel is a matmul
     model = DeployVision(vision_config, chunks)
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict(_fuse(weights), strict=True)
     return model.eval()
 
 
@@ -346,7 +369,7 @@ def load_language_model(checkpoint_dir: str | Path, text_config, tp: int = 1, ra
     weights.pop("embed_tokens.weight")  # the embedding lookup runs on the host
     model = DeployLanguageModel(text_config, tp, rank, all_reduce or _identity)
     head_dim = model.head_dim
-    model.load_state_dict({k: _shard(k, v, model.plan, head_dim) for k, v in weights.items()}, strict=True)
+    model.load_state_dict(_fuse({k: _shard(k, v, model.plan, head_dim) for k, v in weights.items()}), strict=True)
     return model.eval()
 
 

@@ -7,7 +7,9 @@ import numpy as np
 import torch
 
 
-def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=None, model=None):
+def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=None, model=None, messages=None):
+    """Inputs for one user turn [images..., text], or for a whole conversation `messages` (chat-template messages
+    whose image parts are {"type": "image"}, in the order of `images`)."""
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
@@ -15,7 +17,8 @@ def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=N
     # The PIL processor is what the host ops reproduce; with torchvision installed (GPU machines) transformers would
     # pick its torchvision one, whose resize differs slightly.
     processor = AutoImageProcessor.from_pretrained(checkpoint_dir, backend="pil", **kwargs)
-    messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}]
+    if messages is None:
+        messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if images:
         out = processor(images=images, return_tensors="pt")
