@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 # the next pool (measured on 2 cores: the small visual graph 68 ms -> 31 ms with these settings). Idle threads here
 # sleep soon instead. OpenBLAS reads its setting when numpy is first imported, hence here, before anything else.
 # A value the user set wins; VLMC_THREAD_ENV=0 leaves the environment alone (vlmc bench's transformers side).
-HOST_THREAD_ENV = {"OPENBLAS_THREAD_TIMEOUT": "12", "GOMP_SPINCOUNT": "10000", "TVM_THREAD_POOL_SPIN_COUNT": "10000"}
+HOST_THREAD_ENV = {"OPENBLAS_THREAD_TIMEOUT": "16", "GOMP_SPINCOUNT": "10000", "TVM_THREAD_POOL_SPIN_COUNT": "10000"}
 THREAD_ENV_SET_HERE = [name for name in HOST_THREAD_ENV
                        if os.environ.get("VLMC_THREAD_ENV", "1") != "0" and name not in os.environ]
 os.environ.update({name: HOST_THREAD_ENV[name] for name in THREAD_ENV_SET_HERE})

@@ -5,6 +5,7 @@
  *   vlmc_segment_attention(q, k, v, ranges, out)
  *       out[i,h] = softmax_j(q[i,h] . k[j,h] / sqrt(D)) v[j,h] over keys j in [ranges[i,0], ranges[i,1])
  *       q, k, v, out [N, H, D] float32; ranges int32 [N, 2]; an empty range gives zeros.
+ *       Short ranges (windows) run in a tile kernel, long ones (full attention) as BLAS GEMMs around a softmax.
  *
  * A DSO module resolves GetFunction("name") to the exported symbol "__tvm_ffi_name".
  */
@@ -20,14 +21,18 @@ void scipy_cblas_sgemm64_(int, int, int, bint, bint, bint, float, const float*, 
                           const float*, bint, float, float*, bint);
 void scipy_cblas_sgemv64_(int, int, bint, bint, float, const float*, bint, const float*,
                           bint, float, float*, bint);
-/* row-major C[M,N] = A[M,K] * op(B); tb: B stored [N,K] */
+/* row-major C[M,N] = alpha A[M,K] op(B) with leading dimensions; tb: B stored [N,K] */
+static void gemm_ld(int tb, bint M, bint N, bint K, float alpha, const float* A, bint lda, const float* B, bint ldb,
+                    float* C, bint ldc) {
+  scipy_cblas_sgemm64_(101, 111, tb ? 112 : 111, M, N, K, alpha, A, lda, B, ldb, 0.f, C, ldc);
+}
 static void gemm(int tb, bint M, bint N, bint K, const float* A, const float* B, float* C) {
   if (M == 1) { /* GEMV: explicit sgemv (decode) */
     if (tb) scipy_cblas_sgemv64_(101, 111, N, K, 1.f, B, K, A, 1, 0.f, C, 1);
     else    scipy_cblas_sgemv64_(101, 112, K, N, 1.f, B, N, A, 1, 0.f, C, 1);
     return;
   }
-  scipy_cblas_sgemm64_(101, 111, tb ? 112 : 111, M, N, K, 1.f, A, K, B, tb ? K : N, 0.f, C, N);
+  gemm_ld(tb, M, N, K, 1.f, A, K, B, tb ? K : N, C, N);
 }
 #elif defined(VLMC_BLAS_FORTRAN)    /* Fortran LP64 sgemm_/sgemv_, e.g. MKL in libtorch_cpu */
 typedef int bint;
@@ -35,6 +40,12 @@ void sgemm_(const char*, const char*, const bint*, const bint*, const bint*, con
             const float*, const bint*, const float*, const bint*, const float*, float*, const bint*);
 void sgemv_(const char*, const bint*, const bint*, const float*, const float*, const bint*,
             const float*, const bint*, const float*, float*, const bint*);
+/* row-major C = alpha A op(B)  <=>  col-major C^T = alpha op(B)^T A^T */
+static void gemm_ld(int tb, bint M, bint N, bint K, float alpha, const float* A, bint lda, const float* B, bint ldb,
+                    float* C, bint ldc) {
+  const float zero = 0.f;
+  sgemm_(tb ? "T" : "N", "N", &N, &M, &K, &alpha, B, &ldb, A, &lda, &zero, C, &ldc);
+}
 static void gemm(int tb, bint M, bint N, bint K, const float* A, const float* B, float* C) {
   const float one = 1.f, zero = 0.f; const bint inc = 1, ldb = tb ? K : N;
   if (M == 1) { /* column-major view of row-major B */
@@ -42,8 +53,7 @@ static void gemm(int tb, bint M, bint N, bint K, const float* A, const float* B,
     else    sgemv_("N", &N, &K, &one, B, &ldb, A, &inc, &zero, C, &inc);
     return;
   }
-  /* row-major C = A op(B)  <=>  col-major C^T = op(B)^T A^T */
-  sgemm_(tb ? "T" : "N", "N", &N, &M, &K, &one, B, &ldb, A, &K, &zero, C, &N);
+  gemm_ld(tb, M, N, K, 1.f, A, K, B, ldb, C, N);
 }
 #endif
 static DLTensor* as_dl(const TVMFFIAny* a) {  /* VM passes ffi::Tensor objects */
@@ -92,6 +102,9 @@ int __tvm_ffi_vlmc_matmul_nt(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* 
 #define TK 64 /* keys per tile */
 #define RB 4  /* query rows scored together, sharing each key load */
 #define VW 16 /* floats per vector */
+#define WIDE_KEYS 1024 /* key ranges this long, shared by at least TQ rows, go through BLAS (measured: faster from
+                          * about 1024 keys, the same at 512) */
+#define WIDE_SCORES (8 << 20) /* floats of scores per BLAS block: up to 1024 rows, 32 MB */
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 
 typedef int32_t vi __attribute__((vector_size(VW * sizeof(int32_t))));
@@ -193,6 +206,58 @@ static void attend(const float* q, const float* k, const float* v, float* out, i
   }
 }
 
+/* Softmax of each row of S [rows, n] in place (plain, not online: the row is whole). */
+static void softmax_rows(float* S, int64_t rows, int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = S + r * n;
+    const int64_t nv = n / VW * VW;
+    vf mx = vsplat(-INFINITY);
+    for (int64_t j = 0; j < nv; j += VW) { const vf x = vload(s + j); mx = vselect(x > mx, x, mx); }
+    float m = hmax(mx);
+    for (int64_t j = nv; j < n; ++j) m = s[j] > m ? s[j] : m;
+    vf sum = vsplat(0.f);
+    for (int64_t j = 0; j < nv; j += VW) { const vf e = vexp_nonpos(vload(s + j) - m); vstore(s + j, e); sum += e; }
+    float total = hsum(sum);
+    if (nv < n) { /* the tail as one vector padded with -inf, whose exp is 0 */
+      float tail[VW];
+      for (int e = 0; e < VW; ++e) tail[e] = nv + e < n ? s[nv + e] - m : -INFINITY;
+      const vf x = vexp_nonpos(vload(tail));
+      for (int64_t j = nv; j < n; ++j) { s[j] = x[j - nv]; total += s[j]; }
+    }
+    const vf inv = vsplat(1.f / total);
+    for (int64_t j = 0; j < nv; j += VW) vstore(s + j, vload(s + j) * inv);
+    for (int64_t j = nv; j < n; ++j) s[j] *= 1.f / total;
+  }
+}
+
+/* Long key ranges (full-attention blocks): per head and block of rows, scores = Q K^T as one GEMM, softmax, then
+ * P V as one GEMM, straight from the [N, H, D] layout (leading dimension H * D). BLAS runs these at close to the
+ * machine's peak, which the tile kernel does not reach. Returns nonzero when out of memory. */
+static int attend_wide(const float* q, const float* k, const float* v, float* out, int64_t H, int64_t D,
+                       const Tile* wide, int64_t nw, float scale) {
+  int64_t most = 0;
+  for (int64_t w = 0; w < nw; ++w) most = wide[w].hi - wide[w].lo > most ? wide[w].hi - wide[w].lo : most;
+  int64_t block = WIDE_SCORES / most;
+  block = block > 1024 ? 1024 : block < TQ ? TQ : block;
+  float* S = (float*)aligned_alloc(64, sizeof(float) * ((block * most + 15) / 16 * 16));
+  if (!S) return 1;
+  const int64_t ld = H * D;
+  for (int64_t w = 0; w < nw; ++w) {
+    const Tile* t = &wide[w];
+    const int64_t nk = t->hi - t->lo;
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t r0 = t->r0; r0 < t->r1; r0 += block) {
+        const int64_t rows = t->r1 - r0 < block ? t->r1 - r0 : block;
+        gemm_ld(1, rows, nk, D, scale, q + r0 * ld + h * D, ld, k + t->lo * ld + h * D, ld, S, nk);
+        softmax_rows(S, rows, nk);
+        gemm_ld(0, rows, D, nk, 1.f, S, nk, v + t->lo * ld + h * D, ld, out + r0 * ld + h * D, ld);
+      }
+  }
+  free(S);
+  return 0;
+}
+
 static int run_attention(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
   ret->type_index = kTVMFFINone; ret->zero_padding = 0; ret->v_int64 = 0;
   if (n != 5) return fail("vlmc_segment_attention: expected (q, k, v, ranges, out)");
@@ -206,20 +271,33 @@ static int run_attention(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
       return fail("vlmc_segment_attention: shape mismatch");
   if (R->shape[0] != N || R->shape[1] != 2 || V->shape[0] != M) return fail("vlmc_segment_attention: shape mismatch");
   const int32_t* rg = (const int32_t*)((char*)R->data + R->byte_offset);
+  /* Runs of rows that share one key range: long ones (full attention) go through BLAS, the rest (windows) are cut
+   * into tiles of up to TQ rows for the tile kernel. */
   Tile* tiles = (Tile*)malloc(sizeof(Tile) * (N > 0 ? N : 1));
-  if (!tiles) return fail("vlmc_segment_attention: out of memory");
-  int64_t nt = 0;
+  Tile* wide = (Tile*)malloc(sizeof(Tile) * (N > 0 ? N : 1));
+  if (!tiles || !wide) { free(tiles); free(wide); return fail("vlmc_segment_attention: out of memory"); }
+  int64_t nt = 0, nw = 0;
   for (int64_t i = 0; i < N;) {
     const int64_t lo = rg[2 * i], hi = rg[2 * i + 1];
-    if (lo < 0 || hi < lo || hi > M) { free(tiles); return fail("vlmc_segment_attention: key range out of bounds"); }
+    if (lo < 0 || hi < lo || hi > M) {
+      free(tiles); free(wide);
+      return fail("vlmc_segment_attention: key range out of bounds");
+    }
     int64_t j = i + 1;
-    while (j < N && j - i < TQ && rg[2 * j] == lo && rg[2 * j + 1] == hi) ++j;
-    tiles[nt++] = (Tile){i, j, lo, hi};
+    while (j < N && rg[2 * j] == lo && rg[2 * j + 1] == hi) ++j;
+    if (hi - lo >= WIDE_KEYS && j - i >= TQ) wide[nw++] = (Tile){i, j, lo, hi};
+    else
+      for (int64_t r = i; r < j; r += TQ) tiles[nt++] = (Tile){r, r + TQ < j ? r + TQ : j, lo, hi};
     i = j;
   }
   const float scale = 1.f / sqrtf((float)D);
   const float *q = fp(Q), *k = fp(K), *v = fp(V);
   float* o = fp(O);
+  if (nw && attend_wide(q, k, v, o, H, D, wide, nw, scale)) {
+    free(tiles); free(wide);
+    return fail("vlmc_segment_attention: out of memory");
+  }
+  free(wide);
 #pragma omp parallel
   {
     float* kt = (float*)aligned_alloc(64, sizeof(float) * ((D * TK + 15) / 16 * 16));
