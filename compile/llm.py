@@ -34,9 +34,9 @@ def graph_inputs(batch: int, seq: int, hidden: int, head_dim: int, layers: int, 
 
 def prefill_buckets(cfg: LLMConfig) -> list[int]:
     p = cfg.frontend.max_prefill
-    # Default: 128, every 64 up to 512, every 128 up to 1024, every 256 up to 2048, then every 512, so a prompt of
-    # more than 128 tokens is padded by at most a third (prefill cost grows with the padded length; each bucket adds
-    # one graph, never weights).
+    # Default: 128, every 64 up to 512, every 128 up to 1024, every 256 up to 2048, then every 512: padding grows
+    # with the prompt but stays under a quarter beyond 320 tokens (prefill cost grows with the padded length; each
+    # bucket adds one graph, never weights).
     buckets = cfg.frontend.model_kwargs.prefill_buckets or [
         b for b in [*range(128, 513, 64), *range(640, 1025, 128), *range(1280, 2049, 256), *range(2560, p + 1, 512)]
         if b < p]

@@ -17,7 +17,8 @@ def register(sub) -> None:
                                    "extra: pip install -e '.[eval]').")
     kinds = p.add_subparsers(dest="eval_kind", required=True, metavar="KIND")
     limits = ", ".join(f"{d}: image embedding relative error <= {t['embedding_rel']}, prefill/decode logits max "
-                       f"abs diff <= {t['logits_abs']}, all greedy tokens identical" for d, t in THRESHOLDS.items())
+                       f"abs diff <= {t['logits_rel']} x the largest reference logit, all greedy tokens identical"
+                       for d, t in THRESHOLDS.items())
     par = kinds.add_parser(
         "parity", help="compare vlmc with transformers stage by stage",
         description="Run transformers and vlmc on the same inputs and report host preprocessing differences, "

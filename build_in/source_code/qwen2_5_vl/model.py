@@ -9,7 +9,8 @@
   last position only. Tensor parallel: each rank holds a column/row slice (see `SHARDING`) and calls
   `all_reduce` after attention and after the MLP.
 
-Weights keep the checkpoint's names (minus the prefix), so `load_*` reads them straight from safetensors.
+Weights keep the checkpoint's names (minus the prefix), so `load_*` reads them straight from safetensors; only
+the tensors listed in `FUSED` (q/k/v, gate/up) are concatenated into one on loading.
 """
 
 from __future__ import annotations
