@@ -23,6 +23,11 @@ FORMAT_VERSION = 2  # 2: prefill graphs take no cache inputs; fused q/k/v and ga
 MANIFEST = "manifest.json"
 
 
+def visual_graph_file(bucket: int, budget: int) -> str:
+    """The library of one compiled patch budget: visual.so for the full budget, visual_<n>.so for smaller ones."""
+    return "visual.so" if bucket == budget else f"visual_{bucket}.so"
+
+
 def library_versions() -> dict[str, str]:
     import tvm
     import torch

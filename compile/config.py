@@ -45,6 +45,7 @@ class VisualFrontend(_Strict):
     checkpoint: str | None = None
     type: Literal["huggingface"] = "huggingface"
     max_patches: int | None = Field(default=None, gt=0)
+    patch_buckets: list[int] | None = None  # smaller budgets compiled too (default: a quarter, half, three quarters)
     shape: VisualShape | None = None
     onnx: bool = False  # also export ONNX and check it with onnxruntime
 
@@ -59,7 +60,19 @@ class VisualFrontend(_Strict):
             self.max_patches = n
         if self.max_patches % 16:
             raise ValueError(f"the patch budget must be a multiple of 16, got {self.max_patches}")
+        for b in self.patch_buckets or []:
+            if b <= 0 or b % 16 or b > self.max_patches:
+                raise ValueError(f"patch bucket {b} must be a positive multiple of 16 and at most the budget "
+                                 f"{self.max_patches}")
         return self
+
+    def buckets(self) -> list[int]:
+        """Every compiled patch budget, ascending; the largest is max_patches. An image runs in the smallest that
+        holds it, so small images do not pay for the whole budget."""
+        n = self.max_patches
+        default = [-(-n * k // 4) // 16 * 16 for k in (1, 2, 3)]  # quarters, rounded up to multiples of 16
+        chosen = self.patch_buckets if self.patch_buckets is not None else [b for b in default if b >= 64]
+        return sorted(set(chosen) | {n})
 
 
 class Backend(_Strict):

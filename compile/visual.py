@@ -9,7 +9,8 @@ import torch
 
 from ..build_in.source_code import detect_architecture, get_architecture
 from ..errors import VlmcError
-from .artifact import Stages, library_versions, staging_folder, weights_fingerprint, write_manifest
+from .artifact import (Stages, library_versions, staging_folder, visual_graph_file, weights_fingerprint,
+                       write_manifest)
 from .config import VisualConfig, config_hash, resolve_checkpoint, resolve_chunks
 
 GRAPH_INPUTS = ("pixel_values", "window_ranges", "full_ranges", "cos", "sin")
@@ -32,6 +33,7 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
     tvm_backend.host_target(cfg.backend.target)  # a bad target fails now, not after the export
     stages = Stages(["load", "export", "import into TVM", "optimize", "build", "save"])
     budget = cfg.frontend.max_patches
+    buckets = cfg.frontend.buckets()
     with stages.stage("load", str(checkpoint)):
         arch_name = detect_architecture(checkpoint)
         arch = get_architecture(arch_name)
@@ -42,30 +44,34 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
         module = arch.load_vision(checkpoint, vision, chunks)
         if cfg.frontend.shape is not None:
             _check_shape(cfg, module.patch_dim, spec.vision.head_dim, config_path)
-        if budget % spec.vision.merge_unit:
-            raise VlmcError(f"the patch budget {budget} must be a multiple of {spec.vision.merge_unit}")
+        if any(b % spec.vision.merge_unit for b in buckets):
+            raise VlmcError(f"patch budgets {buckets} must be multiples of {spec.vision.merge_unit}")
     args = example_inputs(budget, module.patch_dim, spec.vision.head_dim)
     target = tvm_backend.host_target(cfg.backend.target)
-    with stages.stage("export", f"torch.export, {budget} patches"):
+    with stages.stage("export", f"torch.export, {len(buckets)} graphs: " + ", ".join(f"{b} patches" for b in buckets)):
         if cfg.frontend.onnx:
             module.use_fused_attention(False)  # ONNX has no vlmc kernel: standard ops
             onnx_bytes, onnx_diff = _export_onnx(module, args)
         module.use_fused_attention(target.kind.name == "llvm")  # the attention kernel is a host (CPU) kernel
-        exported = tvm_backend.export_module(module, args)
+        exported = {b: tvm_backend.export_module(module, example_inputs(b, module.patch_dim, spec.vision.head_dim))
+                    for b in buckets}
     with stages.stage("import into TVM"):
-        mod, params, names = tvm_backend.import_exported(exported, ops.CUSTOM_CONVERTERS)
+        mods = {}
+        for b, ep in exported.items():  # one parameter set serves every budget (same module, same order)
+            mods[b], params, names = tvm_backend.import_exported(ep, ops.CUSTOM_CONVERTERS)
     with stages.stage("optimize", "BLAS dispatch, fusion" if cfg.backend.blas else "fusion"):
-        mod = tvm_backend.optimize(mod, target, blas=cfg.backend.blas)
+        mods = {b: tvm_backend.optimize(m, target, blas=cfg.backend.blas) for b, m in mods.items()}
     with stages.stage("build", str(target.kind.name)):
-        result = tvm_backend.compile_module(mod, target)
+        results = {b: tvm_backend.compile_module(m, target) for b, m in mods.items()}
     with stages.stage("save", str(out)), staging_folder(out) as tmp:
-        tvm_backend.save_library(result, tmp / "visual.so")
+        for b, result in results.items():
+            tvm_backend.save_library(result, tmp / visual_graph_file(b, budget))
         tvm_backend.save_params(params, names, tmp / "params.safetensors")
         if cfg.frontend.onnx:
             (tmp / "model.onnx").write_bytes(onnx_bytes)
         manifest = {
             "kind": "visual", "name": cfg.name, "arch": arch_name, "checkpoint": str(checkpoint),
-            "patch_budget": budget, "merge_unit": spec.vision.merge_unit, "patch_dim": module.patch_dim,
+            "patch_budget": budget, "patch_buckets": buckets, "merge_unit": spec.vision.merge_unit, "patch_dim": module.patch_dim,
             "hidden_size": vision.out_hidden_size, "output_chunks": chunks, "dtype": cfg.backend.dtype,
             "target": str(target), "device": tvm_backend.target_device(target), "param_names": names, "inputs": {n: list(a.shape) for n, a in zip(GRAPH_INPUTS, args)},
             "versions": library_versions(), "config_hash": digest, "weights_fingerprint": weights,

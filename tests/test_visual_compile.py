@@ -31,6 +31,10 @@ def test_recompile_reuses_artifact(checkpoints, visual_artifacts):
     assert json.loads((path / "manifest.json").read_text())["created"] == before
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["patch_budget"] == 512 and sum(manifest["output_chunks"]) == manifest["hidden_size"]
+    # Smaller budgets (quarters of it) are compiled too, so small images do not pay for the whole budget; the sizes in
+    # test_encode_matches_transformers run in several of them.
+    assert manifest["patch_buckets"] == [128, 256, 384, 512]
+    assert all((path / f).is_file() for f in ("visual_128.so", "visual_256.so", "visual_384.so", "visual.so"))
     assert {"vlmc", "tvm", "torch", "transformers"} <= set(manifest["versions"])
     assert manifest["host"]["image"]["patch_size"] == 14
 
@@ -98,6 +102,8 @@ def test_bad_artifacts_and_configs(checkpoints, visual_artifacts, tmp_path):
         "typo.yaml": (base.replace("max_patches:", "max_patchs:"), ["typo.yaml", "max_patchs", "allowed"]),
         "n17.yaml": (base.replace("max_patches: 1024", "max_patches: 1000"), ["multiple of 16"]),
         "chunks.yaml": (base.replace("output_chunks: auto", "output_chunks: [30, 30]"), ["add up", "64"]),
+        "buckets.yaml": (base.replace("patch_buckets: null", "patch_buckets: [100, 2048]"),
+                         ["patch bucket 100", "multiple of 16"]),
     }
     for name, (text, needles) in cases.items():
         cfg = tmp_path / name

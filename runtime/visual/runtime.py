@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...compile.artifact import check_device, read_manifest
+from ...compile.artifact import check_device, read_manifest, visual_graph_file
 from ..cpu_ops.image import ImageConfig, image_to_patches, load_image
 from ..cpu_ops.pipeline import HostSpec
 from ..cpu_ops.vision import build_visual_inputs
@@ -49,7 +49,10 @@ class VisualRuntime:
         self.budget = int(self.manifest["patch_budget"])
         self.hidden_size = int(self.manifest["hidden_size"])
         params = tvm_backend.load_params(self.path / "params.safetensors", self.manifest["param_names"], device)
-        self.graph = tvm_backend.load_library(self.path / "visual.so", params, device)
+        # One graph per compiled patch budget, all sharing the parameters; an image runs in the smallest that fits.
+        self.buckets = sorted(int(b) for b in self.manifest["patch_buckets"])
+        self.graphs = {b: tvm_backend.load_library(self.path / visual_graph_file(b, self.budget), params, device)
+                       for b in self.buckets}
 
     def image_config(self, min_pixels: int | None = None, max_pixels: int | None = None) -> ImageConfig:
         return self.spec.image.with_pixels(min_pixels, max_pixels)
@@ -69,8 +72,9 @@ class VisualRuntime:
         return pixel_values, grid, fitted
 
     def encode_patches(self, pixel_values: np.ndarray, grid) -> np.ndarray:
-        inputs = build_visual_inputs(pixel_values, grid, self.spec.vision, self.budget)
-        chunks = self.graph(*inputs.as_args())
+        bucket = next(b for b in self.buckets if b >= pixel_values.shape[0])
+        inputs = build_visual_inputs(pixel_values, grid, self.spec.vision, bucket)
+        chunks = self.graphs[bucket](*inputs.as_args())
         merged = np.concatenate(chunks, axis=-1) if len(chunks) > 1 else chunks[0]
         return np.ascontiguousarray(merged[:inputs.num_tokens][inputs.reverse_index], dtype=np.float32)
 
