@@ -71,7 +71,8 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
             (tmp / "model.onnx").write_bytes(onnx_bytes)
         manifest = {
             "kind": "visual", "name": cfg.name, "arch": arch_name, "checkpoint": str(checkpoint),
-            "patch_budget": budget, "patch_buckets": buckets, "merge_unit": spec.vision.merge_unit, "patch_dim": module.patch_dim,
+            "patch_budget": budget, "patch_buckets": buckets, "merge_unit": spec.vision.merge_unit,
+            "patch_dim": module.patch_dim,
             "hidden_size": vision.out_hidden_size, "output_chunks": chunks, "dtype": cfg.backend.dtype,
             "target": str(target), "device": tvm_backend.target_device(target), "param_names": names, "inputs": {n: list(a.shape) for n, a in zip(GRAPH_INPUTS, args)},
             "versions": library_versions(), "config_hash": digest, "weights_fingerprint": weights,

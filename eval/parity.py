@@ -163,8 +163,8 @@ def failures(report: dict) -> list[str]:
     def logits(stage: str, stats: dict) -> str | None:
         if stats["rel_error"] <= limits["logits_rel"]:
             return None
-        return (f"{stage}: max abs diff {stats['max_abs_diff']:.3g} is {stats['rel_error']:.3g} of the largest reference "
-                f"logit ({stats['max_abs_reference']:.3g}) > {limits['logits_rel']}")
+        return (f"{stage}: max abs diff {stats['max_abs_diff']:.3g} is {stats['rel_error']:.3g} of the largest "
+                f"reference logit ({stats['max_abs_reference']:.3g}) > {limits['logits_rel']}")
 
     out += filter(None, [logits("prefill_logits", report["prefill_logits"])])
     out += [failure for i, step in enumerate(report["decode_logits"])
@@ -211,8 +211,8 @@ def write_report(report: dict, folder: Path) -> Path:
                  f"cosine {p['cosine']:.6f}, top-1 {'agrees' if p['top1_agree'] else 'differs'} |")
     worst = max(report["decode_logits"], key=lambda s: s["rel_error"], default=None)
     if worst:
-        lines.append(f"| decode logits ({len(report['decode_logits'])} steps) | worst max abs {worst['max_abs_diff']:.3g} "
-                     f"({worst['rel_error']:.3g} of the largest logit) |")
+        lines.append(f"| decode logits ({len(report['decode_logits'])} steps) | worst max abs "
+                     f"{worst['max_abs_diff']:.3g} ({worst['rel_error']:.3g} of the largest logit) |")
     g = report["greedy"]
     lines.append(f"| identical greedy tokens | {g['identical_tokens']} of {g['compared']} |")
     failed = failures(report)
