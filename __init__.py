@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 # sleep soon instead. OpenBLAS reads its setting when numpy is first imported, hence here, before anything else.
 # A value the user set wins; VLMC_THREAD_ENV=0 leaves the environment alone (vlmc bench's transformers side).
 HOST_THREAD_ENV = {"OPENBLAS_THREAD_TIMEOUT": "16", "GOMP_SPINCOUNT": "10000", "TVM_THREAD_POOL_SPIN_COUNT": "10000"}
-THREAD_ENV_SET_HERE = [name for name in HOST_THREAD_ENV
-                       if os.environ.get("VLMC_THREAD_ENV", "1") != "0" and name not in os.environ]
+THREAD_ENV_SET_HERE = [name for name in HOST_THREAD_ENV if name not in os.environ] \
+    if os.environ.get("VLMC_THREAD_ENV", "1") != "0" else []
 os.environ.update({name: HOST_THREAD_ENV[name] for name in THREAD_ENV_SET_HERE})

@@ -83,7 +83,7 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
     modules = {}
     with stages.stage("import into TVM"):
         for name, ep in exported.items():
-            modules[name], _, _ = tvm_backend.import_exported(ep, custom_convert_map=CUSTOM_CONVERTERS)
+            modules[name], _, _ = tvm_backend.import_exported(ep, CUSTOM_CONVERTERS, with_params=False)
     target = tvm_backend.host_target(cfg.backend.target)
     with stages.stage("optimize"):
         modules = {n: tvm_backend.optimize(m, target, blas=cfg.backend.blas) for n, m in modules.items()}

@@ -255,13 +255,14 @@ def export_module(module: torch.nn.Module, example_args: tuple[torch.Tensor, ...
         return torch.export.export(module.eval(), tuple(example_args))
 
 
-def import_exported(exported, custom_convert_map: dict | None = None):
-    """ExportedProgram -> (IRModule with weights as trailing params, param arrays, param names)."""
+def import_exported(exported, custom_convert_map: dict | None = None, with_params: bool = True):
+    """ExportedProgram -> (IRModule with weights as trailing params, param arrays, param names). Several graphs of one
+    module share their parameters: `with_params=False` skips copying them out again (empty list)."""
     mod = from_exported_program(exported, keep_params_as_input=True, custom_convert_map=custom_convert_map)
     mod, params = detach_params(mod)
     func = mod["main"]
     names = [p.name for p in func.params[int(func.attrs["num_input"]):]]
-    return mod, [p.numpy() for p in params.get("main", [])], names
+    return mod, [p.numpy() for p in params.get("main", [])] if with_params else [], names
 
 
 def _fast_math_pass():

@@ -56,9 +56,10 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
         exported = {b: tvm_backend.export_module(module, example_inputs(b, module.patch_dim, spec.vision.head_dim))
                     for b in buckets}
     with stages.stage("import into TVM"):
-        mods = {}
-        for b, ep in exported.items():  # one parameter set serves every budget (same module, same order)
-            mods[b], params, names = tvm_backend.import_exported(ep, ops.CUSTOM_CONVERTERS)
+        # One parameter set serves every budget (same module, same order): copied out of the full budget's import.
+        mods = {b: tvm_backend.import_exported(ep, ops.CUSTOM_CONVERTERS, with_params=False)[0]
+                for b, ep in exported.items() if b != budget}
+        mods[budget], params, names = tvm_backend.import_exported(exported[budget], ops.CUSTOM_CONVERTERS)
     with stages.stage("optimize", "BLAS dispatch, fusion" if cfg.backend.blas else "fusion"):
         mods = {b: tvm_backend.optimize(m, target, blas=cfg.backend.blas) for b, m in mods.items()}
     with stages.stage("build", str(target.kind.name)):

@@ -166,9 +166,12 @@ def failures(report: dict) -> list[str]:
         return (f"{stage}: max abs diff {stats['max_abs_diff']:.3g} is {stats['rel_error']:.3g} of the largest "
                 f"reference logit ({stats['max_abs_reference']:.3g}) > {limits['logits_rel']}")
 
-    out += filter(None, [logits("prefill_logits", report["prefill_logits"])])
-    out += [failure for i, step in enumerate(report["decode_logits"])
-            if (failure := logits(f"decode_logits[step {i + 1}]", step))][:1]
+    if failure := logits("prefill_logits", report["prefill_logits"]):
+        out.append(failure)
+    for i, step in enumerate(report["decode_logits"]):
+        if failure := logits(f"decode_logits[step {i + 1}]", step):
+            out.append(failure)  # the first step over the threshold is enough
+            break
     greedy = report["greedy"]
     if greedy["identical_tokens"] < greedy["compared"]:
         out.append(f"greedy_tokens: first divergence at token {greedy['identical_tokens']} of {greedy['compared']}")

@@ -109,11 +109,15 @@ ERRORS = {400: {"model": ErrorBody, "description": "a malformed request, an unde
           503: {"model": ErrorBody, "description": "a worker died or is restarting; retry"}}
 
 
+# The request body's schema; its nested models ($defs) go under components/schemas, where its refs point.
+_REQUEST_SCHEMA = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+_REQUEST_BODY = {k: v for k, v in _REQUEST_SCHEMA.items() if k != "$defs"}
+
+
 def chat_route_docs() -> dict:
     """Keyword arguments for the chat route's decorator: the request body's schema and the responses."""
-    schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     return {"openapi_extra": {"requestBody": {"required": True,
-                                              "content": {"application/json": {"schema": schema}}}},
+                                              "content": {"application/json": {"schema": _REQUEST_BODY}}}},
             "responses": {200: {"model": ChatCompletion, "description": "a chat.completion object; with "
                                 "`stream: true`, text/event-stream of chat.completion.chunk objects",
                                 "content": {"text/event-stream": {}}}, **ERRORS}}
@@ -125,14 +129,10 @@ def add_request_schemas(app) -> None:
 
     def openapi():
         if app.openapi_schema is None:
-            schema = build()
-            defs = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")["$defs"]
+            schema = build()  # FastAPI's own document, which it also caches in app.openapi_schema
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, definition in defs.items():
+            for name, definition in _REQUEST_SCHEMA["$defs"].items():
                 components.setdefault(name, definition)
-            body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
-            body["schema"].pop("$defs", None)
-            app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
