@@ -1,7 +1,7 @@
 """`vlmc bench`: time transformers eager and vlmc side by side in one run, on the same machine and inputs.
 
-Each side runs in its own process (their thread pools would otherwise fight over the cores), with a warm-up
-excluded and the median of repeats reported. The machine's memory read bandwidth is measured in the same run
+Each side runs in its own process (their thread pools would otherwise fight over the cores); the two take turns,
+one timed call each, with a warm-up excluded and the median of repeats reported. The machine's memory read bandwidth is measured in the same run
 and gives the decode floor: bytes of weights read per token / bandwidth.
 """
 
@@ -19,6 +19,9 @@ import numpy as np
 METRICS = [("vision_encode_s", "vision encode (s)"), ("ttft_s", "time to first token (s)"),
            ("decode_tokens_per_s", "decode tokens/s"), ("decode_step_short_s", "decode step, short context (s)"),
            ("decode_step_long_s", "decode step, long context (s)"), ("peak_rss_mib", "peak memory (MiB)")]
+
+
+PAUSE_S = 0.02  # between turns
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -57,7 +60,12 @@ def _prompt(tokenizer, tokens: int) -> str:
     return " ".join(text)
 
 
-def _side_hf(args: dict) -> dict:
+# What each side times, in this order; decode_tokens_per_s is derived from "generate_s" and "ttft_s".
+TIMED = ["vision_encode_s", "ttft_s", "generate_s", "decode_step_short_s", "decode_step_long_s"]
+
+
+def _timers_hf(args: dict):
+    """transformers eager: ({figure: a callable that runs it once}, a callable for the final figures, cleanup)."""
     import torch
     from PIL import Image
     from transformers import AutoTokenizer, DynamicCache
@@ -76,80 +84,84 @@ def _side_hf(args: dict) -> dict:
                   mm_token_type_ids=ref["mm_token_type_ids"], pixel_values=ref["pixel_values"],
                   image_grid_thw=ref["image_grid_thw"])
     kwargs = {k: v.to(device) for k, v in kwargs.items()}
-    out = {}
-    with torch.no_grad():
-        def vision():
-            r = reference.reference_inputs(args["checkpoint"], [image], prompt, model=model)
-            model.model.visual(r["pixel_values"].to(device), grid_thw=r["image_grid_thw"].to(device))
+    text = model.config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    n = args["new_tokens"]
+
+    def vision():  # the processor's host work counts, as vlmc's does
+        r = reference.reference_inputs(args["checkpoint"], [image], prompt, model=model)
+        model.model.visual(r["pixel_values"].to(device), grid_thw=r["image_grid_thw"].to(device))
+        sync()
+
+    def ttft():
+        r = reference.reference_inputs(args["checkpoint"], [image], prompt, model=model)
+        model(**dict(kwargs, pixel_values=r["pixel_values"].to(device)), logits_to_keep=1)
+        sync()
+
+    def generate():  # from the image, as ttft(): the difference is the decode of n - 1 tokens
+        r = reference.reference_inputs(args["checkpoint"], [image], prompt, model=model)
+        model.generate(**dict(kwargs, pixel_values=r["pixel_values"].to(device)), do_sample=False, max_new_tokens=n,
+                       min_new_tokens=n)
+        sync()
+
+    def decode_step(length: int):
+        cache = DynamicCache(config=model.config)
+        for layer in range(text.num_hidden_layers):
+            kv = torch.randn(1, text.num_key_value_heads, length, head_dim, device=device)
+            cache.update(kv, kv.clone(), layer)
+        token = torch.tensor([[1]], device=device)
+        mask = torch.ones(1, length + 1, dtype=torch.long, device=device)
+        position_ids = torch.full((3, 1, 1), length, device=device)
+
+        def step():
+            model(input_ids=token, past_key_values=cache, attention_mask=mask, position_ids=position_ids,
+                  use_cache=True)
+            cache.crop(-1)  # drop the token again so every step sees `length` cached positions
             sync()
 
-        out["vision_encode_s"] = _median_time(vision, args["repeats"])
+        return step
 
-        def ttft():
-            r = reference.reference_inputs(args["checkpoint"], [image], prompt, model=model)
-            model(**dict(kwargs, pixel_values=r["pixel_values"].to(device)), logits_to_keep=1)
-            sync()
+    def final() -> dict:
+        out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if device != "cpu":
+            out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / (1 << 20)
+        return out
 
-        out["ttft_s"] = _median_time(ttft, args["repeats"])
-        n = args["new_tokens"]
-        gen = _median_time(lambda: (model.generate(**kwargs, do_sample=False, max_new_tokens=n, min_new_tokens=n),
-                                    sync()), args["repeats"])
-        out["decode_tokens_per_s"] = (n - 1) / max(gen - out["ttft_s"], 1e-9)
-        text = model.config.text_config
-        head_dim = text.hidden_size // text.num_attention_heads
-        for key, length in (("decode_step_short_s", args["short_context"]), ("decode_step_long_s",
-                                                                               args["long_context"])):
-            cache = DynamicCache(config=model.config)
-            for layer in range(text.num_hidden_layers):
-                kv = torch.randn(1, text.num_key_value_heads, length, head_dim, device=device)
-                cache.update(kv, kv.clone(), layer)
-            token = torch.tensor([[1]], device=device)
-            mask = torch.ones(1, length + 1, dtype=torch.long, device=device)
-            position_ids = torch.full((3, 1, 1), length, device=device)
-
-            def step():
-                model(input_ids=token, past_key_values=cache, attention_mask=mask, position_ids=position_ids,
-                      use_cache=True)
-                cache.crop(-1)  # drop the token again so every step sees `length` cached positions
-                sync()
-
-            out[key] = _median_time(step, args["repeats"] * 3)
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device != "cpu":
-        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / (1 << 20)
-    return out
+    timers = {"vision_encode_s": vision, "ttft_s": ttft, "generate_s": generate,
+              "decode_step_short_s": decode_step(args["short_context"]),
+              "decode_step_long_s": decode_step(args["long_context"])}
+    return timers, final, lambda: None
 
 
-def _side_vlmc(args: dict) -> dict:
+def _timers_vlmc(args: dict):
     from ..runtime.cpu_ops.sampling import SamplingParams
     from ..runtime.llm.engine import Sequence
     from ..runtime.llm.pipeline import Pipeline
 
     pipe = Pipeline(args["model"], args["vit_model"], args.get("device", "cpu"))
-    try:
-        prompt = _prompt(pipe.tokenizer, args["prompt_tokens"])
-        out = {"vision_encode_s": _median_time(lambda: pipe.encode_images([args["image"]]), args["repeats"])}
-        n = args["new_tokens"]
-        greedy = SamplingParams(min_tokens=n)
-        out["ttft_s"] = _median_time(lambda: pipe.generate([args["image"]], prompt, 1, greedy), args["repeats"])
-        gen = _median_time(lambda: pipe.generate([args["image"]], prompt, n, greedy), args["repeats"])
-        out["decode_tokens_per_s"] = (n - 1) / max(gen - out["ttft_s"], 1e-9)
-        engine = pipe.engine.local
-        for key, length in (("decode_step_short_s", args["short_context"]), ("decode_step_long_s",
-                                                                               args["long_context"])):
+    prompt = _prompt(pipe.tokenizer, args["prompt_tokens"])
+    n = args["new_tokens"]
+    engine = pipe.engine.local
+
+    def decode_step(length: int):
+        def step():
             seq = Sequence(0, 0)
-
-            def step():
-                engine.cache.lengths[0] = length  # the cache contents do not change the cost
-                pipe.decode_step(seq, 1)
-
-            out[key] = _median_time(step, args["repeats"] * 3)
+            engine.cache.lengths[0] = length  # the cache contents do not change the cost
+            pipe.decode_step(seq, 1)
             engine.release(seq)
-        out["weight_bytes_per_token"] = _weight_bytes(pipe.llm)
-    finally:
-        pipe.close()
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
+
+        return step
+
+    def final() -> dict:
+        return {"weight_bytes_per_token": _weight_bytes(pipe.llm),
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+    timers = {"vision_encode_s": lambda: pipe.encode_images([args["image"]]),
+              "ttft_s": lambda: pipe.generate([args["image"]], prompt, 1, SamplingParams(min_tokens=1)),
+              "generate_s": lambda: pipe.generate([args["image"]], prompt, n, SamplingParams(min_tokens=n)),
+              "decode_step_short_s": decode_step(args["short_context"]),
+              "decode_step_long_s": decode_step(args["long_context"])}
+    return timers, final, pipe.close
 
 
 def _weight_bytes(llm) -> int:
@@ -164,11 +176,66 @@ def _weight_bytes(llm) -> int:
     return total
 
 
-def _run_side(side: str, args: dict, queue) -> None:
+def _serve_side(side: str, args: dict, conn) -> None:
+    """A side's process: set up, then time a figure as the parent asks (a warm-up call, then `count` timed calls)
+    until told to stop."""
+    close = None
     try:
-        queue.put((side, (_side_hf if side == "transformers" else _side_vlmc)(args), None))
+        timers, final, close = (_timers_hf if side == "transformers" else _timers_vlmc)(args)
+        conn.send(("ready", None))
+        while (request := conn.recv()) is not None:
+            figure, count = request
+            timers[figure]()  # warm-up: caches and thread pools, after the other side's turn
+            times = []
+            for _ in range(count):
+                t0 = time.perf_counter()
+                timers[figure]()
+                times.append(time.perf_counter() - t0)
+            conn.send(("ok", times))
+        conn.send(("ok", final()))
     except Exception as exc:  # reported by the parent as a one-line error
-        queue.put((side, None, f"{type(exc).__name__}: {exc}"))
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        if close is not None:
+            close()
+
+
+class _Side:
+    """The parent's handle on one side's process."""
+
+    def __init__(self, name: str, args: dict, ctx):
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve_side, args=(name, args, child), daemon=True)
+        with _reference_thread_env(name == "transformers"):
+            self.proc.start()
+        child.close()
+
+    def ask(self, request):
+        from ..errors import VlmcError
+
+        if request is not None:
+            self.conn.send(request)
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            self.proc.join(5)
+            raise VlmcError(f"bench: the {self.name} side exited unexpectedly (exit code {self.proc.exitcode})") \
+                from None
+        if status == "error":
+            raise VlmcError(f"bench: the {self.name} side failed: {value}")
+        return value
+
+    def finish(self) -> dict:
+        self.conn.send(None)
+        out = self.ask(None)
+        self.proc.join()
+        return out
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join()
 
 
 @contextlib.contextmanager
@@ -189,20 +256,31 @@ def _reference_thread_env(reference: bool):
 
 
 def run_bench(args: dict) -> dict:
-    from ..errors import VlmcError
-
+    """Both sides stay loaded in their own processes and take turns (the order alternating between rounds), so
+    that a slow spell on this shared machine falls on both sides alike. A turn is a warm-up call and then the timed
+    calls: one, or three for the short decode steps. Medians are reported."""
     ctx = multiprocessing.get_context("spawn")
-    results = {}
-    for side in ("transformers", "vlmc"):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_run_side, args=(side, args, queue))
-        with _reference_thread_env(side == "transformers"):
-            proc.start()
-        name, result, error = queue.get()
-        proc.join()
-        if error:
-            raise VlmcError(f"bench: the {side} side failed: {error}")
-        results[name] = result
+    sides = []
+    try:
+        for name in ("transformers", "vlmc"):  # one at a time: their start-ups would otherwise compete
+            sides.append(_Side(name, args, ctx))
+            sides[-1].ask(None)
+        samples = {side.name: {figure: [] for figure in TIMED} for side in sides}
+        for figure in TIMED:
+            per_turn = 3 if figure.startswith("decode_step") else 1
+            for r in range(args["repeats"]):
+                for side in sides if r % 2 == 0 else sides[::-1]:
+                    time.sleep(PAUSE_S)  # the other side's idle threads stop spinning
+                    samples[side.name][figure] += side.ask((figure, per_turn))
+        results = {}
+        for side in sides:
+            out = {figure: statistics.median(times) for figure, times in samples[side.name].items()}
+            gen = out.pop("generate_s")
+            out["decode_tokens_per_s"] = (args["new_tokens"] - 1) / max(gen - out["ttft_s"], 1e-9)
+            results[side.name] = {**out, **side.finish()}
+    finally:
+        for side in sides:
+            side.kill()
     from ..compile.artifact import read_manifest
 
     # Compile time per artifact and stage, from the manifests (weights are parameters: only load, import and save

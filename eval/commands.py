@@ -48,7 +48,8 @@ def register(sub) -> None:
                     "context, peak memory. Also measures memory read bandwidth (the fastest of a few all-core "
                     "reads) and the decode floor (weight bytes per token / bandwidth), and lists each artifact's "
                     "compile time by stage. Each side runs in its own process, transformers with its default thread "
-                    "settings; warm-up excluded, medians of repeats. Prints a table with vlmc/transformers ratios "
+                    "settings; both stay loaded and take turns, one timed call each, so that the machine's slow "
+                    "spells fall on both; warm-up excluded, medians of repeats (decode steps: 3x repeats). Prints a table with vlmc/transformers ratios "
                     "(below 1 is faster for times).")
     b.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint (the transformers side)")
     b.add_argument("--model", required=True, help="LLM artifact compiled from it")
