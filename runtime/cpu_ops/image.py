@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import math
@@ -174,16 +175,25 @@ def image_to_patches(image: Image.Image, cfg: ImageConfig, name: str = "image") 
     except ImageInputError as exc:
         raise ImageInputError(f"{name}: {exc}") from None
     resized = np.asarray(image.resize((new_w, new_h), resample=cfg.resample), dtype=np.uint8)  # H, W, C
-    pixels = (resized.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-    mean = np.asarray(cfg.image_mean, dtype=np.float32)
-    std = np.asarray(cfg.image_std, dtype=np.float32)
-    pixels = ((pixels - mean) / std).transpose(2, 0, 1)  # C, H, W
+    values = _normalized_values(cfg.rescale_factor, cfg.image_mean, cfg.image_std)
+    pixels = np.empty((3, new_h, new_w), dtype=np.float32)  # C, H, W
+    for c in range(3):  # rescale and normalise as one table lookup per channel (5x faster than the arithmetic)
+        np.take(values[c], resized[:, :, c], out=pixels[c])
 
     p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
     grid_h, grid_w = new_h // p, new_w // p
     patches = pixels.reshape(3, grid_h // m, m, p, grid_w // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
     patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
     return np.ascontiguousarray(patches.reshape(grid_h * grid_w, 3 * t * p * p)), (1, grid_h, grid_w)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalized_values(rescale_factor: float, mean: tuple, std: tuple) -> np.ndarray:
+    """[3, 256]: each channel's normalised float32 value for every uint8 value, computed as the reference computes
+    it per pixel (rescale in float64, rounded to float32, then normalised in float32), so a lookup is exact."""
+    levels = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
+    mean32, std32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray((levels[None, :] - mean32[:, None]) / std32[:, None])
 
 
 def preprocess_images(sources, cfg: ImageConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ An image whose patch count exceeds the budget is resized (max_pixels lowered) un
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ class VisualRuntime:
         self.buckets = sorted(int(b) for b in self.manifest["patch_buckets"])
         self.graphs = {b: tvm_backend.load_library(self.path / visual_graph_file(b, self.budget), params, device)
                        for b in self.buckets}
+        self._inputs: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def image_config(self, min_pixels: int | None = None, max_pixels: int | None = None) -> ImageConfig:
         return self.spec.image.with_pixels(min_pixels, max_pixels)
@@ -73,8 +76,14 @@ class VisualRuntime:
 
     def encode_patches(self, pixel_values: np.ndarray, grid) -> np.ndarray:
         bucket = next(b for b in self.buckets if b >= pixel_values.shape[0])
-        inputs = build_visual_inputs(pixel_values, grid, self.spec.vision, bucket)
-        chunks = self.graphs[bucket](*inputs.as_args())
+        with self._lock:  # the graph's input buffer is reused from image to image
+            buffer = self._inputs.get(bucket)
+            if buffer is None:
+                from ...compile.tvm_backend import aligned_zeros
+
+                buffer = self._inputs[bucket] = aligned_zeros((bucket, pixel_values.shape[1]), np.float32)
+            inputs = build_visual_inputs(pixel_values, grid, self.spec.vision, bucket, out=buffer)
+            chunks = self.graphs[bucket](*inputs.as_args())
         merged = np.concatenate(chunks, axis=-1) if len(chunks) > 1 else chunks[0]
         return np.ascontiguousarray(merged[:inputs.num_tokens][inputs.reverse_index], dtype=np.float32)
 
