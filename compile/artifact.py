@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import VlmcError
 
-FORMAT_VERSION = 2  # 2: prefill graphs take no cache inputs; fused q/k/v and gate/up parameters
+FORMAT_VERSION = 3  # 2: prefill graphs take no cache inputs; fused q/k/v and gate/up parameters; 3: prompt key ranges
 MANIFEST = "manifest.json"
 
 

@@ -15,9 +15,11 @@ import torch
 
 from ..build_in.source_code import detect_architecture, get_architecture
 from ..errors import VlmcError
-from ..runtime.llm.collective import CUSTOM_CONVERTERS, all_reduce
+from ..runtime.llm.collective import CUSTOM_CONVERTERS as COLLECTIVE_CONVERTERS
+from ..runtime.llm.collective import all_reduce
 from .artifact import Stages, library_versions, staging_folder, weights_fingerprint, write_manifest
 from .config import LLMConfig, config_hash, resolve_checkpoint
+from .ops import CUSTOM_CONVERTERS as OPS_CONVERTERS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -25,11 +27,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 def graph_inputs(batch: int, seq: int, hidden: int, head_dim: int, layers: int, kv_heads: int, context: int):
-    """Example inputs of the deploy LLM graph (the shapes it is compiled for); context 0: no cache inputs (prefill
-    graphs, which always start on an empty cache slot)."""
+    """Example inputs of the deploy LLM graph (the shapes it is compiled for); context 0: no cache inputs and key
+    ranges instead of a mask (prefill graphs, which always start on an empty cache slot)."""
     caches = [torch.zeros(batch, kv_heads, context, head_dim) for _ in range(2 * layers if context else 0)]
+    mask = torch.zeros(batch, 1, seq, context + seq) if context else torch.zeros(seq, 2, dtype=torch.int32)
     return (torch.zeros(batch, seq, hidden), torch.zeros(batch, seq, head_dim), torch.zeros(batch, seq, head_dim),
-            torch.zeros(batch, 1, seq, context + seq), *caches)
+            mask, *caches)
 
 
 def prefill_buckets(cfg: LLMConfig) -> list[int]:
@@ -72,6 +75,8 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
         except ValueError as exc:
             raise VlmcError(f"cannot shard {checkpoint} over tp={tp}: {exc}") from None
         plan = ranks[0].plan
+        for module in ranks:  # the attention kernel is a host (CPU) kernel
+            module.use_fused_attention(tvm_backend.target_device(cfg.backend.target) == "cpu")
         embed = arch.embedding_table(checkpoint).float().numpy()
     dims = dict(hidden=text.hidden_size, head_dim=spec.text.head_dim, layers=text.num_hidden_layers,
                 kv_heads=plan.num_kv_heads)
@@ -83,7 +88,8 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
     modules = {}
     with stages.stage("import into TVM"):
         for name, ep in exported.items():
-            modules[name], _, _ = tvm_backend.import_exported(ep, CUSTOM_CONVERTERS, with_params=False)
+            modules[name], _, _ = tvm_backend.import_exported(ep, {**COLLECTIVE_CONVERTERS, **OPS_CONVERTERS},
+                                                                with_params=False)
     target = tvm_backend.host_target(cfg.backend.target)
     with stages.stage("optimize"):
         modules = {n: tvm_backend.optimize(m, target, blas=cfg.backend.blas) for n, m in modules.items()}

@@ -1,9 +1,10 @@
 """Graph ops that vlmc lowers to its own kernels instead of TVM's generic ones.
 
 `segment_attention(q, k, v, ranges)`: each query row i attends to the keys in [ranges[i, 0], ranges[i, 1]) with
-softmax(q k^T / sqrt(D)); q, k, v [N, H, D], ranges int32 [N, 2]; a row with an empty range gets zeros. Key ranges
-say what a dense [N, N] mask says for window, full and padded attention, in O(N) input, and let the CPU kernel skip
-everything outside them: window blocks cost their windows, not N^2.
+softmax(q k^T / sqrt(D)); q [N, H, D], k, v [M, Hk, D] (Hk divides H: grouped-query attention), ranges int32
+[N, 2]; a row with an empty range gets zeros. Key ranges say what a dense [N, N] mask says for window, full, causal
+and padded attention, in O(N) input, and let the CPU kernel skip everything outside them: window blocks cost their
+windows, not N^2, and a prompt's causal attention half of the square.
 
 In PyTorch it is the custom op `vlmc::segment_attention` (torch.export keeps it as one node). On CPU targets it
 imports as `R.call_dps_packed("vlmc_segment_attention")` (compile/kernels/kernels.c); elsewhere (GPU targets, ONNX)
@@ -19,6 +20,8 @@ ATTENTION_EXTERN = "vlmc_segment_attention"
 
 def segment_attention_decomposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  ranges: torch.Tensor) -> torch.Tensor:
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves H / Hk query heads
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     keys = torch.arange(k.shape[0], device=k.device, dtype=ranges.dtype)
     # A 0/1 float mask, not a bool tensor: TVM 0.27's CUDA codegen loads bool pairs as ushort2 (2 bytes each), which
     # mixed neighbouring mask entries in the GPU graph. The arithmetic below is exact: s*1 + 0*min = s, s*0 + min = min.

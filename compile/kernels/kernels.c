@@ -3,9 +3,11 @@
  *   vlmc_matmul_nn(a, b, out)               out = a @ b            (BLAS)
  *   vlmc_matmul_nt(a, b, out)               out = a @ b^T, b [N,K] (BLAS; nn.Linear weights)
  *   vlmc_segment_attention(q, k, v, ranges, out)
- *       out[i,h] = softmax_j(q[i,h] . k[j,h] / sqrt(D)) v[j,h] over keys j in [ranges[i,0], ranges[i,1])
- *       q, k, v, out [N, H, D] float32; ranges int32 [N, 2]; an empty range gives zeros.
- *       Short ranges (windows) run in a tile kernel, long ones (full attention) as BLAS GEMMs around a softmax.
+ *       out[i,h] = softmax_j(q[i,h] . k[j,g] / sqrt(D)) v[j,g] over keys j in [ranges[i,0], ranges[i,1])
+ *       q, out [N, H, D], k, v [M, Hk, D] float32 (H a multiple of Hk; query head h reads kv head g = h / (H / Hk));
+ *       ranges int32 [N, 2]; an empty range gives zeros.
+ *       Short ranges (windows) run in a tile kernel; long shared ones (full attention) and causal runs (row i+1's
+ *       range one key longer than row i's: a prompt) as BLAS GEMMs around a softmax.
  *
  * A DSO module resolves GetFunction("name") to the exported symbol "__tvm_ffi_name".
  */
@@ -143,6 +145,7 @@ int __tvm_ffi_vlmc_matmul_nt(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* 
                          * the tile kernel at 256 keys, 17% at 512, 40% at 1024; the same at 64) */
 #define WIDE_ROWS 256 /* query rows per BLAS work item (fewer when the key range is long, see WIDE_SCORES) */
 #define WIDE_SCORES (1 << 20) /* floats of scores per thread: 4 MB, 256 rows of 4096 keys */
+#define CAUSAL_ROWS 128 /* rows per block of a causal run */
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 
 typedef int32_t vi __attribute__((vector_size(VW * sizeof(int32_t))));
@@ -165,18 +168,24 @@ static inline vf vexp_nonpos(vf x) {
   return p * (vf)((n + 127) << 23);
 }
 
-typedef struct { int64_t r0, r1, lo, hi; } Tile;
+/* Rows [r0, r1) attend to keys [lo, hi); causal: row r only to [lo, hi - (r1 - 1 - r)). */
+typedef struct { int64_t r0, r1, lo, hi, causal; } Tile;
+/* Head geometry: H query heads, kv head of query head h = h / group; row strides of q/out and of k/v. */
+typedef struct { int64_t H, D, group, ldq, ldk; } Heads;
 
-static void attend(const float* q, const float* k, const float* v, float* out, int64_t H, int64_t D, int64_t h,
+static void attend(const float* q, const float* k, const float* v, float* out, const Heads* g, int64_t h,
                    const Tile* t, float scale, float* kt /* [D][TK] */, float* acc /* [TQ][D] */) {
-  const int64_t ld = H * D, nr = t->r1 - t->r0, dv = D / VW * VW;
+  const int64_t D = g->D, ld = g->ldq, nr = t->r1 - t->r0, dv = D / VW * VW;
+  k += h / g->group * D;  /* this head's keys and values: rows of stride ldk */
+  v += h / g->group * D;
+  const int64_t ldk = g->ldk;
   float m[TQ], l[TQ];
   for (int64_t i = 0; i < nr; ++i) { m[i] = -INFINITY; l[i] = 0.f; }
   memset(acc, 0, sizeof(float) * nr * D);
   for (int64_t j0 = t->lo; j0 < t->hi; j0 += TK) {
     const int64_t nk = t->hi - j0 < TK ? t->hi - j0 : TK;
     for (int64_t j = 0; j < TK; ++j) { /* key tile, transposed so that scores vectorize over keys */
-      const float* kr = k + (j0 + (j < nk ? j : 0)) * ld + h * D;
+      const float* kr = k + (j0 + (j < nk ? j : 0)) * ldk;
       for (int64_t d = 0; d < D; ++d) kt[d * TK + j] = kr[d];
     }
     vi valid[TK / VW]; /* lanes of real keys in this tile */
@@ -223,7 +232,7 @@ static void attend(const float* q, const float* k, const float* v, float* out, i
         vf a[RB];
         for (int b = 0; b < RB; ++b) a[b] = vload(acc + (i0 + (b < nb ? b : 0)) * D + c) * alpha[b];
         for (int64_t j = 0; j < nk; ++j) {
-          const vf vr = vload(v + (j0 + j) * ld + h * D + c);
+          const vf vr = vload(v + (j0 + j) * ldk + c);
 #pragma GCC unroll 8
           for (int b = 0; b < RB; ++b) a[b] += p[b][j] * vr;
         }
@@ -232,7 +241,7 @@ static void attend(const float* q, const float* k, const float* v, float* out, i
       for (int64_t d = dv; d < D; ++d) /* head_dim not a multiple of 16 */
         for (int b = 0; b < nb; ++b) {
           float x = acc[(i0 + b) * D + d] * alpha[b];
-          for (int64_t j = 0; j < nk; ++j) x += p[b][j] * v[(j0 + j) * ld + h * D + d];
+          for (int64_t j = 0; j < nk; ++j) x += p[b][j] * v[(j0 + j) * ldk + d];
           acc[(i0 + b) * D + d] = x;
         }
     }
@@ -244,11 +253,14 @@ static void attend(const float* q, const float* k, const float* v, float* out, i
   }
 }
 
-/* exp(S - row max) of each row of S [rows, n], in place; inv[r] = 1 / the row's sum. The division is applied to
- * the [rows, D] output instead: one pass over the scores less. */
-static void softmax_rows(float* S, int64_t rows, int64_t n, float* inv) {
+/* exp(S - row max) of each row of S [rows, width], in place; inv[r] = 1 / the row's sum. The division is applied to
+ * the [rows, D] output instead: one pass over the scores less. Causal: row r has width - (rows - 1 - r) keys, the
+ * rest of it is set to 0. */
+static void softmax_rows(float* S, int64_t rows, int64_t width, int causal, float* inv) {
   for (int64_t r = 0; r < rows; ++r) {
-    float* s = S + r * n;
+    float* s = S + r * width;
+    const int64_t n = causal ? width - (rows - 1 - r) : width;
+    memset(s + n, 0, sizeof(float) * (width - n));
     const int64_t nv = n / VW * VW;
     vf mx = vsplat(-INFINITY);
     for (int64_t j = 0; j < nv; j += VW) { const vf x = vload(s + j); mx = vselect(x > mx, x, mx); }
@@ -272,15 +284,15 @@ static void softmax_rows(float* S, int64_t rows, int64_t n, float* inv) {
  * items with a single-threaded BLAS: its scores stay in its own cache, and no thread pool is woken three times per
  * item (measured 16 heads x 1024 patches: 33 ms, against 40 ms with multithreaded GEMMs over all rows of a head).
  * Returns nonzero when out of memory. */
-static int attend_wide(const float* q, const float* k, const float* v, float* out, int64_t H, int64_t D,
+static int attend_wide(const float* q, const float* k, const float* v, float* out, const Heads* g,
                        const Tile* wide, int64_t nw, float scale) {
+  const int64_t H = g->H, D = g->D, ldq = g->ldq, ldk = g->ldk;
   int64_t most = 0;
   for (int64_t w = 0; w < nw; ++w) most = wide[w].hi - wide[w].lo > most ? wide[w].hi - wide[w].lo : most;
   int64_t block = WIDE_SCORES / most;
   block = block > WIDE_ROWS ? WIDE_ROWS : block < TQ ? TQ : block;
   int64_t items = 0;
   for (int64_t w = 0; w < nw; ++w) items += H * ((wide[w].r1 - wide[w].r0 + block - 1) / block);
-  const int64_t ld = H * D;
   int failed = 0;
 #pragma omp parallel reduction(|| : failed)
   {
@@ -297,14 +309,17 @@ static int attend_wide(const float* q, const float* k, const float* v, float* ou
         if (rest < H * blocks) break;
       }
       const Tile* t = &wide[w];
-      const int64_t h = rest / blocks, r0 = t->r0 + rest % blocks * block, nk = t->hi - t->lo;
+      const int64_t h = rest / blocks, r0 = t->r0 + rest % blocks * block;
       const int64_t rows = t->r1 - r0 < block ? t->r1 - r0 : block;
-      float* o = out + r0 * ld + h * D;
-      gemm_ld(1, rows, nk, D, scale, q + r0 * ld + h * D, ld, k + t->lo * ld + h * D, ld, S, nk);
-      softmax_rows(S, rows, nk, inv);
-      gemm_ld(0, rows, D, nk, 1.f, S, nk, v + t->lo * ld + h * D, ld, o, ld);
+      /* keys of the block's last row: a causal block needs no more */
+      const int64_t nk = (t->causal ? t->hi - (t->r1 - (r0 + rows)) : t->hi) - t->lo;
+      const float *kh = k + t->lo * ldk + h / g->group * D, *vh = v + t->lo * ldk + h / g->group * D;
+      float* o = out + r0 * ldq + h * D;
+      gemm_ld(1, rows, nk, D, scale, q + r0 * ldq + h * D, ldq, kh, ldk, S, nk);
+      softmax_rows(S, rows, nk, (int)t->causal, inv);
+      gemm_ld(0, rows, D, nk, 1.f, S, nk, vh, ldk, o, ldq);
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t d = 0; d < D; ++d) o[r * ld + d] *= inv[r];
+        for (int64_t d = 0; d < D; ++d) o[r * ldq + d] *= inv[r];
     }
     free(S);
     free(inv);
@@ -319,14 +334,16 @@ static int run_attention(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
   if (!Q || !K || !V || !R || !O || Q->ndim != 3 || K->ndim != 3 || V->ndim != 3 || O->ndim != 3 || R->ndim != 2)
     return fail("vlmc_segment_attention: bad arguments");
   if (R->dtype.code != kDLInt || R->dtype.bits != 32) return fail("vlmc_segment_attention: ranges must be int32");
-  const int64_t N = Q->shape[0], H = Q->shape[1], D = Q->shape[2], M = K->shape[0];
+  const int64_t N = Q->shape[0], H = Q->shape[1], D = Q->shape[2], M = K->shape[0], Hk = K->shape[1];
   for (int i = 0; i < 3; ++i)
-    if (O->shape[i] != Q->shape[i] || (i && (K->shape[i] != Q->shape[i] || V->shape[i] != Q->shape[i])))
-      return fail("vlmc_segment_attention: shape mismatch");
-  if (R->shape[0] != N || R->shape[1] != 2 || V->shape[0] != M) return fail("vlmc_segment_attention: shape mismatch");
+    if (O->shape[i] != Q->shape[i] || V->shape[i] != K->shape[i]) return fail("vlmc_segment_attention: shape mismatch");
+  if (K->shape[2] != D || Hk < 1 || H % Hk) return fail("vlmc_segment_attention: kv heads must divide query heads");
+  if (R->shape[0] != N || R->shape[1] != 2) return fail("vlmc_segment_attention: shape mismatch");
+  const Heads heads = {H, D, H / Hk, H * D, Hk * D};
   const int32_t* rg = (const int32_t*)((char*)R->data + R->byte_offset);
   /* Runs of rows that share one key range: long ones (full attention) go through BLAS, the rest (windows) are cut
-   * into tiles of up to TQ rows for the tile kernel. */
+   * into tiles of up to TQ rows for the tile kernel. Causal runs of at least TQ rows go through BLAS in blocks of
+   * CAUSAL_ROWS rows (each block computes its rows' triangle in full: smaller blocks waste less). */
   Tile* tiles = (Tile*)malloc(sizeof(Tile) * (N > 0 ? N : 1));
   Tile* wide = (Tile*)malloc(sizeof(Tile) * (N > 0 ? N : 1));
   if (!tiles || !wide) { free(tiles); free(wide); return fail("vlmc_segment_attention: out of memory"); }
@@ -339,15 +356,27 @@ static int run_attention(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
     }
     int64_t j = i + 1;
     while (j < N && rg[2 * j] == lo && rg[2 * j + 1] == hi) ++j;
-    if (hi - lo >= WIDE_KEYS && j - i >= TQ) wide[nw++] = (Tile){i, j, lo, hi};
+    if (j == i + 1) {
+      int64_t c = i + 1;
+      while (c < N && rg[2 * c] == lo && rg[2 * c + 1] == hi + (c - i) && hi + (c - i) <= M) ++c;
+      if (c - i >= TQ) {
+        for (int64_t r = i; r < c; r += CAUSAL_ROWS) {
+          const int64_t r1 = r + CAUSAL_ROWS < c ? r + CAUSAL_ROWS : c;
+          wide[nw++] = (Tile){r, r1, lo, hi + (r1 - 1 - i), 1};
+        }
+        i = c;
+        continue;
+      }
+    }
+    if (hi - lo >= WIDE_KEYS && j - i >= TQ) wide[nw++] = (Tile){i, j, lo, hi, 0};
     else
-      for (int64_t r = i; r < j; r += TQ) tiles[nt++] = (Tile){r, r + TQ < j ? r + TQ : j, lo, hi};
+      for (int64_t r = i; r < j; r += TQ) tiles[nt++] = (Tile){r, r + TQ < j ? r + TQ : j, lo, hi, 0};
     i = j;
   }
   const float scale = 1.f / sqrtf((float)D);
   const float *q = fp(Q), *k = fp(K), *v = fp(V);
   float* o = fp(O);
-  if (nw && attend_wide(q, k, v, o, H, D, wide, nw, scale)) {
+  if (nw && attend_wide(q, k, v, o, &heads, wide, nw, scale)) {
     free(tiles); free(wide);
     return fail("vlmc_segment_attention: out of memory");
   }
@@ -357,7 +386,7 @@ static int run_attention(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
     float* kt = (float*)aligned_alloc(64, sizeof(float) * ((D * TK + 15) / 16 * 16));
     float* acc = (float*)aligned_alloc(64, sizeof(float) * ((TQ * D + 15) / 16 * 16));
 #pragma omp for schedule(dynamic)
-    for (int64_t w = 0; w < nt * H; ++w) attend(q, k, v, o, H, D, w % H, &tiles[w / H], scale, kt, acc);
+    for (int64_t w = 0; w < nt * H; ++w) attend(q, k, v, o, &heads, w % H, &tiles[w / H], scale, kt, acc);
     free(kt);
     free(acc);
   }

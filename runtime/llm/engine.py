@@ -3,6 +3,7 @@
 A step function has the deploy graph's signature
     step(inputs_embeds [B,S,H], cos [B,S,D], sin [B,S,D], mask [B,1,S,T+S], *k_cache[l], *v_cache[l] [B,kv,T,D])
       -> logits [B, vocab], new_k, new_v [L,B,kv,S,D]
+(prefill steps: B = 1, no caches, and int32 key ranges [S, 2] in place of the mask)
 and never writes the cache: the engine copies the S new rows into place, so a decode step moves O(layers * kv * D)
 bytes of cache, not the cache. Prompts are left-padded to the smallest compiled prefill length that fits.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cpu_ops.masks import decoder_mask
+from ..cpu_ops.masks import prompt_key_ranges
 from ..cpu_ops.pipeline import TextSpec
 
 StepFunction = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -123,8 +124,8 @@ class LLMEngine:
         embeds = np.zeros((1, length, inputs_embeds.shape[1]), self.dtype)
         embeds[0, length - n:] = inputs_embeds
         cos, sin = self._cos_sin(position_ids, length)
-        mask = decoder_mask([0], [n], 0, length, self.dtype)
-        logits, new_k, new_v = self.prefill_steps[length](embeds, cos, sin, mask)
+        ranges = prompt_key_ranges(n, length)
+        logits, new_k, new_v = self.prefill_steps[length](embeds, cos, sin, ranges)
         self.cache.write(seq.slot, new_k, new_v, n)
         return logits[0]
 
@@ -154,7 +155,7 @@ class LLMEngine:
                 cos[i, 0], sin[i, 0] = table_cos[pos], table_sin[pos]
             else:
                 cos[i], sin[i] = self.spec.cos_sin(np.full((3, 1), pos, dtype=np.int64))
-            # The decode mask row: the cached prefix and the new token itself (see decoder_mask).
+            # The decode mask row: the cached prefix and the new token itself.
             mask[i, 0, 0, :c] = 0
             mask[i, 0, 0, c:self.context] = neg
             mask[i, 0, 0, self.context] = 0

@@ -178,10 +178,13 @@ class Attention(nn.Module):
         self.sizes = [plan.num_heads * head_dim, plan.num_kv_heads * head_dim, plan.num_kv_heads * head_dim]
         self.qkv_proj = nn.Linear(hidden, sum(self.sizes))  # q, k and v in one matmul (see FUSED)
         self.o_proj = nn.Linear(plan.num_heads * head_dim, hidden, bias=False)
+        self.fused = True  # prompts through vlmc::segment_attention (CPU kernel); False: standard ops (GPU targets)
 
     def forward(self, x, cos, sin, mask, k_cache=None, v_cache=None):
-        """x [B, S, hidden]; cos/sin [B, S, head_dim]; mask [B, 1, S, T + S]; caches [B, kv, T, head_dim], or none
-        (a prompt on an empty cache: mask [B, 1, S, S], no work spent on cache slots that are all masked)."""
+        """x [B, S, hidden]; cos/sin [B, S, head_dim]; mask [B, 1, S, T + S]; caches [B, kv, T, head_dim]. Without
+        caches (a prompt on an empty cache slot, B = 1) `mask` is the prompt's key ranges instead, see `prompt`."""
+        if k_cache is None:
+            return self.prompt(x, cos, sin, mask)
         b, s, _ = x.shape
         q, k, v = (y.view(b, s, -1, self.head_dim).transpose(1, 2) for y in self.qkv_proj(x).split(self.sizes, -1))
         cos, sin = cos[:, None], sin[:, None]
@@ -193,11 +196,6 @@ class Attention(nn.Module):
         qg = q.reshape(b * kv, group * s, self.head_dim)
         scale = self.head_dim ** -0.5
         k_new, v_new = k.reshape(b * kv, s, self.head_dim), v.reshape(b * kv, s, self.head_dim)
-        if k_cache is None:
-            scores = torch.bmm(qg, k_new.transpose(1, 2)).view(b, -1, s, s) * scale + mask
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b * kv, group * s, s)
-            out = torch.bmm(probs, v_new).view(b, -1, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
-            return self.o_proj(out), k, v
         t = k_cache.shape[2]
         k_cache, v_cache = k_cache.reshape(b * kv, t, self.head_dim), v_cache.reshape(b * kv, t, self.head_dim)
         scores_cache = torch.bmm(qg, k_cache.transpose(1, 2)).view(b, -1, s, t)
@@ -207,6 +205,22 @@ class Attention(nn.Module):
         out = torch.bmm(probs[..., :t], v_cache) + torch.bmm(probs[..., t:], v_new)
         out = out.view(b, -1, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(out), k, v
+
+    def prompt(self, x, cos, sin, ranges):
+        """A prompt on an empty cache slot: x [1, S, hidden]; ranges int32 [S, 2], the keys [lo, hi) each row
+        attends to (causal over the real tokens, empty for padding; see `prompt_key_ranges`). Causal attention as
+        key ranges lets the CPU kernel skip the masked half instead of computing and masking an [S, S] score matrix.
+        Returns the output and k, v [1, kv, S, head_dim] for the cache."""
+        if x.shape[0] != 1:
+            raise ValueError(f"a prompt graph takes one sequence, got a batch of {x.shape[0]}")
+        s = x.shape[1]
+        q, k, v = (y.view(s, -1, self.head_dim) for y in self.qkv_proj(x[0]).split(self.sizes, -1))  # [S, heads, D]
+        cos, sin = cos[0, :, None], sin[0, :, None]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        attend = segment_attention if self.fused else segment_attention_decomposed
+        out = attend(q, k, v, ranges).reshape(1, s, -1)
+        return self.o_proj(out), k.transpose(0, 1)[None], v.transpose(0, 1)[None]
 
 
 class MLP(nn.Module):
@@ -247,8 +261,8 @@ class DeployLanguageModel(nn.Module):
     forward(inputs_embeds [B, S, hidden], cos, sin [B, S, head_dim], mask [B, 1, S, T + S],
             *caches: k_cache of each layer, then v_cache of each layer, [B, kv_heads_local, T, head_dim])
       -> logits [B, vocab] of the last position, new_k, new_v [layers, B, kv_heads_local, S, head_dim]
-    Without caches (prefill graphs: a prompt always starts on an empty cache slot) the mask is [B, 1, S, S] and
-    attention covers the new tokens only.
+    Without caches (prefill graphs: a prompt always starts on an empty cache slot, B = 1) the mask is replaced by
+    the prompt's key ranges, int32 [S, 2], and attention covers the new tokens only.
     One input per layer's cache, not one [layers, ...] tensor: selecting a layer from a stacked input is a copy in
     the compiled graph, while separate inputs are views of the host's cache, read in place.
     Mask columns 0..T-1 address cache slots and T..T+S-1 the new tokens. The caller writes new_k/new_v into its
@@ -264,6 +278,10 @@ class DeployLanguageModel(nn.Module):
                                     for _ in range(text_config.num_hidden_layers))
         self.norm = RMSNorm(text_config.hidden_size, text_config.rms_norm_eps)
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+
+    def use_fused_attention(self, fused: bool) -> None:
+        for layer in self.layers:
+            layer.self_attn.fused = fused
 
     def forward(self, inputs_embeds, cos, sin, mask, *caches):
         x = inputs_embeds
