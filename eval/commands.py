@@ -46,11 +46,12 @@ def register(sub) -> None:
         description="Time, in one run on this machine, transformers eager and vlmc on the same image and prompt: "
                     "vision encode, time to first token, decode tokens/s, decode step at a short and a long "
                     "context, peak memory. Also measures memory read bandwidth (the fastest of a few all-core "
-                    "reads) and the decode floor (weight bytes per token / bandwidth), and lists each artifact's "
-                    "compile time by stage. Each side runs in its own process, transformers with its default thread "
-                    "settings; both stay loaded and take turns, one timed call each, so that the machine's slow "
-                    "spells fall on both; warm-up excluded, medians of repeats (decode steps: 3x repeats). Prints a table with vlmc/transformers ratios "
-                    "(below 1 is faster for times).")
+                    "reads, before and after the sides run) and the decode floor (weight bytes per token / "
+                    "bandwidth), and lists each artifact's compile time by stage. Each side runs in its own "
+                    "process, transformers with its default thread settings; both stay loaded and take turns (a "
+                    "warm-up call, then the timed calls; the order alternates), so that the machine's slow spells "
+                    "fall on both; medians of the repeats (decode steps: 3 timed calls per turn). Prints a table "
+                    "with vlmc/transformers ratios (below 1 is faster for times).")
     b.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint (the transformers side)")
     b.add_argument("--model", required=True, help="LLM artifact compiled from it")
     b.add_argument("--vit_model", "--vit-model", dest="vit_model", required=True, help="visual artifact")
@@ -59,7 +60,8 @@ def register(sub) -> None:
     b.add_argument("--new-tokens", type=int, default=32, help="generated tokens timed for decode (default 32)")
     b.add_argument("--short-context", type=int, default=64, help="cache length of the short decode step")
     b.add_argument("--long-context", type=int, help="cache length of the long decode step (default: context-1)")
-    b.add_argument("--repeats", type=int, default=3, help="timed repeats per figure (default 3)")
+    b.add_argument("--repeats", type=int, default=3,
+                   help="turns per figure; each side is timed once per turn (default 3)")
     b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both sides run; must match the "
                                                    "artifacts' target (default: cpu)")
     b.add_argument("--json", action="store_true", help="print the numbers as one JSON object")

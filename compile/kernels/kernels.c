@@ -80,9 +80,9 @@ static void gemm_batched(int tb, int64_t batch, int64_t M, int64_t N, int64_t K,
   for (int64_t item = 0; item < batch * parts; ++item) {
     blas_thread_init();
     const int64_t i = item / parts, part = item % parts;
-    int64_t lo = (len * part / parts + align - 1) / align * align, hi = (len * (part + 1) / parts + align - 1) / align * align;
+    const int64_t lo = (len * part / parts + align - 1) / align * align;
+    int64_t hi = part == parts - 1 ? len : (len * (part + 1) / parts + align - 1) / align * align;
     hi = hi < len ? hi : len;
-    if (part == parts - 1) hi = len;
     if (lo >= hi) continue;
     const float *a = A + i * M * K, *b = B + i * b_stride;
     float* c = C + i * M * N;

@@ -91,13 +91,14 @@ class Pipeline:
         try:
             logits = self.engine.prefill(seq, embeds, position_ids)
             t_prefill = time.perf_counter() - t1
-            tokens, finish, step_times = [], "length", []
+            tokens, finish, step_times, t_first = [], "length", [], None
             while len(tokens) < max_new_tokens:
                 token = sampler(logits, len(tokens))
                 if sampler.is_eos(token):
                     finish = "stop"
                     break
                 tokens.append(token)
+                t_first = t_first or time.perf_counter()
                 if len(tokens) == max_new_tokens:
                     break
                 ts = time.perf_counter()
@@ -105,8 +106,10 @@ class Pipeline:
                 step_times.append(time.perf_counter() - ts)
         finally:
             self.engine.release(seq)
+        t_end = time.perf_counter()
         timings = {"visual_s": round(t_visual, 6), "prefill_s": round(t_prefill, 6),
                    "decode_per_token_s": round(float(np.median(step_times)), 6) if step_times else None,
-                   "total_s": round(time.perf_counter() - t0, 6)}
+                   "decode_s": round(t_end - t_first, 6) if t_first else 0.0,  # first new token -> last
+                   "total_s": round(t_end - t0, 6)}
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return GenerationResult(text, tokens, int(len(input_ids)), finish, timings, info)
