@@ -7,7 +7,6 @@ read bandwidth is measured in the same run and gives the decode floor: bytes of 
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import multiprocessing
 import os
@@ -281,22 +280,24 @@ def run_bench(args: dict) -> dict:
     that a slow spell on this shared machine falls on both sides alike. A turn is a warm-up call and then the timed
     calls: one, or three for the short decode steps. Medians are reported."""
     ctx = multiprocessing.get_context("spawn")
-    # The machine's bandwidth moves (31-62 GB/s within an hour here): the best of a reading before and after. The
-    # first runs in a process of its own: the sides inherit this process's peak memory, which they report.
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-        bandwidth = pool.submit(read_bandwidth, device=args.get("device", "cpu")).result()
     sides = []
     try:
         for name in ("transformers", "vlmc"):  # one at a time: their start-ups would otherwise compete
             sides.append(_Side(name, args, ctx))
             sides[-1].ask(None)
         samples = {side.name: {figure: [] for figure in TIMED} for side in sides}
+        bandwidths = []
         for figure in TIMED:
             per_turn = 3 if figure.startswith("decode_step") else 1
             for r in range(args["repeats"]):
                 for side in sides if r % 2 == 0 else sides[::-1]:
                     time.sleep(PAUSE_S)  # the other side's idle threads stop spinning
                     samples[side.name][figure] += side.ask((figure, per_turn))
+                if figure == "decode_step_short_s":
+                    # The floor's bandwidth, read between the steps it judges: it moved between 30 and 60 GB/s
+                    # within an hour here.
+                    time.sleep(PAUSE_S)
+                    bandwidths.append(read_bandwidth(repeats=3, device=args.get("device", "cpu")))
         results = {}
         for side in sides:
             out = {figure: statistics.median(times) for figure, times in samples[side.name].items()}
@@ -314,7 +315,7 @@ def run_bench(args: dict) -> dict:
         manifest = read_manifest(name, kind=kind, verify=False)
         graphs = len(manifest["graphs"] if kind == "llm" else manifest["patch_buckets"])
         compile_seconds[kind] = {"graphs": graphs, **manifest["compile_seconds"]}
-    bandwidth = max(bandwidth, read_bandwidth(device=args.get("device", "cpu")))
+    bandwidth = statistics.median(bandwidths)
     floor = results["vlmc"]["weight_bytes_per_token"] / bandwidth
     ratios = {k: results["vlmc"][k] / results["transformers"][k] for k, _ in METRICS
               if results["transformers"].get(k)}

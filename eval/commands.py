@@ -46,7 +46,7 @@ def register(sub) -> None:
         description="Time, in one run on this machine, transformers eager and vlmc on the same image and prompt: "
                     "vision encode, time to first token, decode tokens/s, decode step at a short and a long "
                     "context, peak memory. Also measures memory read bandwidth (the fastest of a few all-core "
-                    "reads, before and after the sides run) and the decode floor (weight bytes per token / "
+                    "reads, taken between the decode steps) and the decode floor (weight bytes per token / "
                     "bandwidth), and lists each artifact's compile time by stage. Each side runs in its own "
                     "process, transformers with its default thread settings; both stay loaded and take turns (a "
                     "warm-up call, then the timed calls; the order alternates), so that the machine's slow spells "
