@@ -76,10 +76,11 @@ def _timers_hf(args: dict):
 
     reference = get_architecture(detect_architecture(args["checkpoint"])).reference
     device = args.get("device", "cpu")
+    torch.set_grad_enabled(False)  # inference, as vlmc's: no autograd records (this process only times this model)
     model = reference.load_model(args["checkpoint"]).to(device)
     # GPU kernels run asynchronously: a timed call ends only when the device is done.
     sync = (lambda: torch.cuda.synchronize(device)) if device != "cpu" else (lambda: None)
-    image = Image.open(args["image"])
+    image = Image.open(args["image"])  # for the untimed inputs; timed calls open the file, as vlmc's do
     prompt = _prompt(AutoTokenizer.from_pretrained(args["checkpoint"]), args["prompt_tokens"])
     ref = reference.reference_inputs(args["checkpoint"], [image], prompt, model=model)
     kwargs = dict(input_ids=ref["input_ids"], attention_mask=torch.ones_like(ref["input_ids"]),
@@ -90,13 +91,13 @@ def _timers_hf(args: dict):
     head_dim = text.hidden_size // text.num_attention_heads
     n = args["new_tokens"]
 
-    def vision():  # the processor's host work counts, as vlmc's does
-        r = reference.reference_inputs(args["checkpoint"], [image], prompt, model=model)
+    def vision():  # the file's decoding and the processor's host work count, as vlmc's do
+        r = reference.reference_inputs(args["checkpoint"], [Image.open(args["image"])], prompt, model=model)
         model.model.visual(r["pixel_values"].to(device), grid_thw=r["image_grid_thw"].to(device))
         sync()
 
     def ttft():
-        r = reference.reference_inputs(args["checkpoint"], [image], prompt, model=model)
+        r = reference.reference_inputs(args["checkpoint"], [Image.open(args["image"])], prompt, model=model)
         model(**dict(kwargs, pixel_values=r["pixel_values"].to(device)), logits_to_keep=1)
         sync()
 
@@ -155,6 +156,15 @@ def _timers_vlmc(args: dict):
     n = args["new_tokens"]
     engine = pipe.engine.local
 
+    def vision():
+        pipe.encode_images([args["image"]])
+
+    def ttft():
+        pipe.generate([args["image"]], prompt, 1, SamplingParams(min_tokens=1))
+
+    def decode() -> float:
+        return pipe.generate([args["image"]], prompt, n, SamplingParams(min_tokens=n)).timings["decode_s"]
+
     def decode_step(length: int):
         def step():
             seq = Sequence(0, 0)
@@ -164,21 +174,11 @@ def _timers_vlmc(args: dict):
 
         return step
 
-    def decode() -> float:
-        return pipe.generate([args["image"]], prompt, n, SamplingParams(min_tokens=n)).timings["decode_s"]
-
     def final() -> dict:
         return {"weight_bytes_per_token": _weight_bytes(pipe.llm),
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
-    def vision():
-        pipe.encode_images([args["image"]])
-
-    def ttft():
-        pipe.generate([args["image"]], prompt, 1, SamplingParams(min_tokens=1))
-
-    timers = {"vision_encode_s": vision, "ttft_s": ttft,
-              "decode_s": decode,
+    timers = {"vision_encode_s": vision, "ttft_s": ttft, "decode_s": decode,
               "decode_step_short_s": decode_step(args["short_context"]),
               "decode_step_long_s": decode_step(args["long_context"])}
     return timers, final, pipe.close
