@@ -48,6 +48,7 @@ RANGES = {
     "full attention over 280 keys, padding rows empty": lambda: np.concatenate(
         [np.tile([0, 280], (280, 1)), np.zeros((N - 280, 2), int)]),
     "arbitrary ranges": lambda: np.sort(np.random.default_rng(1).integers(0, N + 1, (N, 2)), axis=1),
+    "a causal run that starts with an empty range": lambda: np.stack([np.full(N, 5), 5 + np.arange(N) % 200], 1),
 }
 
 
