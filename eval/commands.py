@@ -50,7 +50,7 @@ def register(sub) -> None:
                     "bandwidth), and lists each artifact's compile time by stage. Each side runs in its own "
                     "process, transformers with its default thread settings; both stay loaded and take turns (a "
                     "warm-up call, then the timed calls; the order alternates), so that the machine's slow spells "
-                    "fall on both; medians of the repeats (decode steps: 3 timed calls per turn). Prints a table "
+                    "fall on both; medians of the repeats (decode steps: 10 timed calls per turn). Prints a table "
                     "with vlmc/transformers ratios (below 1 is faster for times).")
     b.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint (the transformers side)")
     b.add_argument("--model", required=True, help="LLM artifact compiled from it")
