@@ -19,7 +19,7 @@ from ..runtime.llm.collective import CUSTOM_CONVERTERS as COLLECTIVE_CONVERTERS
 from ..runtime.llm.collective import all_reduce
 from .artifact import Stages, library_versions, staging_folder, weights_fingerprint, write_manifest
 from .config import LLMConfig, config_hash, resolve_checkpoint
-from .ops import CUSTOM_CONVERTERS as OPS_CONVERTERS
+from .ops import CUSTOM_CONVERTERS as OPS_CONVERTERS, uses_attention_kernel
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -62,6 +62,7 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
         # The all-reduce is a torch.distributed (gloo) call on host memory; there is no GPU collective yet.
         raise VlmcError(f"tensor parallelism (tp={tp}) is supported on CPU targets only; compile for "
                         f"{cfg.backend.target} with --tp 1")
+    target = tvm_backend.host_target(cfg.backend.target)
     stages = Stages(["load", "export", "import into TVM", "optimize", "build", "save"])
     with stages.stage("load", f"{checkpoint}, tp={tp}"):
         arch_name = detect_architecture(checkpoint)
@@ -75,8 +76,8 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
         except ValueError as exc:
             raise VlmcError(f"cannot shard {checkpoint} over tp={tp}: {exc}") from None
         plan = ranks[0].plan
-        for module in ranks:  # the attention kernel is a host (CPU) kernel
-            module.use_fused_attention(tvm_backend.target_device(cfg.backend.target) == "cpu")
+        for module in ranks:
+            module.use_fused_attention(uses_attention_kernel(target))
         embed = arch.embedding_table(checkpoint).float().numpy()
     dims = dict(hidden=text.hidden_size, head_dim=spec.text.head_dim, layers=text.num_hidden_layers,
                 kv_heads=plan.num_kv_heads)
@@ -90,7 +91,6 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
         for name, ep in exported.items():
             modules[name], _, _ = tvm_backend.import_exported(ep, {**COLLECTIVE_CONVERTERS, **OPS_CONVERTERS},
                                                                 with_params=False)
-    target = tvm_backend.host_target(cfg.backend.target)
     with stages.stage("optimize"):
         modules = {n: tvm_backend.optimize(m, target, blas=cfg.backend.blas) for n, m in modules.items()}
     with stages.stage("build", str(target.kind.name)):

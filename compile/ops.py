@@ -32,6 +32,16 @@ def segment_attention_decomposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1)  # [N, H, D]
 
 
+def uses_attention_kernel(target) -> bool:
+    """Whether graphs for `target` call the attention kernel (a host kernel: CPU targets) or the decomposed op."""
+    return target.kind.name == "llvm"
+
+
+def attention_op(fused: bool):
+    """The op a model calls: the kernel's custom op (fused) or the same math in standard ops."""
+    return segment_attention if fused else segment_attention_decomposed
+
+
 @torch.library.custom_op("vlmc::segment_attention", mutates_args=())
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
     return segment_attention_decomposed(q, k, v, ranges).contiguous()

@@ -46,15 +46,15 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
             _check_shape(cfg, module.patch_dim, spec.vision.head_dim, config_path)
         if any(b % spec.vision.merge_unit for b in buckets):
             raise VlmcError(f"patch budgets {buckets} must be multiples of {spec.vision.merge_unit}")
-    args = example_inputs(budget, module.patch_dim, spec.vision.head_dim)
+    inputs = {b: example_inputs(b, module.patch_dim, spec.vision.head_dim) for b in buckets}
+    args = inputs[budget]
     target = tvm_backend.host_target(cfg.backend.target)
     with stages.stage("export", f"torch.export, {len(buckets)} graphs: " + ", ".join(f"{b} patches" for b in buckets)):
         if cfg.frontend.onnx:
             module.use_fused_attention(False)  # ONNX has no vlmc kernel: standard ops
             onnx_bytes, onnx_diff = _export_onnx(module, args)
-        module.use_fused_attention(target.kind.name == "llvm")  # the attention kernel is a host (CPU) kernel
-        exported = {b: tvm_backend.export_module(module, example_inputs(b, module.patch_dim, spec.vision.head_dim))
-                    for b in buckets}
+        module.use_fused_attention(ops.uses_attention_kernel(target))
+        exported = {b: tvm_backend.export_module(module, inputs[b]) for b in buckets}
     with stages.stage("import into TVM"):
         # One parameter set serves every budget (same module, same order): copied out of the full budget's import.
         mods = {b: tvm_backend.import_exported(ep, ops.CUSTOM_CONVERTERS, with_params=False)[0]

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ....compile.ops import segment_attention, segment_attention_decomposed
+from ....compile.ops import attention_op
 
 
 class RMSNorm(nn.Module):
@@ -73,8 +73,7 @@ class VisionAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim).unbind(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        attend = segment_attention if self.fused else segment_attention_decomposed
-        return self.proj(attend(q, k, v, ranges).reshape(n, -1))
+        return self.proj(attention_op(self.fused)(q, k, v, ranges).reshape(n, -1))
 
 
 class VisionBlock(nn.Module):
@@ -218,8 +217,7 @@ class Attention(nn.Module):
         cos, sin = cos[0, :, None], sin[0, :, None]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        attend = segment_attention if self.fused else segment_attention_decomposed
-        out = attend(q, k, v, ranges).reshape(1, s, -1)
+        out = attention_op(self.fused)(q, k, v, ranges).reshape(1, s, -1)
         return self.o_proj(out), k.transpose(0, 1)[None], v.transpose(0, 1)[None]
 
 
