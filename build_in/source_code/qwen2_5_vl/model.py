@@ -179,11 +179,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(plan.num_heads * head_dim, hidden, bias=False)
         self.fused = True  # prompts through vlmc::segment_attention (CPU kernel); False: standard ops (GPU targets)
 
-    def forward(self, x, cos, sin, mask, k_cache=None, v_cache=None):
+    def forward(self, x, cos, sin, mask, k_cache=None, v_cache=None, last_only=False):
         """x [B, S, hidden]; cos/sin [B, S, head_dim]; mask [B, 1, S, T + S]; caches [B, kv, T, head_dim]. Without
         caches (a prompt on an empty cache slot, B = 1) `mask` is the prompt's key ranges instead, see `prompt`."""
         if k_cache is None:
-            return self.prompt(x, cos, sin, mask)
+            return self.prompt(x, cos, sin, mask, last_only)
         b, s, _ = x.shape
         q, k, v = (y.view(b, s, -1, self.head_dim).transpose(1, 2) for y in self.qkv_proj(x).split(self.sizes, -1))
         cos, sin = cos[:, None], sin[:, None]
@@ -205,19 +205,21 @@ class Attention(nn.Module):
         out = out.view(b, -1, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(out), k, v
 
-    def prompt(self, x, cos, sin, ranges):
+    def prompt(self, x, cos, sin, ranges, last_only=False):
         """A prompt on an empty cache slot: x [1, S, hidden]; ranges int32 [S, 2], the keys [lo, hi) each row
         attends to (causal over the real tokens, empty for padding; see `prompt_key_ranges`). Causal attention as
         key ranges lets the CPU kernel skip the masked half instead of computing and masking an [S, S] score matrix.
-        Returns the output and k, v [1, kv, S, head_dim] for the cache."""
+        Returns the output (of the last position only if `last_only`) and k, v [1, kv, S, head_dim] for the cache."""
         if x.shape[0] != 1:
             raise ValueError(f"a prompt graph takes one sequence, got a batch of {x.shape[0]}")
         s = x.shape[1]
         q, k, v = (y.view(s, -1, self.head_dim) for y in self.qkv_proj(x[0]).split(self.sizes, -1))  # [S, heads, D]
         cos, sin = cos[0, :, None], sin[0, :, None]
-        q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        out = attention_op(self.fused)(q, k, v, ranges).reshape(1, s, -1)
+        first = s - 1 if last_only else 0  # static slices (see DeployLanguageModel.forward)
+        q, cos, sin, ranges = q[first:], cos[first:], sin[first:], ranges[first:]
+        q = q * cos + rotate_half(q) * sin
+        out = attention_op(self.fused)(q, k, v, ranges).reshape(1, s - first, -1)
         return self.o_proj(out), k.transpose(0, 1)[None], v.transpose(0, 1)[None]
 
 
@@ -246,9 +248,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg.hidden_size, plan.intermediate)
         self.all_reduce = all_reduce
 
-    def forward(self, x, cos, sin, mask, k_cache=None, v_cache=None):
-        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache)
-        x = x + self.all_reduce(attn)
+    def forward(self, x, cos, sin, mask, k_cache=None, v_cache=None, last_only=False):
+        """`last_only` (prompts): keys and values for every position, the output for the last one only."""
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache, last_only)
+        x = x[:, x.shape[1] - attn.shape[1]:] + self.all_reduce(attn)
         x = x + self.all_reduce(self.mlp(self.post_attention_layernorm(x)))
         return x, k, v
 
@@ -288,7 +291,11 @@ class DeployLanguageModel(nn.Module):
             raise ValueError(f"expected {2 * n} cache tensors (k then v per layer) or none, got {len(caches)}")
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, mask, *((caches[i], caches[n + i]) if caches else ()))
+            # Only the last position's logits are wanted, so a prompt's last layer, once it has every position's
+            # keys and values for the cache, runs its attention output and MLP for the last position alone: exact,
+            # and a layer's o_proj and MLP less of the prompt's matmuls (llama.cpp skips the same work).
+            last_only = not caches and i == n - 1
+            x, k, v = layer(x, cos, sin, mask, *((caches[i], caches[n + i]) if caches else ()), last_only=last_only)
             new_k.append(k)
             new_v.append(v)
         # A static slice, not x[:, -1]: TVM 0.27's importer mistranslates a negative select index.
