@@ -124,3 +124,21 @@ def test_onnx_export_checked_with_onnxruntime(checkpoints, tmp_path):
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert (artifact / "model.onnx").stat().st_size > 0
     assert manifest["onnx_max_abs_diff"] <= 1e-4
+
+
+def test_params_load_exactly_and_refuse_a_truncated_file(tmp_path):
+    from vlmc.compile import tvm_backend
+
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal((3, 5)).astype(np.float32), np.arange(7, dtype=np.int64),
+              np.float32(2.5).reshape(()), rng.standard_normal((0, 4)).astype(np.float32),
+              rng.standard_normal((2, 3)).astype(np.float16)]
+    names = [f"p{i}" for i in range(len(params))]
+    path = tmp_path / "params.safetensors"
+    tvm_backend.save_params(params, names, path)
+    loaded = tvm_backend.load_params(path, names[::-1])  # any order, by name
+    for want, got in zip(params[::-1], loaded):
+        assert got.numpy().dtype == want.dtype and np.array_equal(got.numpy(), want)
+    path.write_bytes(path.read_bytes()[:-8])  # the last tensor in the file loses its end
+    with pytest.raises(OSError, match="file ends inside tensor"):
+        tvm_backend.load_params(path, names)
