@@ -55,7 +55,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -462,7 +461,7 @@ def load_params(path: str | os.PathLike, names: Sequence[str], device=None) -> l
     dev = _device(device)
     on_host = dev.dlpack_device_type() == tvm.cpu().dlpack_device_type()
     with open(path, "rb", buffering=0) as f:
-        (header_size,) = struct.unpack("<Q", f.read(8))
+        header_size = int.from_bytes(f.read(8), "little")  # as weights_fingerprint reads it
         index = json.loads(f.read(header_size))
         params = []
         for name in names:
