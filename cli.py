@@ -31,6 +31,10 @@ def _add_checkpoint(sub) -> None:
                            "layers; 3b-width: Qwen2.5-VL-3B's real widths and vocabulary at reduced depth, for "
                            "benchmarks (2.3 GB) (default: tiny)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    tiny.add_argument("--init-std", type=float,
+                      help="standard deviation of the random weights (the config's initializer_range; default 0.1, "
+                           "which keeps random logits well separated; real models declare 0.02, where precision "
+                           "losses measure as they would on trained weights)")
     tiny.set_defaults(func=_run_checkpoint)
 
 
@@ -40,7 +44,9 @@ def _run_checkpoint(args) -> int:
     arch = get_architecture(args.arch)
     if args.preset not in arch.PRESETS:
         raise VlmcError(f"unknown preset {args.preset!r} for {args.arch}; choose one of {', '.join(arch.PRESETS)}")
-    out = arch.write_checkpoint(args.out_dir, preset=args.preset, seed=args.seed)
+    if args.init_std is not None and not args.init_std > 0:
+        raise VlmcError(f"--init-std must be positive, got {args.init_std}")
+    out = arch.write_checkpoint(args.out_dir, preset=args.preset, seed=args.seed, init_std=args.init_std)
     print(out)
     return 0
 

@@ -19,7 +19,14 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", help="Hugging Face checkpoint folder (frontend.checkpoint)")
     p.add_argument("--workspace", help="folder the artifact is written under (workspace.path)")
     p.add_argument("--target", help="TVM target: a name such as llvm, or a JSON dict (backend.target)")
-    p.add_argument("--dtype", help="compute dtype (backend.dtype); fp32")
+    p.add_argument("--dtype", help="backend.dtype: fp32 (activations); the vendor's fp16, bf16 and int8 are accepted "
+                                   "and set the weight format (quantize.weights)")
+    q = p.add_argument_group("reduced precision (quantize:)")
+    q.add_argument("--weights", help="weight storage: fp32, bf16, fp16, int8 or int4 (quantize.weights)")
+    q.add_argument("--group-size", type=_group_size,
+                   help="int8/int4 inputs per scale: channel, 32, 64 or 128 (quantize.group_size; defaults: int8 "
+                        "channel, int4 64)")
+    q.add_argument("--kv-cache", help="LLM KV cache storage: fp32, bf16 or int8 (quantize.kv_cache)")
     p.add_argument("--force", action="store_true", help="rebuild even if the artifact is up to date")
     v = p.add_argument_group("visual graph")
     v.add_argument("--max-patches", type=int, help="patch budget N, a multiple of 16 (frontend.max_patches)")
@@ -33,6 +40,10 @@ def register(sub) -> None:
     p.set_defaults(func=run_compile)
 
 
+def _group_size(text: str):
+    return int(text) if text.isdigit() else text
+
+
 def run_compile(args) -> int:
     from .artifact import is_up_to_date, weights_fingerprint
     from .config import apply_overrides, config_hash, load_config, resolve_checkpoint
@@ -40,9 +51,10 @@ def run_compile(args) -> int:
     path = Path(args.config)
     cfg = load_config(path)
     common = {"frontend.checkpoint": args.checkpoint, "workspace.path": args.workspace,
-              "backend.target": args.target, "backend.dtype": args.dtype}
+              "backend.target": args.target, "backend.dtype": args.dtype, "quantize.weights": args.weights,
+              "quantize.group_size": args.group_size}
     if cfg.kind == "visual":
-        for flag in ("tp", "max_prefill", "max_context", "batch_size"):
+        for flag in ("tp", "max_prefill", "max_context", "batch_size", "kv_cache"):
             if getattr(args, flag) is not None:
                 raise VlmcError(f"--{flag.replace('_', '-')} applies to LLM configs; {path} is a visual config")
         cfg = apply_overrides(cfg, path, **common, **{"frontend.max_patches": args.max_patches,
@@ -61,6 +73,7 @@ def run_compile(args) -> int:
                                                      [args.max_context or shape[1][0]]]
         overrides["frontend.model_kwargs.tp"] = args.tp
         overrides["frontend.model_kwargs.batch_size"] = args.batch_size
+        overrides["quantize.kv_cache"] = args.kv_cache
         cfg = apply_overrides(cfg, path, **overrides)
         build = "llm"
     # Decide reuse before importing torch/TVM, so an up-to-date artifact is reported in about a second.

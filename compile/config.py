@@ -16,7 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import VlmcError
 
-DTYPES = ("fp32",)  # what the CPU backend builds and checks today; fp16/bf16 need a target that runs them
+from .quantize import KV_CACHE_FORMATS, WEIGHT_FORMATS, Scheme
+
+DTYPES = ("fp32",)  # the activation (compute) dtype; reduced precision is a storage format, see `quantize`
+# The vendor's spellings: backend.dtype names the weight format; quantize: w8a16 / w16kv8 (one or a list).
+VENDOR_DTYPES = {"fp16": "fp16", "bf16": "bf16", "int8": "int8"}
+VENDOR_QUANTIZE = {"w8a16": ("weights", "int8"), "w16kv8": ("kv_cache", "int8")}
 
 
 class _Strict(BaseModel):
@@ -87,7 +92,8 @@ class Backend(_Strict):
     @classmethod
     def _dtype(cls, v):
         if v not in DTYPES:
-            raise ValueError(f"dtype {v!r} is not supported by this build; allowed: {', '.join(DTYPES)}")
+            raise ValueError(f"dtype {v!r} is not supported; allowed: {', '.join(DTYPES)} (activations), or the "
+                             f"weight formats {', '.join(VENDOR_DTYPES)} (mapped to quantize.weights)")
         return v
 
     @field_validator("target")
@@ -114,12 +120,69 @@ class Workspace(_Strict):
     path: str = "workspace"
 
 
+class VisualQuantize(_Strict):
+    """Storage precision of the weights (docs/compile_config.md, "Reduced precision")."""
+
+    weights: Literal[WEIGHT_FORMATS] = "fp32"
+    group_size: Literal["channel", 32, 64, 128] | None = None  # default: int8 channel, int4 64
+    skip: list[str] = []  # layer globs (deploy-model names, or checkpoint names of fused parts) that stay fp32
+
+    @model_validator(mode="after")
+    def _group(self):
+        if self.group_size is not None and self.weights not in ("int8", "int4"):
+            raise ValueError(f"group_size applies to int8 and int4 weights, not {self.weights}")
+        return self
+
+    def scheme(self) -> Scheme:
+        return Scheme(self.weights, self.group_size, getattr(self, "kv_cache", "fp32"), tuple(self.skip))
+
+
+class LLMQuantize(VisualQuantize):
+    kv_cache: Literal[KV_CACHE_FORMATS] = "fp32"
+
+
+def _vendor_spellings(data, kind: str):
+    """Map the vendor's `backend.dtype: fp16|bf16|int8` and `quantize: w8a16|w16kv8` onto `quantize:`."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    quant = data.get("quantize")
+    if isinstance(quant, (str, list)):
+        mapped = {}
+        for word in [quant] if isinstance(quant, str) else quant:
+            if word not in VENDOR_QUANTIZE:
+                raise ValueError(f"quantize: {word!r} is not a known scheme; use {', '.join(VENDOR_QUANTIZE)} or a "
+                                 f"mapping with weights, group_size, skip" + (", kv_cache" if kind == "llm" else ""))
+            key, value = VENDOR_QUANTIZE[word]
+            if key == "kv_cache" and kind != "llm":
+                raise ValueError(f"quantize: {word} sets the KV cache, which only LLM configs have")
+            mapped[key] = value
+        quant = mapped
+    backend = data.get("backend")
+    if isinstance(backend, dict) and backend.get("dtype") in VENDOR_DTYPES:
+        backend = dict(backend)
+        weights = VENDOR_DTYPES[backend.pop("dtype")]
+        quant = dict(quant or {})
+        if quant.get("weights", "fp32") == "fp32":  # an explicit quantize.weights (e.g. w8a16) wins
+            quant["weights"] = weights
+        data["backend"] = backend
+    if quant is not None:
+        data["quantize"] = quant
+    return data
+
+
 class VisualConfig(_Strict):
     name: str = Field(min_length=1)
     kind: Literal["visual"] = "visual"
     frontend: VisualFrontend = VisualFrontend()
     backend: Backend = Backend()
+    quantize: VisualQuantize = VisualQuantize()
     workspace: Workspace = Workspace()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vendor(cls, data):
+        return _vendor_spellings(data, "visual")
 
 
 class LLMShape(_Strict):
@@ -167,7 +230,13 @@ class LLMConfig(_Strict):
     kind: Literal["llm"] = "llm"
     frontend: LLMFrontend = LLMFrontend()
     backend: Backend = Backend()
+    quantize: LLMQuantize = LLMQuantize()
     workspace: Workspace = Workspace()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vendor(cls, data):
+        return _vendor_spellings(data, "llm")
 
 
 def _allowed_keys(model: type[BaseModel], loc) -> list[str]:

@@ -17,22 +17,40 @@ from ..build_in.source_code import detect_architecture, get_architecture
 from ..errors import VlmcError
 from ..runtime.llm.collective import CUSTOM_CONVERTERS as COLLECTIVE_CONVERTERS
 from ..runtime.llm.collective import all_reduce
+from ..runtime.llm.engine import CacheShape
 from .artifact import Stages, library_versions, staging_folder, weights_fingerprint, write_manifest
 from .config import LLMConfig, config_hash, resolve_checkpoint
-from .ops import CUSTOM_CONVERTERS as OPS_CONVERTERS, uses_attention_kernel
+from .ops import CUSTOM_CONVERTERS as OPS_CONVERTERS, use_host_kernels, uses_attention_kernel
+from .quantize import QuantizationError, check_target, weight_layout
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json", "config.json", "preprocessor_config.json")
 
 
-def graph_inputs(batch: int, seq: int, hidden: int, head_dim: int, layers: int, kv_heads: int, context: int):
+KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+def graph_inputs(batch: int, seq: int, hidden: int, head_dim: int, layers: int, kv_heads: int, context: int,
+                 kv_cache: str = "fp32"):
     """Example inputs of the deploy LLM graph (the shapes it is compiled for); context 0: no cache inputs and key
-    ranges instead of a mask (prefill graphs, which always start on an empty cache slot)."""
-    caches = [torch.zeros(batch, kv_heads, context, head_dim) for _ in range(2 * layers if context else 0)]
+    ranges instead of a mask (prefill graphs, which always start on an empty cache slot). An int8 cache adds one
+    fp32 scale per (slot, kv head, position) for keys and values of each layer."""
+    dtype = KV_DTYPES[kv_cache]
+    caches = [torch.zeros(batch, kv_heads, context, head_dim, dtype=dtype) for _ in range(2 * layers if context else 0)]
+    if context and kv_cache == "int8":
+        caches += [torch.zeros(batch, kv_heads, context) for _ in range(2 * layers)]
     mask = torch.zeros(batch, 1, seq, context + seq) if context else torch.zeros(seq, 2, dtype=torch.int32)
     return (torch.zeros(batch, seq, hidden), torch.zeros(batch, seq, head_dim), torch.zeros(batch, seq, head_dim),
             mask, *caches)
+
+
+def embedding_array(table: torch.Tensor, scheme) -> np.ndarray:
+    """The host's token embedding table: fp32, or bf16 (stored as its uint16 bits) for every reduced-precision
+    weight scheme; the host widens the rows it gathers."""
+    if not scheme.quantizes_weights:
+        return table.float().numpy()
+    return table.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
 def prefill_buckets(cfg: LLMConfig) -> list[int]:
@@ -63,24 +81,28 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
         raise VlmcError(f"tensor parallelism (tp={tp}) is supported on CPU targets only; compile for "
                         f"{cfg.backend.target} with --tp 1")
     target = tvm_backend.host_target(cfg.backend.target)
+    scheme = cfg.quantize.scheme()
+    check_target(scheme, target.kind.name)
     stages = Stages(["load", "export", "import into TVM", "optimize", "build", "save"])
-    with stages.stage("load", f"{checkpoint}, tp={tp}"):
+    with stages.stage("load", f"{checkpoint}, tp={tp}, weights {scheme.weights}, KV cache {scheme.kv_cache}"):
         arch_name = detect_architecture(checkpoint)
         arch = get_architecture(arch_name)
         model_config = arch.load_config(checkpoint)
         text = model_config.text_config
         spec = arch.host_spec(checkpoint, model_config)
         try:
-            ranks = [arch.load_language_model(checkpoint, text, tp, r, all_reduce if tp > 1 else None)
+            ranks = [arch.load_language_model(checkpoint, text, tp, r, all_reduce if tp > 1 else None, scheme)
                      for r in range(tp)]
+        except QuantizationError as exc:
+            raise VlmcError(f"cannot store {checkpoint} as {scheme.weights} at tp={tp}: {exc}") from None
         except ValueError as exc:
             raise VlmcError(f"cannot shard {checkpoint} over tp={tp}: {exc}") from None
         plan = ranks[0].plan
         for module in ranks:
-            module.use_fused_attention(uses_attention_kernel(target))
-        embed = arch.embedding_table(checkpoint).float().numpy()
+            use_host_kernels(module, uses_attention_kernel(target))
+        embed = embedding_array(arch.embedding_table(checkpoint), scheme)
     dims = dict(hidden=text.hidden_size, head_dim=spec.text.head_dim, layers=text.num_hidden_layers,
-                kv_heads=plan.num_kv_heads)
+                kv_heads=plan.num_kv_heads, kv_cache=scheme.kv_cache)
     exported = {}
     with stages.stage("export", f"{len(graphs)} graphs: " + ", ".join(g[0] for g in graphs)):
         for name, b, s, t in graphs:
@@ -100,7 +122,7 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
             tvm_backend.save_library(result, tmp / f"{name}.so")
         for rank, module in enumerate(ranks):
             state = module.state_dict()
-            tvm_backend.save_params([state[n].numpy() for n in param_names], param_names,
+            tvm_backend.save_params([state[n] for n in param_names], param_names,
                                     tmp / f"rank_{rank}" / "params.safetensors")
         np.save(tmp / "embed_tokens.npy", embed)
         (tmp / "tokenizer").mkdir()
@@ -113,7 +135,13 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
             "batch_size": batch, "graphs": {n: {"batch": b, "seq": s, "cache": t} for n, b, s, t in graphs},
             "layers": text.num_hidden_layers, "kv_heads_per_rank": plan.num_kv_heads, "head_dim": spec.text.head_dim,
             "hidden_size": text.hidden_size, "vocab_size": text.vocab_size, "param_names": param_names,
-            "embed_tokens": {"file": "embed_tokens.npy", "dtype": str(embed.dtype), "shape": list(embed.shape)},
+            "embed_tokens": {"file": "embed_tokens.npy", "shape": list(embed.shape),
+                             "dtype": "bfloat16" if embed.dtype == np.uint16 else str(embed.dtype)},
+            "quantize": scheme.to_dict(), "quantized_layers": weight_layout(ranks[0]),
+            "weight_bytes": sum(t.numel() * t.element_size() for m in ranks for t in m.state_dict().values()),
+            # all ranks together (KV heads replicated over ranks count on each)
+            "kv_cache_bytes_per_token": CacheShape(text.num_hidden_layers, plan.num_kv_heads * tp, context,
+                                                   spec.text.head_dim, scheme.kv_cache).bytes_per_token(),
             "dtype": cfg.backend.dtype, "target": str(target), "device": tvm_backend.target_device(target),
             "versions": library_versions(),
             "config_hash": digest, "weights_fingerprint": weights, "host": spec.to_dict(),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 ATTENTION_EXTERN = "vlmc_segment_attention"
+CACHE_ATTENTION_EXTERN = "vlmc_cache_attention"
 
 
 def segment_attention_decomposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -59,4 +60,65 @@ def _segment_attention_converter(node, importer):
     return importer.block_builder.emit(relax.call_dps_packed(ATTENTION_EXTERN, [q, k, v, ranges], q.ty))
 
 
-CUSTOM_CONVERTERS = {"segment_attention.default": _segment_attention_converter}
+def dequantize_cache(cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A KV cache [B, kv, T, D] in fp32: bf16 widened, int8 rows times their scale [B, kv, T]."""
+    return cache.float() if scale is None else cache.float() * scale[..., None]
+
+
+def cache_attention_decomposed(q, k_cache, v_cache, k_scale, v_scale, k_new, v_new, mask):
+    """Decode attention over a cache in its stored dtype plus the step's new keys/values, in standard ops:
+    q [B, H, S, D]; caches [B, Hk, T, D] (fp32, bf16, or int8 with scales [B, Hk, T]); k_new, v_new [B, Hk, S, D];
+    mask [B, 1, S, T + S] additive (columns: cache slots, then the new tokens) -> [B, H, S, D]."""
+    k_cache, v_cache = dequantize_cache(k_cache, k_scale), dequantize_cache(v_cache, v_scale)
+    b, h, s, d = q.shape
+    kv, t = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(b * kv, h // kv * s, d)  # query heads grouped by their KV head: the cache is not repeated
+    k_cache, v_cache = k_cache.reshape(b * kv, t, d), v_cache.reshape(b * kv, t, d)
+    k_new, v_new = k_new.reshape(b * kv, s, d), v_new.reshape(b * kv, s, d)
+    scores = torch.cat([torch.bmm(qg, k_cache.transpose(1, 2)).view(b, -1, s, t),
+                        torch.bmm(qg, k_new.transpose(1, 2)).view(b, -1, s, s)], dim=-1) * d ** -0.5 + mask
+    probs = torch.softmax(scores, dim=-1).view(b * kv, h // kv * s, t + s)
+    out = torch.bmm(probs[..., :t], v_cache) + torch.bmm(probs[..., t:], v_new)
+    return out.view(b, h, s, d)
+
+
+@torch.library.custom_op("vlmc::cache_attention", mutates_args=())
+def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                    v_scale: torch.Tensor | None, k_new: torch.Tensor, v_new: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    return cache_attention_decomposed(q, k_cache, v_cache, k_scale, v_scale, k_new, v_new, mask).contiguous()
+
+
+@cache_attention.register_fake
+def _cache_attention_shape(q, k_cache, v_cache, k_scale, v_scale, k_new, v_new, mask):
+    return torch.empty_like(q)
+
+
+def cache_attention_op(fused: bool):
+    """Decode attention over a bf16/int8 cache: the kernel's custom op (fused) or the same math in standard ops."""
+    return cache_attention if fused else cache_attention_decomposed
+
+
+def _cache_attention_converter(node, importer):
+    from tvm import relax
+
+    args = [importer.env[a] for a in node.args[:8] if a is not None]
+    return importer.block_builder.emit(relax.call_dps_packed(CACHE_ATTENTION_EXTERN, args, args[0].ty))
+
+
+def use_host_kernels(model: torch.nn.Module, fused: bool) -> None:
+    """Point every layer of a deploy model that has a vlmc kernel (attention, quantized linears: modules with a
+    `fused` switch) at the kernel (CPU targets) or at the same math in standard ops (other targets, ONNX)."""
+    for module in model.modules():
+        if hasattr(module, "fused"):
+            module.fused = fused
+
+
+def _converters():
+    from .quantize import CUSTOM_CONVERTERS as QUANT
+
+    return {"segment_attention.default": _segment_attention_converter,
+            "cache_attention.default": _cache_attention_converter, **QUANT}
+
+
+CUSTOM_CONVERTERS = _converters()

@@ -429,12 +429,14 @@ def save_library(result: BuildResult, path: str | os.PathLike) -> None:
     result.executable.export_library(str(path), addons=result.addons or None, options=result.link_options or None)
 
 
-def save_params(params: Sequence[np.ndarray], names: Sequence[str], path: str | os.PathLike) -> None:
-    from safetensors.numpy import save_file
+def save_params(params: Sequence, names: Sequence[str], path: str | os.PathLike) -> None:
+    """Write parameters (numpy arrays or torch tensors of any dtype, bf16 included) to a safetensors file."""
+    from safetensors.torch import save_file
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    # reshape: ascontiguousarray makes a 0-d array 1-d
-    save_file({n: np.ascontiguousarray(p).reshape(np.shape(p)) for n, p in zip(names, params)}, str(path))
+    tensors = {n: (p if torch.is_tensor(p) else torch.from_numpy(np.ascontiguousarray(p).reshape(np.shape(p))))
+               .contiguous() for n, p in zip(names, params)}
+    save_file(tensors, str(path))
 
 
 def _device(device) -> tvm.runtime.Device:
@@ -447,7 +449,15 @@ def _device(device) -> tvm.runtime.Device:
 
 
 # safetensors dtype codes of the parameter dtypes artifacts hold
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "I32": "int32", "I64": "int64"}
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I32": "int32", "I64": "int64",
+                       "I8": "int8", "U8": "uint8"}
+
+
+def _host_view(tensor) -> np.ndarray:
+    """A numpy view of a host tensor's bytes (bf16, which numpy lacks, as int16)."""
+    if tensor.dtype == "bfloat16":
+        return torch.from_dlpack(tensor).view(torch.int16).numpy()
+    return np.from_dlpack(tensor)
 
 
 def load_params(path: str | os.PathLike, names: Sequence[str], device=None) -> list:
@@ -469,7 +479,7 @@ def load_params(path: str | os.PathLike, names: Sequence[str], device=None) -> l
             dtype = _SAFETENSORS_DTYPES[info["dtype"]]
             begin, end = info["data_offsets"]
             tensor = tvm.runtime.empty(info["shape"], dtype, dev)
-            host = np.from_dlpack(tensor) if on_host else np.empty(info["shape"], dtype)
+            host = _host_view(tensor) if on_host else np.empty(info["shape"], "uint16" if dtype == "bfloat16" else dtype)
             if end - begin != host.nbytes:
                 raise OSError(f"{path}: tensor {name} has {end - begin} bytes, its shape and dtype need {host.nbytes}")
             buffer = memoryview(host.reshape(-1)).cast("B")
@@ -498,6 +508,10 @@ def aligned_zeros(shape, dtype=np.float32) -> np.ndarray:
     return raw[offset:offset + count * dtype.itemsize].view(dtype).reshape(shape)
 
 
+def _torch_device(dev) -> str:
+    return "cuda:%d" % dev.index if dev.dlpack_device_type() != tvm.cpu().dlpack_device_type() else "cpu"
+
+
 def load_library(path: str | os.PathLike, params: list, device=None) -> Callable:
     """A compiled graph as f(*inputs) -> list[np.ndarray], with `params` bound after the inputs."""
     dev = _device(device)
@@ -516,8 +530,11 @@ def load_library(path: str | os.PathLike, params: list, device=None) -> Callable
     def as_tvm(x):
         # Compiled kernels assume 64-byte aligned, compact buffers: share those zero-copy, copy the rest.
         # A GPU graph gets host arrays copied to the device (tensors already there pass through).
-        if torch.is_tensor(x):
-            x = x.detach().cpu().numpy()
+        if torch.is_tensor(x):  # e.g. a bf16 cache view, which numpy cannot hold
+            if x.device.type != "cpu" or not on_host:
+                return tvm_ffi.from_dlpack(x.detach().contiguous().to(_torch_device(dev)))
+            x = x.detach().contiguous()
+            return tvm_ffi.from_dlpack(x if x.data_ptr() % ALIGNMENT == 0 else x.clone())
         if isinstance(x, np.ndarray):
             if on_host and x.flags.c_contiguous and x.ctypes.data % ALIGNMENT == 0:
                 return tvm_ffi.from_dlpack(x)

@@ -30,18 +30,26 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
     out = Path(cfg.workspace.path) / cfg.name
     digest, weights = config_hash(cfg), weights_fingerprint(checkpoint)
 
-    tvm_backend.host_target(cfg.backend.target)  # a bad target fails now, not after the export
+    from .quantize import QuantizationError, check_target, weight_layout
+
+    scheme = cfg.quantize.scheme()
+    check_target(scheme, tvm_backend.host_target(cfg.backend.target).kind.name)  # a bad target fails now
+    if cfg.frontend.onnx and scheme.quantizes_weights:
+        raise VlmcError(f"{config_path}: frontend.onnx exports fp32 graphs only; drop it or use quantize.weights: fp32")
     stages = Stages(["load", "export", "import into TVM", "optimize", "build", "save"])
     budget = cfg.frontend.max_patches
     buckets = cfg.frontend.buckets()
-    with stages.stage("load", str(checkpoint)):
+    with stages.stage("load", f"{checkpoint}, weights {scheme.weights}"):
         arch_name = detect_architecture(checkpoint)
         arch = get_architecture(arch_name)
         model_config = arch.load_config(checkpoint)
         spec = arch.host_spec(checkpoint, model_config)
         vision = model_config.vision_config
         chunks = resolve_chunks(cfg.backend, vision.out_hidden_size)
-        module = arch.load_vision(checkpoint, vision, chunks)
+        try:
+            module = arch.load_vision(checkpoint, vision, chunks, scheme)
+        except QuantizationError as exc:
+            raise VlmcError(f"cannot store the vision tower of {checkpoint} as {scheme.weights}: {exc}") from None
         if cfg.frontend.shape is not None:
             _check_shape(cfg, module.patch_dim, spec.vision.head_dim, config_path)
         if any(b % spec.vision.merge_unit for b in buckets):
@@ -51,15 +59,15 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
     target = tvm_backend.host_target(cfg.backend.target)
     with stages.stage("export", f"torch.export, {len(buckets)} graphs: " + ", ".join(f"{b} patches" for b in buckets)):
         if cfg.frontend.onnx:
-            module.use_fused_attention(False)  # ONNX has no vlmc kernel: standard ops
+            ops.use_host_kernels(module, False)  # ONNX has no vlmc kernel: standard ops
             onnx_bytes, onnx_diff = _export_onnx(module, args)
-        module.use_fused_attention(ops.uses_attention_kernel(target))
+        ops.use_host_kernels(module, ops.uses_attention_kernel(target))
         exported = {b: tvm_backend.export_module(module, inputs[b]) for b in buckets}
+        names = list(exported[budget].graph_signature.parameters)
     with stages.stage("import into TVM"):
-        # One parameter set serves every budget (same module, same order): copied out of the full budget's import.
+        # One parameter set serves every budget (same module, same order), saved from the module itself.
         mods = {b: tvm_backend.import_exported(ep, ops.CUSTOM_CONVERTERS, with_params=False)[0]
-                for b, ep in exported.items() if b != budget}
-        mods[budget], params, names = tvm_backend.import_exported(exported[budget], ops.CUSTOM_CONVERTERS)
+                for b, ep in exported.items()}
     with stages.stage("optimize", "BLAS dispatch, fusion" if cfg.backend.blas else "fusion"):
         mods = {b: tvm_backend.optimize(m, target, blas=cfg.backend.blas) for b, m in mods.items()}
     with stages.stage("build", str(target.kind.name)):
@@ -67,7 +75,8 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
     with stages.stage("save", str(out)), staging_folder(out) as tmp:
         for b, result in results.items():
             tvm_backend.save_library(result, tmp / visual_graph_file(b, budget))
-        tvm_backend.save_params(params, names, tmp / "params.safetensors")
+        state = module.state_dict()
+        tvm_backend.save_params([state[n] for n in names], names, tmp / "params.safetensors")
         if cfg.frontend.onnx:
             (tmp / "model.onnx").write_bytes(onnx_bytes)
         manifest = {
@@ -75,6 +84,8 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
             "patch_budget": budget, "patch_buckets": buckets, "merge_unit": spec.vision.merge_unit,
             "patch_dim": module.patch_dim,
             "hidden_size": vision.out_hidden_size, "output_chunks": chunks, "dtype": cfg.backend.dtype,
+            "quantize": scheme.to_dict(), "quantized_layers": weight_layout(module),
+            "weight_bytes": sum(t.numel() * t.element_size() for t in module.state_dict().values()),
             "target": str(target), "device": tvm_backend.target_device(target), "param_names": names, "inputs": {n: list(a.shape) for n, a in zip(GRAPH_INPUTS, args)},
             "versions": library_versions(), "config_hash": digest, "weights_fingerprint": weights,
             "host": spec.to_dict(), "compile_seconds": stages.times,

@@ -8,6 +8,7 @@ read bandwidth is measured in the same run and gives the decode floor: bytes of 
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 import resource
@@ -189,13 +190,12 @@ def _timers_vlmc(args: dict):
 
 def _weight_bytes(llm) -> int:
     """Bytes of LLM weights a decode step reads (all ranks; the embedding table is only looked up)."""
-    from safetensors import safe_open
-
     total = 0
-    for rank in range(llm.tp):
-        with safe_open(str(llm.path / f"rank_{rank}" / "params.safetensors"), "np") as f:
-            for key in f.keys():
-                total += int(np.prod(f.get_slice(key).get_shape())) * 4  # artifacts are fp32
+    for rank in range(llm.tp):  # the stored bytes of every tensor, whatever its dtype, from the file's header
+        with open(llm.path / f"rank_{rank}" / "params.safetensors", "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(end - begin for key, info in header.items() if key != "__metadata__"
+                     for begin, end in [info["data_offsets"]])
     return total
 
 
@@ -320,13 +320,19 @@ def run_bench(args: dict) -> dict:
         compile_seconds[kind] = {"graphs": graphs, **manifest["compile_seconds"]}
     bandwidth = statistics.median(bandwidths)
     floor = results["vlmc"]["weight_bytes_per_token"] / bandwidth
+    llm_manifest = read_manifest(args["model"], kind="llm", verify=False)
+    visual_manifest = read_manifest(args["vit_model"], kind="visual", verify=False)
+    precision = {"llm": llm_manifest.get("quantize", {}), "visual": visual_manifest.get("quantize", {}),
+                 "llm_weight_bytes": results["vlmc"]["weight_bytes_per_token"],
+                 "visual_weight_bytes": visual_manifest.get("weight_bytes"),
+                 "kv_cache_bytes_per_token": llm_manifest.get("kv_cache_bytes_per_token")}
     ratios = {k: results["vlmc"][k] / results["transformers"][k] for k, _ in METRICS
               if results["transformers"].get(k)}
     return {"inputs": args, "device": args.get("device", "cpu"), "transformers": results["transformers"],
             "vlmc": results["vlmc"],
             "ratio_vlmc_over_transformers": ratios, "memory_read_bandwidth_gb_s": bandwidth / 1e9,
             "decode_floor_s": floor, "vlmc_decode_step_over_floor": results["vlmc"]["decode_step_short_s"] / floor,
-            "compile_seconds": compile_seconds}
+            "compile_seconds": compile_seconds, "precision": precision}
 
 
 def format_table(report: dict) -> str:
@@ -339,6 +345,14 @@ def format_table(report: dict) -> str:
         rows.append(f"| peak GPU memory, torch allocator (MiB) | {report['transformers']['peak_gpu_mib']:.4g} | | |")
     where = "GPU" if report.get("device", "cpu") != "cpu" else "host"
     rows.append(f"| {where} memory read bandwidth (GB/s) | | {report['memory_read_bandwidth_gb_s']:.3g} | |")
+    p = report.get("precision", {})
+    if p:
+        llm = p["llm"]
+        rows.append(f"| weights (LLM / visual), KV cache | | {llm.get('weights', 'fp32')} / "
+                    f"{p['visual'].get('weights', 'fp32')}, {llm.get('kv_cache', 'fp32')} | |")
+        rows.append(f"| LLM weight bytes (MB) | | {p['llm_weight_bytes'] / 1e6:.4g} | |")
+        if p.get("kv_cache_bytes_per_token"):
+            rows.append(f"| KV cache bytes per token | | {p['kv_cache_bytes_per_token']} | |")
     rows.append(f"| decode floor: weight bytes / bandwidth (s) | | {report['decode_floor_s']:.3g} | |")
     rows.append(f"| vlmc decode step / floor | | {report['vlmc_decode_step_over_floor']:.3g} | |")
     for kind, stages in report.get("compile_seconds", {}).items():

@@ -23,7 +23,11 @@ def register(sub) -> None:
         "parity", help="compare vlmc with transformers stage by stage",
         description="Run transformers and vlmc on the same inputs and report host preprocessing differences, "
                     "image-embedding relative error per image, prefill logits (max abs diff, cosine, top-1), "
-                    "decode logits per step and the identical greedy tokens before the first divergence. Writes "
+                    "decode logits per step and the identical greedy tokens before the first divergence (tier A: for "
+                    "a reduced-precision artifact the reference computes with the artifact's own effective weights, "
+                    "and with its KV cache rounding through vlmc's deploy model in PyTorch). Also reports tier B, "
+                    "unquantized transformers teacher-forced along its greedy tokens: KL divergence mean and p99, "
+                    "top-1 agreement, top-5 containment, first greedy divergence (`quality` in parity.json). Writes "
                     f"parity.json, report.md and logits_error.png. Exits 1 when a stage exceeds its threshold ({limits}).")
     par.add_argument("--checkpoint", required=True, help="the Hugging Face checkpoint the artifacts came from")
     par.add_argument("--model", required=True, help="LLM artifact folder")
@@ -151,7 +155,8 @@ def run_parity_command(args) -> int:
     failed = failures(report)
     summary = {"pass": not failed, "failures": failed, "report": str(path),
                "prefill_max_abs_diff": report["prefill_logits"]["max_abs_diff"],
-               "identical_tokens": report["greedy"]["identical_tokens"]}
+               "identical_tokens": report["greedy"]["identical_tokens"],
+               "quality": {k: v for k, v in report["quality"].items() if k != "kl_per_step"}}
     if "onnxruntime" in report:
         summary["onnxruntime_embedding_rel_error"] = report["onnxruntime"]["image_embedding_rel_error"]
     print(json.dumps(summary))

@@ -3,6 +3,14 @@
 Stages: host preprocessing, image embeddings (per image), prefill logits, decode logits (per step, while the
 greedy tokens agree) and the number of identical greedy tokens before the first divergence. A stage over its
 threshold makes the command exit non-zero and names the stage.
+
+Two tiers for reduced-precision artifacts:
+- Tier A (the gate, the stages above): the reference computes with the artifact's own effective weights
+  (transformers' model with fake-quant weights). For a bf16/int8 KV cache the language-model reference is vlmc's
+  deploy model in PyTorch, through the same engine and the same cache rounding. Thresholds as for fp32.
+- Tier B (`quality`, reported): unquantized transformers against the artifacts, teacher-forced along its own greedy
+  tokens: KL divergence of the next-token distributions (mean, p99), top-1 agreement, top-5 containment both ways,
+  and the first step where vlmc's greedy token differs.
 """
 
 from __future__ import annotations
@@ -74,18 +82,28 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
     from ..runtime.llm.engine import Sequence, splice_image_embeddings
     from ..runtime.llm.pipeline import Pipeline
 
+    from ..compile.quantize import Scheme
+
     arch = get_architecture(detect_architecture(checkpoint))
     reference = arch.reference
     pipe = Pipeline(model, vit_model, device, same_checkpoint=False)  # a foreign visual artifact must show up
-    hf = reference.load_model(checkpoint)
+    text_scheme = Scheme.from_dict(pipe.llm.manifest.get("quantize"))
+    vision_scheme = Scheme.from_dict(pipe.visual.manifest.get("quantize")) if pipe.visual else Scheme()
+    quantized = text_scheme.quantizes_weights or vision_scheme.quantizes_weights
     if device != "cpu":  # transformers on the same GPU, in true fp32 (TF32 would be the drift we measure)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        hf = hf.to(device)
+    hf = reference.load_model(checkpoint).to(device)  # unquantized: tier B
+    hf_a = reference.load_model(checkpoint, vision_scheme, text_scheme).to(device) if quantized else hf  # tier A
     try:
         spec = pipe.spec
         ref = reference.reference_inputs(checkpoint, [Image.open(p) for p in images], prompt, model=hf)
         report: dict = {"inputs": {"images": images, "prompt": prompt, "max_new_tokens": max_new_tokens},
-                        "dtype": pipe.llm.manifest["dtype"], "device": device}
+                        "dtype": pipe.llm.manifest["dtype"], "device": device,
+                        "quantize": {"visual": vision_scheme.to_dict(), "llm": text_scheme.to_dict()},
+                        "reference": ("vlmc's deploy model in PyTorch (same weights and KV cache rounding)"
+                                      if text_scheme.kv_cache != "fp32" else
+                                      "transformers with the artifacts' effective weights" if quantized else
+                                      "transformers")}
 
         # 1. Host preprocessing: vlmc's host ops against the reference processor.
         image_embeds, grids, _ = pipe.encode_images(images)
@@ -103,10 +121,11 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
         report["host"] = host
 
         # 2. Image embeddings, per image.
+        hf_embeds = None
         if images:
             with torch.no_grad():
-                hf_embeds = reference.as_numpy(hf.model.visual(ref["pixel_values"].to(hf.device),
-                                                               grid_thw=ref["image_grid_thw"].to(hf.device))
+                hf_embeds = reference.as_numpy(hf_a.model.visual(ref["pixel_values"].to(hf.device),
+                                                                 grid_thw=ref["image_grid_thw"].to(hf.device))
                                                .pooler_output)
             errors, offset = [], 0
             for ours in image_embeds:
@@ -125,30 +144,108 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
                     _rel(o, t) if o.shape == t.shape else float("inf") for o, t in zip(ort_embeds, image_embeds)]}
 
         # 3-4. Prefill and decode logits while the greedy tokens agree.
-        ref_tokens, ref_logits = reference.generate_reference(hf, ref, max_new_tokens, with_logits=True)
         embeds = splice_image_embeddings(pipe.engine.embed.lookup(ids), ids, spec.text.image_token_id, image_embeds)
-        seq = Sequence(0, delta)
+        hf_tokens, hf_logits = reference.generate_reference(hf, ref, max_new_tokens, with_logits=True)
+        if text_scheme.kv_cache != "fp32":  # the cache rounding exists in vlmc's deploy model only
+            ref_embeds = embeds if hf_embeds is None else splice_image_embeddings(
+                pipe.engine.embed.lookup(ids), ids, spec.text.image_token_id, [hf_embeds])
+            ref_tokens, ref_logits = _deploy_reference(arch, checkpoint, text_scheme, pipe, ref_embeds, positions,
+                                                       delta, max_new_tokens)
+        elif hf_a is not hf:
+            ref_tokens, ref_logits = reference.generate_reference(hf_a, ref, max_new_tokens, with_logits=True)
+        else:
+            ref_tokens, ref_logits = hf_tokens, hf_logits
+        eos = list(spec.text.eos_token_ids)
         tokens, steps = [], []
-        try:
+        with _slot(pipe) as seq:
+            seq.rope_delta = delta
             logits = pipe.engine.prefill(seq, embeds, positions)
             report["prefill_logits"] = _logit_stats(logits, ref_logits[0])
-            eos = set(spec.text.eos_token_ids)
             while len(tokens) < len(ref_tokens):
-                token = int(np.argmax(np.where(np.isin(np.arange(logits.size), list(eos)), -np.inf, logits)))
-                tokens.append(token)
-                if token != ref_tokens[len(tokens) - 1] or len(tokens) == len(ref_tokens):
+                tokens.append(_greedy(logits, eos))
+                if tokens[-1] != ref_tokens[len(tokens) - 1] or len(tokens) == len(ref_tokens):
                     break
-                logits = pipe.decode_step(seq, token)
+                logits = pipe.decode_step(seq, tokens[-1])
                 steps.append(_logit_stats(logits, ref_logits[len(tokens)]))
-        finally:
-            pipe.engine.release(seq)
         same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(tokens))
         report["decode_logits"] = steps
         report["greedy"] = {"identical_tokens": same, "compared": len(ref_tokens), "vlmc": tokens,
                             "transformers": ref_tokens}
+
+        # Tier B: unquantized transformers, teacher-forced along its own greedy tokens.
+        ours = []
+        with _slot(pipe) as seq:
+            seq.rope_delta = delta
+            ours.append(pipe.engine.prefill(seq, embeds, positions))
+            for token in hf_tokens[:-1]:
+                ours.append(pipe.decode_step(seq, token))
+        report["quality"] = quality(ours, hf_logits, hf_tokens, eos)
         return report
     finally:
         pipe.close()
+
+
+class _slot:
+    """Cache slot 0 of the pipeline for one sequence, released afterwards."""
+
+    def __init__(self, pipe):
+        from ..runtime.llm.engine import Sequence
+
+        self.pipe, self.seq = pipe, Sequence(0, 0)
+
+    def __enter__(self):
+        return self.seq
+
+    def __exit__(self, *exc):
+        self.pipe.engine.release(self.seq)
+
+
+def _greedy(logits: np.ndarray, eos: list[int]) -> int:
+    """The greedy token with EOS suppressed, as the reference generates (min_new_tokens)."""
+    return int(np.argmax(np.where(np.isin(np.arange(logits.size), eos), -np.inf, logits)))
+
+
+def _deploy_reference(arch, checkpoint, scheme, pipe, embeds, positions, delta, max_new_tokens):
+    """Greedy tokens and logits of vlmc's deploy language model in PyTorch (eager, tp 1) with the artifact's weights
+    and KV cache format, through the same engine: the tier-A reference of a bf16/int8-cache artifact."""
+    from ..runtime.llm.engine import LLMEngine, Sequence
+    from ..runtime.llm.torch_step import TorchStep
+
+    config = arch.load_config(checkpoint).text_config
+    step = TorchStep(arch.load_language_model(checkpoint, config, scheme=scheme))
+    shape = pipe.llm.cache_shape()
+    shape.kv_heads = config.num_key_value_heads  # one rank holds every KV head
+    engine = LLMEngine({pipe.engine.max_prefill: step}, step, pipe.spec.text, pipe.engine.embed, shape)
+    seq, eos = Sequence(0, delta), list(pipe.spec.text.eos_token_ids)
+    logits = [engine.prefill(seq, embeds, positions)]
+    tokens = [_greedy(logits[0], eos)]
+    while len(tokens) < max_new_tokens:
+        logits.append(engine.decode([seq], [tokens[-1]])[0])
+        tokens.append(_greedy(logits[-1], eos))
+    return tokens, logits
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def quality(ours: list[np.ndarray], theirs: list[np.ndarray], their_tokens: list[int], eos: list[int]) -> dict:
+    """Tier B: teacher-forced next-token distributions (ours[i] and theirs[i] after the same prefix): KL(theirs ||
+    ours) mean and p99, top-1 agreement, top-5 containment both ways (each side's top-1 in the other's top-5), and
+    the first step where our greedy token differs from theirs (len(steps): never)."""
+    kl, top1, top5 = [], [], []
+    for a, b in zip(ours, theirs):
+        la, lb = _log_softmax(a), _log_softmax(b)
+        kl.append(float(np.sum(np.exp(lb) * (lb - la))))
+        top1.append(int(np.argmax(a)) == int(np.argmax(b)))
+        five_a, five_b = set(np.argsort(a)[-5:].tolist()), set(np.argsort(b)[-5:].tolist())
+        top5.append(int(np.argmax(a)) in five_b and int(np.argmax(b)) in five_a)
+    first = next((i for i, (a, t) in enumerate(zip(ours, their_tokens)) if _greedy(a, eos) != t), len(ours))
+    return {"kl_mean": float(np.mean(kl)), "kl_p99": float(np.percentile(kl, 99)), "kl_per_step": kl,
+            "top1_agreement": float(np.mean(top1)), "top5_containment": float(np.mean(top5)),
+            "first_divergence": first, "steps": len(kl)}
 
 
 def failures(report: dict) -> list[str]:
@@ -189,18 +286,27 @@ def write_report(report: dict, folder: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, (ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 3))
     ax.semilogy(range(len(steps)), np.maximum(steps, 1e-12), marker="o")
     ax.axhline(limit, color="red", linestyle="--", label="threshold")
     ax.legend()
     ax.set_xlabel("step (0 = prefill)")
     ax.set_ylabel("max |logits diff| / max |logit|")
-    ax.set_title("vlmc vs transformers")
+    ax.set_title("tier A: vlmc vs its reference")
+    q = report["quality"]
+    kl_ax.semilogy(range(len(q["kl_per_step"])), np.maximum(q["kl_per_step"], 1e-16), marker="o")
+    kl_ax.set_xlabel("step (teacher-forced)")
+    kl_ax.set_ylabel("KL(transformers || vlmc)")
+    kl_ax.set_title(f"tier B: KL mean {q['kl_mean']:.2g}, top-1 {q['top1_agreement']:.3f}, "
+                    f"top-5 {q['top5_containment']:.3f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(plot)
     plt.close(fig)
     lines = ["# Parity report: vlmc vs transformers", "",
-             f"dtype: {report['dtype']}, device: {report.get('device', 'cpu')}", "", "| stage | result |",
+             f"dtype: {report['dtype']}, device: {report.get('device', 'cpu')}, weights: visual "
+             f"{report['quantize']['visual']['weights']}, LLM {report['quantize']['llm']['weights']}, KV cache "
+             f"{report['quantize']['llm']['kv_cache']}", f"tier-A reference: {report['reference']}", "",
+             "| stage | result |",
              "|---|---|"]
     lines += [f"| host: {k} | {v} |" for k, v in report["host"].items()]
     for i, err in enumerate(report.get("image_embedding_rel_error", [])):
@@ -218,6 +324,10 @@ def write_report(report: dict, folder: Path) -> Path:
                      f"{worst['max_abs_diff']:.3g} ({worst['rel_error']:.3g} of the largest logit) |")
     g = report["greedy"]
     lines.append(f"| identical greedy tokens | {g['identical_tokens']} of {g['compared']} |")
+    q = report["quality"]
+    lines.append(f"| tier B vs unquantized transformers | KL mean {q['kl_mean']:.3g}, p99 {q['kl_p99']:.3g}; top-1 "
+                 f"agreement {q['top1_agreement']:.3f}; top-5 containment {q['top5_containment']:.3f}; first "
+                 f"greedy divergence at step {q['first_divergence']} of {q['steps']} |")
     failed = failures(report)
     lines += ["", "Result: " + ("PASS" if not failed else "FAIL: " + "; ".join(failed)), "",
               f"![per-step logits error]({plot.name})", ""]

@@ -8,6 +8,26 @@
  *       ranges int32 [N, 2]; an empty range gives zeros.
  *       Short ranges (windows) run in a tile kernel; long shared ones (full attention) and causal runs (row i+1's
  *       range one key longer than row i's: a prompt) as BLAS GEMMs around a softmax.
+ *   vlmc_qmatmul(x, w, out)          bfloat16 / float16 weights
+ *   vlmc_qmatmul(x, w, scale, out)   int8 / int4 weights
+ *       out[m, n] = sum_k x[m, k] W[n, k], fp32 accumulation; x float32 [..., K] (M = product of the leading dims),
+ *       out float32 [..., N] (x's leading dims). w, contiguous:
+ *         bfloat16 [N, K]: W = the bf16 value widened (bits << 16);   float16 [N, K]: W = (float)fp16 (exact);
+ *         int8 [N, K]: W[n, k] = (float)q[n, k] * scale[n, k / group];
+ *         uint8 [N, K/2] = int4, K % 32 == 0: each 32-element block k0..k0+31 of a row (k0 % 32 == 0) lies in 16
+ *           bytes, byte j = (q[k0+j] + 8) | (q[k0+16+j] + 8) << 4, q in [-8, 7]; W = (float)q * scale[n, k / group].
+ *       scale float32 [N, G], group = K / G (G = 1: one scale per row; int4: group % 32 == 0).
+ *       M <= 16 (decode): a GEMV kernel that reads each weight row once for all rows of x, widening 8-16 weights at
+ *       a time in registers; N split over the threads. M > 16: each thread widens a block of rows (about 1 MB of
+ *       fp32) into its own buffer and multiplies it with a single-threaded BLAS GEMM.
+ *   vlmc_cache_attention(q, k_cache, v_cache, k_new, v_new, mask, out)                    float32 / bfloat16 cache
+ *   vlmc_cache_attention(q, k_cache, v_cache, k_scale, v_scale, k_new, v_new, mask, out)  int8 cache
+ *       Decode attention over a KV cache plus this step's keys: q, out float32 [B, H, S, D]; k_new, v_new float32
+ *       [B, Hk, S, D]; k_cache, v_cache [B, Hk, T, D] (int8: row = q_int8 * scale, k_scale/v_scale float32
+ *       [B, Hk, T]); mask float32 [B, 1, S, T + S] additive. Query head h reads kv head h / (H / Hk); key j < T is
+ *       cache row j, key T + i is new row i. out[b, h, s] = softmax_j(q . K_j / sqrt(D) + mask[b, 0, s, j]) V_j.
+ *       Keys whose mask is <= -1e30 are skipped (never read): they weigh exactly 0 (a row with every key masked
+ *       gives zeros). Each kv head's rows are dequantized once for all query heads of its group and all S rows.
  *
  * A DSO module resolves GetFunction("name") to the exported symbol "__tvm_ffi_name".
  */
@@ -397,4 +417,689 @@ static int run_attention(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
 __attribute__((visibility("default")))
 int __tvm_ffi_vlmc_segment_attention(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) {
   return run_attention(a, n, r);
+}
+
+/* ---- low-precision weights: vlmc_qmatmul ------------------------------------------------------------------------
+ * Decode is memory bound: bytes per weight are the speed. Weights are widened to fp32 in registers right before their
+ * FMAs, so each weight byte is read from memory once per call. These kernels use 8-float vectors (qv), AVX2's
+ * width: GCC keeps arrays of vectors wider than the machine's (vf without AVX-512) in memory. */
+#if defined(__AVX2__) || defined(__F16C__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+#define QL 8 /* floats per qv: one AVX2 register (AVX-512 hosts run the same code, with 32 of them) */
+typedef float qv __attribute__((vector_size(QL * sizeof(float))));
+typedef int32_t qvi __attribute__((vector_size(QL * sizeof(int32_t))));
+typedef uint32_t qvu __attribute__((vector_size(QL * sizeof(uint32_t))));
+typedef uint16_t qv16 __attribute__((vector_size(QL * sizeof(uint16_t))));
+typedef int8_t qvs8 __attribute__((vector_size(QL)));
+typedef uint8_t qvu8 __attribute__((vector_size(QL)));
+
+enum { QW_BF16, QW_F16, QW_I8, QW_I4 };
+
+static inline qv qload(const float* p) { qv x; memcpy(&x, p, sizeof x); return x; }
+static inline void qstore(float* p, qv x) { memcpy(p, &x, sizeof x); }
+static inline qv qsplat(float a) { return (qv){0} + a; }
+/* a * b + c as one FMA: GCC's reassociation (-fassociative-math) turns acc += a * b; acc += c * d into a multiply,
+ * an FMA and an add */
+static inline qv qfma(qv a, qv b, qv c) {
+#if defined(__FMA__)
+  return (qv)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+static inline float qsum(qv x) { float s = 0.f; for (int i = 0; i < QL; ++i) s += x[i]; return s; }
+
+static inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023;
+  uint32_t bits;
+  float f;
+  if (e == 31) bits = sign | 0x7f800000u | m << 13;
+  else if (e) bits = sign | (e + 112) << 23 | m << 13;
+  else { f = (float)m * 5.9604644775390625e-8f; memcpy(&bits, &f, 4); bits |= sign; } /* subnormal: m * 2^-24 */
+  memcpy(&f, &bits, 4);
+  return f;
+}
+static inline float bf16_to_float(uint16_t h) { const uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
+/* QL weights from p, widened to fp32 */
+static inline qv widen_bf16(const uint16_t* p) {
+#if defined(__AVX2__)
+  return (qv)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
+#else
+  qv16 h; memcpy(&h, p, sizeof h);
+  return (qv)(__builtin_convertvector(h, qvu) << 16);
+#endif
+}
+static inline qv widen_f16(const uint16_t* p) { /* GCC converts _Float16 vectors one lane at a time: intrinsics */
+#if defined(__F16C__)
+  return (qv)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+#else
+  qv r;
+  for (int e = 0; e < QL; ++e) r[e] = half_to_float(p[e]);
+  return r;
+#endif
+}
+/* GCC widens 8-byte integer vectors one lane at a time: intrinsics where there are */
+static inline qvi widen_bytes(const void* p, int is_signed) {
+#if defined(__AVX2__)
+  const __m128i b = _mm_loadl_epi64((const __m128i*)p);
+  return (qvi)(is_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+#else
+  qvs8 s; qvu8 u;
+  memcpy(&s, p, sizeof s); memcpy(&u, p, sizeof u);
+  return is_signed ? __builtin_convertvector(s, qvi) : (qvi)__builtin_convertvector(u, qvu);
+#endif
+}
+static inline qv widen_i8(const int8_t* p) { return __builtin_convertvector(widen_bytes(p, 1), qv); }
+/* int4: QL bytes of a 32-weight block from byte t: lo = weights k0+t.., hi = weights k0+16+t.. (unscaled) */
+static inline void widen_i4(const uint8_t* p, qv* lo, qv* hi) {
+  const qvi u = widen_bytes(p, 0);
+  *lo = __builtin_convertvector((u & 15) - 8, qv);
+  *hi = __builtin_convertvector((u >> 4) - 8, qv);
+}
+/* QL weights of a row from k (k % QL == 0 for int4), unscaled */
+static inline __attribute__((always_inline)) qv qw_vec(const int kind, const void* row, int64_t k) {
+  if (kind == QW_BF16) return widen_bf16((const uint16_t*)row + k);
+  if (kind == QW_F16) return widen_f16((const uint16_t*)row + k);
+  if (kind == QW_I8) return widen_i8((const int8_t*)row + k);
+  qv lo, hi;
+  widen_i4((const uint8_t*)row + k / 32 * 16 + k % 16, &lo, &hi);
+  return k & 16 ? hi : lo;
+}
+static inline __attribute__((always_inline)) float qw_scalar(const int kind, const void* row, int64_t k) {
+  if (kind == QW_BF16) return bf16_to_float(((const uint16_t*)row)[k]);
+  if (kind == QW_F16) return half_to_float(((const uint16_t*)row)[k]);
+  if (kind == QW_I8) return (float)((const int8_t*)row)[k];
+  const uint8_t b = ((const uint8_t*)row)[k / 32 * 16 + k % 16];
+  return (float)((k & 16 ? b >> 4 : b & 15) - 8);
+}
+
+typedef struct {
+  int kind;
+  int64_t M, N, K, G, group; /* G scale columns per row (1 for bf16/fp16), group = K / G */
+  const void* w;
+  const float* scale;        /* [N, G]; 0 for bf16/fp16 */
+} QMat;
+
+static inline const void* qw_row(const QMat* q, int64_t n) {
+  if (q->kind == QW_I4) return (const uint8_t*)q->w + n * (q->K / 2);
+  if (q->kind == QW_I8) return (const int8_t*)q->w + n * q->K;
+  return (const uint16_t*)q->w + n * q->K;
+}
+
+/* out[m, n] for mr <= MR rows of x (row stride K; out row stride N) and weight rows [n0, n1), NR weight rows per step.
+ * A short step repeats the last weight row, a short pass the last row of x, and drops their results. bf16: x is
+ * permuted (qgemv_permute). int8/int4 (int4: group % 32 == 0): each widened weight is multiplied by its group's
+ * scale, or with one row of x each group's partial sum is. */
+#define QMR_MAX 8
+#define QNR_MAX 4
+static inline __attribute__((always_inline)) void qgemv_rows(const int kind, const int MR, const int NR,
+                                                             const QMat* q, const float* x, int64_t mr, float* out,
+                                                             int64_t n0, int64_t n1) {
+  const int64_t K = q->K, N = q->N, groups = q->G, glen = q->group;
+  const float* xr[QMR_MAX]; /* fixed sizes: arrays sized by a parameter would be VLAs, kept in memory */
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) xr[m] = x + (m < mr ? m : mr - 1) * K;
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int64_t nr = n1 - n < NR ? n1 - n : NR;
+    const void* row[QNR_MAX];
+    const float* srow[QNR_MAX];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      row[r] = qw_row(q, n + (r < nr ? r : nr - 1));
+      srow[r] = q->scale ? q->scale + (n + (r < nr ? r : nr - 1)) * groups : 0;
+    }
+    qv acc[QMR_MAX][QNR_MAX];
+    float tail[QMR_MAX][QNR_MAX];
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) { acc[m][r] = qsplat(0.f); tail[m][r] = 0.f; }
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * glen, kv = k0 + glen / QL * QL, k1 = k0 + glen;
+      float sc[QNR_MAX];
+      qv s[QNR_MAX];
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) { sc[r] = kind >= QW_I8 ? srow[r][g] : 1.f; s[r] = qsplat(sc[r]); }
+      if (kind == QW_BF16) { /* pairs of bf16 in 32 bits: x is permuted, even elements first (qgemv_permute) */
+        const int64_t k16 = k0 + glen / 16 * 16;
+        for (int64_t k = k0; k < k16; k += 16) {
+          qv ev[QNR_MAX], od[QNR_MAX];
+#pragma GCC unroll 8
+          for (int r = 0; r < NR; ++r) {
+            qvu u;
+            memcpy(&u, (const uint16_t*)row[r] + k, sizeof u);
+            ev[r] = (qv)(u << 16);
+            od[r] = (qv)(u & 0xffff0000u);
+          }
+#pragma GCC unroll 16
+          for (int m = 0; m < MR; ++m) {
+            const qv xe = qload(xr[m] + k), xo = qload(xr[m] + k + QL);
+#pragma GCC unroll 8
+            for (int r = 0; r < NR; ++r) acc[m][r] = qfma(xo, od[r], qfma(xe, ev[r], acc[m][r]));
+          }
+        }
+#pragma GCC unroll 1
+        for (int64_t k = k16; k < k1; ++k)
+          for (int r = 0; r < NR; ++r) {
+            const float wk = qw_scalar(kind, row[r], k);
+            for (int m = 0; m < MR; ++m) tail[m][r] += xr[m][k] * wk;
+          }
+        continue;
+      }
+      /* int8/int4 with one row of x: the group's sum of x * q is scaled once (fewer operations per weight); with
+       * more rows the scaled weights are shared by their FMAs */
+      const int fold = kind >= QW_I8 && MR == 1;
+      qv part[QNR_MAX];
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) part[r] = qsplat(0.f);
+      if (kind == QW_I4) { /* glen % 32 == 0: whole blocks of 32 weights in 16 bytes */
+        for (int64_t k = k0; k < k1; k += 32)
+#pragma GCC unroll 2
+          for (int t = 0; t < 16; t += QL) {
+            qv lo[QNR_MAX], hi[QNR_MAX];
+#pragma GCC unroll 8
+            for (int r = 0; r < NR; ++r) {
+              widen_i4((const uint8_t*)row[r] + k / 2 + t, &lo[r], &hi[r]);
+              if (!fold) { lo[r] *= s[r]; hi[r] *= s[r]; }
+            }
+#pragma GCC unroll 16
+            for (int m = 0; m < MR; ++m) {
+              const qv xl = qload(xr[m] + k + t), xh = qload(xr[m] + k + 16 + t);
+#pragma GCC unroll 8
+              for (int r = 0; r < NR; ++r)
+                if (fold) part[r] = qfma(xh, hi[r], qfma(xl, lo[r], part[r]));
+                else acc[m][r] = qfma(xh, hi[r], qfma(xl, lo[r], acc[m][r]));
+            }
+          }
+      } else {
+        for (int64_t k = k0; k < kv; k += QL) {
+          qv wv[QNR_MAX];
+#pragma GCC unroll 8
+          for (int r = 0; r < NR; ++r) {
+            wv[r] = qw_vec(kind, row[r], k);
+            if (kind == QW_I8 && !fold) wv[r] *= s[r];
+          }
+#pragma GCC unroll 16
+          for (int m = 0; m < MR; ++m) {
+            const qv xv = qload(xr[m] + k);
+#pragma GCC unroll 8
+            for (int r = 0; r < NR; ++r)
+              if (fold) part[r] = qfma(xv, wv[r], part[r]);
+              else acc[m][r] = qfma(xv, wv[r], acc[m][r]);
+          }
+        }
+      }
+      if (fold)
+#pragma GCC unroll 8
+        for (int r = 0; r < NR; ++r) acc[0][r] = qfma(part[r], s[r], acc[0][r]);
+#pragma GCC unroll 1
+      for (int64_t k = kv; k < k1; ++k) /* K (or the group) not a multiple of the vector width */
+        for (int r = 0; r < NR; ++r) {
+          const float wk = qw_scalar(kind, row[r], k) * sc[r];
+          for (int m = 0; m < MR; ++m) tail[m][r] += xr[m][k] * wk;
+        }
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      if (m >= mr) break;
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r)
+        if (r < nr) out[m * N + n + r] = qsum(acc[m][r]) + tail[m][r];
+    }
+  }
+}
+
+/* Rows of x per pass (MR) and weight rows per step (NR): the MR * NR accumulators, the widened weights and x fit
+ * AVX2's 16 vector registers. A pass of m rows uses the smallest MR >= m (repeating its last row); more rows than the
+ * largest MR take several passes over cache-resident weight rows. */
+#define QGEMV_PASS 8
+#define QGEMV_NR(MR) ((MR) <= 2 ? 4 : (MR) == 4 ? 2 : 1)
+typedef void (*qgemv_fn)(const QMat*, const float*, int64_t, float*, int64_t, int64_t);
+#define QGEMV_DEF(NAME, KIND, MR)                                                                                 \
+  static void NAME##_##MR(const QMat* q, const float* x, int64_t mr, float* out, int64_t n0, int64_t n1) {      \
+    qgemv_rows(KIND, MR, QGEMV_NR(MR), q, x, mr, out, n0, n1);                                                 \
+  }
+#define QGEMV_SET(NAME, KIND) QGEMV_DEF(NAME, KIND, 1) QGEMV_DEF(NAME, KIND, 2) QGEMV_DEF(NAME, KIND, 4)          \
+  QGEMV_DEF(NAME, KIND, 8) static const qgemv_fn NAME[9] = {0, NAME##_1, NAME##_2, NAME##_4, NAME##_4,           \
+                                                            NAME##_8, NAME##_8, NAME##_8, NAME##_8};
+QGEMV_SET(qgemv_bf16, QW_BF16)
+QGEMV_SET(qgemv_f16, QW_F16)
+QGEMV_SET(qgemv_i8, QW_I8)
+QGEMV_SET(qgemv_i4, QW_I4)
+
+/* bf16 weights: x [M, K] with each block of 16 reordered even elements first (the rest as is), to match the two
+ * vectors of 16 widened bf16 weights: bits << 16 (even elements) and bits & 0xffff0000 (odd ones). */
+static void qgemv_permute(const float* x, int64_t M, int64_t K, float* xp) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* s = x + m * K;
+    float* d = xp + m * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      for (int i = 0; i < 8; ++i) { d[k + i] = s[k + 2 * i]; d[k + 8 + i] = s[k + 2 * i + 1]; }
+    for (; k < K; ++k) d[k] = s[k];
+  }
+}
+
+/* all M (<= 16) rows of x against weight rows [n0, n1) */
+static void qgemv_range(const QMat* q, const float* x, float* out, int64_t n0, int64_t n1) {
+  const qgemv_fn* fns = q->kind == QW_BF16 ? qgemv_bf16 : q->kind == QW_F16 ? qgemv_f16
+                      : q->kind == QW_I8 ? qgemv_i8 : qgemv_i4;
+  const int64_t M = q->M, passes = (M + QGEMV_PASS - 1) / QGEMV_PASS;
+  if (passes == 1) { fns[M](q, x, M, out, n0, n1); return; }
+  for (int64_t nb = n0; nb < n1; nb += SPLIT_ALIGN) { /* 16 weight rows stay in cache for every pass */
+    const int64_t ne = nb + SPLIT_ALIGN < n1 ? nb + SPLIT_ALIGN : n1;
+    for (int64_t p = 0; p < passes; ++p) {
+      const int64_t m0 = M * p / passes, m1 = M * (p + 1) / passes;
+      fns[m1 - m0](q, x + m0 * q->K, m1 - m0, out + m0 * q->N, nb, ne);
+    }
+  }
+}
+
+/* rows [n0, n0 + rows) of W, dequantized: buf[rows, K] fp32 */
+static void qw_dequant(const QMat* q, int64_t n0, int64_t rows, float* buf) {
+  const int64_t K = q->K, glen = q->group, groups = q->G;
+  for (int64_t i = 0; i < rows; ++i) {
+    const void* row = qw_row(q, n0 + i);
+    float* o = buf + i * K;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * glen, kv = k0 + glen / QL * QL, k1 = k0 + glen;
+      const float sc = q->scale ? q->scale[(n0 + i) * q->G + g] : 1.f;
+      const qv s = qsplat(sc);
+      if (q->kind == QW_BF16)     for (int64_t k = k0; k < kv; k += QL) qstore(o + k, qw_vec(QW_BF16, row, k));
+      else if (q->kind == QW_F16) for (int64_t k = k0; k < kv; k += QL) qstore(o + k, qw_vec(QW_F16, row, k));
+      else if (q->kind == QW_I8)  for (int64_t k = k0; k < kv; k += QL) qstore(o + k, qw_vec(QW_I8, row, k) * s);
+      else                        for (int64_t k = k0; k < kv; k += QL) qstore(o + k, qw_vec(QW_I4, row, k) * s);
+      for (int64_t k = kv; k < k1; ++k) o[k] = qw_scalar(q->kind, row, k) * sc;
+    }
+  }
+}
+
+#define QBLOCK_BYTES (1 << 20) /* fp32 weight block per thread for the GEMM path: L2-sized */
+
+/* M > 16: threads take blocks of weight rows dynamically, widen each into their own buffer and multiply it with a
+ * single-threaded BLAS GEMM (when there are fewer blocks than threads, x's rows are split too). Returns nonzero
+ * when out of memory. */
+static int qmatmul_blocks(const QMat* q, const float* x, float* out) {
+  const int64_t M = q->M, N = q->N, K = q->K;
+  const int threads = omp_get_max_threads();
+  int64_t rows = QBLOCK_BYTES / (int64_t)sizeof(float) / K / SPLIT_ALIGN * SPLIT_ALIGN;
+  rows = rows < SPLIT_ALIGN ? SPLIT_ALIGN : rows;
+  const int64_t n16 = (N + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
+  rows = rows > n16 ? n16 : rows;
+  const int64_t blocks = (N + rows - 1) / rows;
+  int64_t mparts = blocks >= threads ? 1 : (threads + blocks - 1) / blocks;
+  if (mparts > M / 16) mparts = M / 16 > 1 ? M / 16 : 1;
+  const int serial = 2. * M * N * K < SPLIT_MIN_FLOPS || threads == 1;
+  int failed = 0;
+#pragma omp parallel if (!serial) reduction(|| : failed)
+  {
+    float* buf = (float*)aligned_alloc(64, (sizeof(float) * rows * K + 63) / 64 * 64);
+    int64_t have = -1;
+    blas_thread_init();
+    failed = !buf;
+#pragma omp for schedule(dynamic)
+    for (int64_t it = 0; it < blocks * mparts; ++it) {
+      if (failed) continue;
+      const int64_t b = it / mparts, p = it % mparts, n0 = b * rows, nr = N - n0 < rows ? N - n0 : rows;
+      const int64_t m0 = M * p / mparts, m1 = M * (p + 1) / mparts;
+      if (have != b) { qw_dequant(q, n0, nr, buf); have = b; }
+      gemm_ld(1, m1 - m0, nr, K, 1.f, x + m0 * K, K, buf, K, out + m0 * N + n0, N);
+    }
+    free(buf);
+  }
+  return failed;
+}
+
+static void* data_of(const DLTensor* t) { return (char*)t->data + t->byte_offset; }
+static int is_f32(const DLTensor* t) { return t->dtype.code == kDLFloat && t->dtype.bits == 32 && t->dtype.lanes == 1; }
+static int compact(const DLTensor* t) { /* row-major contiguous (strides absent or those of a compact tensor) */
+  if (!t->strides) return 1;
+  int64_t s = 1;
+  for (int i = t->ndim - 1; i >= 0; --i) {
+    if (t->shape[i] != 1 && t->strides[i] != s) return 0;
+    s *= t->shape[i];
+  }
+  return 1;
+}
+
+static int run_qmatmul(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
+  ret->type_index = kTVMFFINone; ret->zero_padding = 0; ret->v_int64 = 0;
+  if (n != 3 && n != 4) return fail("vlmc_qmatmul: expected (x, w, out) or (x, w, scale, out)");
+  DLTensor *X = as_dl(args), *W = as_dl(args + 1), *S = n == 4 ? as_dl(args + 2) : 0, *O = as_dl(args + n - 1);
+  if (!X || !W || !O || (n == 4 && !S)) return fail("vlmc_qmatmul: arguments must be tensors");
+  if (!is_f32(X) || !is_f32(O)) return fail("vlmc_qmatmul: x and out must be float32");
+  int kind;
+  const DLDataType wt = W->dtype;
+  if (wt.lanes != 1) return fail("vlmc_qmatmul: unsupported weight dtype");
+  if (wt.code == kDLBfloat && wt.bits == 16) kind = QW_BF16;
+  else if (wt.code == kDLFloat && wt.bits == 16) kind = QW_F16;
+  else if (wt.code == kDLInt && wt.bits == 8) kind = QW_I8;
+  else if (wt.code == kDLUInt && wt.bits == 8) kind = QW_I4;
+  else return fail("vlmc_qmatmul: weights must be bfloat16, float16, int8 or uint8 (packed int4)");
+  const int scaled = kind == QW_I8 || kind == QW_I4;
+  if (scaled != (n == 4))
+    return fail(scaled ? "vlmc_qmatmul: int8/int4 weights take (x, w, scale, out)"
+                       : "vlmc_qmatmul: bfloat16/float16 weights take (x, w, out)");
+  if (X->ndim < 1 || W->ndim != 2 || O->ndim != X->ndim) return fail("vlmc_qmatmul: bad ranks (x [..., K], w [N, K])");
+  if (!compact(X) || !compact(W) || !compact(O) || (S && !compact(S))) return fail("vlmc_qmatmul: tensors must be contiguous");
+  const int64_t K = X->shape[X->ndim - 1], N = W->shape[0];
+  int64_t M = 1;
+  for (int i = 0; i < X->ndim - 1; ++i) {
+    if (O->shape[i] != X->shape[i]) return fail("vlmc_qmatmul: out's leading dims must be x's");
+    M *= X->shape[i];
+  }
+  if (O->shape[O->ndim - 1] != N) return fail("vlmc_qmatmul: out's last dim must be N");
+  if (kind == QW_I4) {
+    if (K % 32) return fail("vlmc_qmatmul: int4 weights need K % 32 == 0");
+    if (W->shape[1] * 2 != K) return fail("vlmc_qmatmul: int4 weights must be uint8 [N, K / 2]");
+  } else if (W->shape[1] != K) return fail("vlmc_qmatmul: w must be [N, K]");
+  int64_t G = 1;
+  if (scaled) {
+    if (!is_f32(S) || S->ndim != 2 || S->shape[0] != N || S->shape[1] < 1)
+      return fail("vlmc_qmatmul: scale must be float32 [N, G]");
+    G = S->shape[1];
+    if (K % G) return fail("vlmc_qmatmul: K must be a multiple of the scale columns G");
+    if (kind == QW_I4 && (K / G) % 32) return fail("vlmc_qmatmul: int4 group size (K / G) must be a multiple of 32");
+  }
+  float* out = (float*)data_of(O);
+  if (M == 0 || N == 0) return 0;
+  if (K == 0) { memset(out, 0, sizeof(float) * M * N); return 0; }
+  const QMat q = {kind, M, N, K, G, K / G, data_of(W), scaled ? (const float*)data_of(S) : 0};
+  const float* x = (const float*)data_of(X);
+  if (M > 16) return qmatmul_blocks(&q, x, out) ? fail("vlmc_qmatmul: out of memory") : 0;
+  float* xp = 0;
+  if (kind == QW_BF16) {
+    if (!(xp = (float*)malloc(sizeof(float) * M * K))) return fail("vlmc_qmatmul: out of memory");
+    qgemv_permute(x, M, K, xp);
+    x = xp;
+  }
+  const int threads = omp_get_max_threads();
+  const int serial = 2. * M * N * K < SPLIT_MIN_FLOPS || threads == 1;
+#pragma omp parallel for schedule(static) if (!serial)
+  for (int part = 0; part < threads; ++part) {
+    const int64_t lo = (N * part / threads + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
+    int64_t hi = part == threads - 1 ? N : (N * (part + 1) / threads + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
+    hi = hi < N ? hi : N;
+    if (lo < hi) qgemv_range(&q, x, out, lo, hi);
+  }
+  free(xp);
+  return 0;
+}
+
+__attribute__((visibility("default")))
+int __tvm_ffi_vlmc_qmatmul(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) { return run_qmatmul(a, n, r); }
+
+/* ---- decode attention over a low-precision KV cache: vlmc_cache_attention --------------------------------------
+ * Work item: one (batch row, kv head), a block of its query rows (the group's heads x S positions, row r = head
+ * offset * S + s, contiguous in q and out) and one part of its unmasked keys. Keys are gathered a block at a time,
+ * dequantized into fp32 rows padded with zeros to Dp (a multiple of 16), scored 16 at a time against each query
+ * row and folded in with an online softmax. When there are fewer (row, kv head) pairs than threads, the unmasked keys
+ * are split into parts whose partial softmax states are merged at the end. */
+#define CA_KEYS 64          /* keys per block */
+#define CA_ROWS 32          /* query rows per work item */
+#define CA_PART_KEYS 16     /* keys a split part has at least */
+#define CA_MASKED (-1e30f)  /* mask values at or below this: the key is skipped */
+#define CA_PV 8             /* query rows per P V step (their accumulators stay in registers) */
+
+typedef struct {
+  int kind; /* QW_BF16, QW_I8, or -1 for float32 */
+  int64_t B, H, Hk, S, T, D, Dp, group, nb, parts, rows; /* rows: query rows per block, nb blocks per kv head */
+  const float *q, *kn, *vn, *ks, *vs, *mask;
+  const void *kc, *vc;
+} CacheAttn;
+
+/* r[i] = sum of the lanes of a[i], i < QL: a transpose-and-add tree */
+static inline qv qreduce(const qv* a) {
+  const qvi l2 = {0, 1, 2, 3, 8, 9, 10, 11}, h2 = {4, 5, 6, 7, 12, 13, 14, 15};
+  const qvi l3 = {0, 1, 4, 5, 8, 9, 12, 13}, h3 = {2, 3, 6, 7, 10, 11, 14, 15};
+  const qvi l4 = {0, 2, 4, 6, 8, 10, 12, 14}, h4 = {1, 3, 5, 7, 9, 11, 13, 15};
+  qv c[4], d[2];
+  for (int i = 0; i < 4; ++i) c[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], l2) + __builtin_shuffle(a[2 * i], a[2 * i + 1], h2);
+  for (int i = 0; i < 2; ++i) d[i] = __builtin_shuffle(c[2 * i], c[2 * i + 1], l3) + __builtin_shuffle(c[2 * i], c[2 * i + 1], h3);
+  return __builtin_shuffle(d[0], d[1], l4) + __builtin_shuffle(d[0], d[1], h4);
+}
+
+/* key/value row j of (b, kv head) bg as D floats at dst (dst's padding to Dp is left alone: zero) */
+static void ca_row(const CacheAttn* a, const void* cache, const float* scale, const float* fresh, int64_t bg,
+                   int64_t j, float* dst) {
+  const int64_t D = a->D, dv = D / QL * QL;
+  if (j >= a->T) { memcpy(dst, fresh + (bg * a->S + j - a->T) * D, sizeof(float) * D); return; }
+  const int64_t off = (bg * a->T + j) * D;
+  if (a->kind == QW_BF16) {
+    const uint16_t* s = (const uint16_t*)cache + off;
+    for (int64_t d = 0; d < dv; d += QL) qstore(dst + d, widen_bf16(s + d));
+    for (int64_t d = dv; d < D; ++d) dst[d] = bf16_to_float(s[d]);
+  } else if (a->kind == QW_I8) {
+    const int8_t* s = (const int8_t*)cache + off;
+    const float sc = scale[bg * a->T + j];
+    const qv sv = qsplat(sc);
+    for (int64_t d = 0; d < dv; d += QL) qstore(dst + d, widen_i8(s + d) * sv);
+    for (int64_t d = dv; d < D; ++d) dst[d] = (float)s[d] * sc;
+  } else memcpy(dst, (const float*)cache + off, sizeof(float) * D);
+}
+
+typedef struct { float *kb, *vb, *qb, *acc, *p, *m, *l, *alpha; int64_t* keys; } CaBuf;
+
+/* Work item: kv head unit bg = b * Hk + g, row block rb, key part `part`. Writes, per row, the unnormalized output
+ * (D floats), then its running max and sum, to res [rows][Dp + 2]; with one part, the final rows to out. */
+static void ca_item(const CacheAttn* a, int64_t bg, int64_t rb, int64_t part, const CaBuf* w, float* res, float* out) {
+  const int64_t D = a->D, Dp = a->Dp, S = a->S, TS = a->T + a->S, b = bg / a->Hk, g = bg % a->Hk;
+  const int64_t R = a->group * S, r0 = rb * a->rows, nr = R - r0 < a->rows ? R - r0 : a->rows;
+  const int64_t row0 = (b * a->H + g * a->group) * S + r0; /* q/out row of r0 */
+  const float scale = 1.f / sqrtf((float)D);
+  const float* mrow[CA_ROWS];
+  for (int64_t i = 0; i < nr; ++i) {
+    mrow[i] = a->mask + (b * S + (r0 + i) % S) * TS;
+    const float* qi = a->q + (row0 + i) * D;
+    for (int64_t d = 0; d < D; ++d) w->qb[i * Dp + d] = qi[d] * scale;
+    for (int64_t d = D; d < Dp; ++d) w->qb[i * Dp + d] = 0.f;
+    w->m[i] = -INFINITY; w->l[i] = 0.f;
+  }
+  memset(w->acc, 0, sizeof(float) * nr * Dp);
+  const int64_t ns = nr < S ? nr : S; /* the distinct positions s of these rows: rows 0..ns-1 */
+#define CA_ACTIVE(j) ({ int on_ = 0; for (int64_t i_ = 0; i_ < ns; ++i_) on_ |= mrow[i_][j] > CA_MASKED; on_; })
+  int64_t first = 0, last = INT64_MAX; /* ranks of this part's unmasked keys */
+  if (a->parts > 1) {
+    int64_t count = 0;
+    for (int64_t j = 0; j < TS; ++j) count += CA_ACTIVE(j);
+    first = count * part / a->parts;
+    last = count * (part + 1) / a->parts;
+  }
+  const void *kc = a->kc, *vc = a->vc;
+  int64_t rank = 0, j = 0;
+  while (j < TS && rank < last) {
+    int64_t nk = 0; /* gather the next block of unmasked keys */
+    for (; j < TS && nk < CA_KEYS && rank < last; ++j)
+      if (CA_ACTIVE(j)) { if (rank >= first) w->keys[nk++] = j; ++rank; }
+    if (!nk) continue;
+    for (int64_t i = 0; i < nk; ++i) {
+      ca_row(a, kc, a->ks, a->kn, bg, w->keys[i], w->kb + i * Dp);
+      ca_row(a, vc, a->vs, a->vn, bg, w->keys[i], w->vb + i * Dp);
+    }
+    const int64_t nq = (nk + QL - 1) / QL, nc = (nk + VW - 1) / VW;
+    for (int64_t r = 0; r < nr; ++r) {
+      const float* qr = w->qb + r * Dp;
+      float* pr = w->p + r * CA_KEYS;
+      for (int64_t c = 0; c < nq; ++c) { /* QL keys' dot products, one key per vector, lanes summed by qreduce */
+        qv dots[QL];
+        const float* kb = w->kb + c * QL * Dp;
+        for (int i = 0; i < QL; ++i) {
+          qv d0 = qsplat(0.f), d1 = qsplat(0.f);
+          int64_t d = 0;
+          for (; d + 2 * QL <= Dp; d += 2 * QL) {
+            d0 += qload(qr + d) * qload(kb + i * Dp + d);
+            d1 += qload(qr + d + QL) * qload(kb + i * Dp + d + QL);
+          }
+          if (d < Dp) d0 += qload(qr + d) * qload(kb + i * Dp + d);
+          dots[i] = d0 + d1;
+        }
+        qstore(pr + c * QL, qreduce(dots));
+      }
+      vf mx = vsplat(-INFINITY);
+      for (int64_t c = 0; c < nc; ++c) { /* + mask; masked keys and lanes past nk: -inf */
+        vf mv;
+        for (int i = 0; i < VW; ++i) mv[i] = c * VW + i < nk ? mrow[r][w->keys[c * VW + i]] : -INFINITY;
+        const vf sc = vselect(mv > vsplat(CA_MASKED), vload(pr + c * VW) + mv, vsplat(-INFINITY));
+        vstore(pr + c * VW, sc);
+        mx = vselect(sc > mx, sc, mx);
+      }
+      const float mnew = hmax(mx) > w->m[r] ? hmax(mx) : w->m[r];
+      if (mnew == -INFINITY) { w->alpha[r] = 1.f; memset(pr, 0, sizeof(float) * nc * VW); continue; }
+      vf sum = vsplat(0.f);
+      for (int64_t c = 0; c < nc; ++c) {
+        const vf sc = vload(pr + c * VW);
+        const vf e = vselect(sc > vsplat(-INFINITY), vexp_nonpos(sc - mnew), vsplat(0.f));
+        vstore(pr + c * VW, e);
+        sum += e;
+      }
+      w->alpha[r] = w->m[r] == -INFINITY ? 0.f : vexp_nonpos(vsplat(w->m[r] - mnew))[0];
+      w->l[r] = w->l[r] * w->alpha[r] + hsum(sum);
+      w->m[r] = mnew;
+    }
+    for (int64_t r0b = 0; r0b < nr; r0b += CA_PV) { /* acc = acc * alpha + P V, CA_PV rows' slices in registers */
+      const int64_t nb8 = nr - r0b < CA_PV ? nr - r0b : CA_PV;
+      for (int64_t d = 0; d < Dp; d += QL) {
+        qv o[CA_PV];
+        for (int i = 0; i < CA_PV; ++i) {
+          const int64_t r = r0b + (i < nb8 ? i : 0);
+          o[i] = qload(w->acc + r * Dp + d) * w->alpha[r];
+        }
+        for (int64_t k = 0; k < nk; ++k) {
+          const qv v = qload(w->vb + k * Dp + d);
+#pragma GCC unroll 8
+          for (int i = 0; i < CA_PV; ++i) o[i] += w->p[(r0b + (i < nb8 ? i : 0)) * CA_KEYS + k] * v;
+        }
+        for (int i = 0; i < nb8; ++i) qstore(w->acc + (r0b + i) * Dp + d, o[i]);
+      }
+    }
+  }
+#undef CA_ACTIVE
+  for (int64_t r = 0; r < nr; ++r) {
+    if (a->parts == 1) {
+      const float inv = w->l[r] > 0.f ? 1.f / w->l[r] : 0.f;
+      float* o = out + (row0 + r) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = w->acc[r * Dp + d] * inv;
+    } else {
+      float* o = res + r * (Dp + 2);
+      memcpy(o, w->acc + r * Dp, sizeof(float) * D);
+      o[Dp] = w->m[r];
+      o[Dp + 1] = w->l[r];
+    }
+  }
+}
+
+static int run_cache_attention(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
+  ret->type_index = kTVMFFINone; ret->zero_padding = 0; ret->v_int64 = 0;
+  if (n != 7 && n != 9)
+    return fail("vlmc_cache_attention: expected (q, k_cache, v_cache, k_new, v_new, mask, out) or "
+                "(q, k_cache, v_cache, k_scale, v_scale, k_new, v_new, mask, out)");
+  DLTensor* t[9];
+  for (int i = 0; i < n; ++i)
+    if (!(t[i] = as_dl(args + i))) return fail("vlmc_cache_attention: arguments must be tensors");
+  const int sc = n == 9;
+  DLTensor *Q = t[0], *KC = t[1], *VC = t[2], *KS = sc ? t[3] : 0, *VS = sc ? t[4] : 0;
+  DLTensor *KN = t[3 + 2 * sc], *VN = t[4 + 2 * sc], *MK = t[5 + 2 * sc], *O = t[6 + 2 * sc];
+  for (int i = 0; i < n; ++i)
+    if (!compact(t[i])) return fail("vlmc_cache_attention: tensors must be contiguous");
+  if (!is_f32(Q) || !is_f32(KN) || !is_f32(VN) || !is_f32(MK) || !is_f32(O) || (sc && (!is_f32(KS) || !is_f32(VS))))
+    return fail("vlmc_cache_attention: q, k_new, v_new, mask, out (and scales) must be float32");
+  const DLDataType ct = KC->dtype;
+  if (ct.code != VC->dtype.code || ct.bits != VC->dtype.bits || ct.lanes != 1 || VC->dtype.lanes != 1)
+    return fail("vlmc_cache_attention: k_cache and v_cache must have one dtype");
+  int kind;
+  if (ct.code == kDLFloat && ct.bits == 32) kind = -1;
+  else if (ct.code == kDLBfloat && ct.bits == 16) kind = QW_BF16;
+  else if (ct.code == kDLInt && ct.bits == 8) kind = QW_I8;
+  else return fail("vlmc_cache_attention: the cache must be float32, bfloat16 or int8");
+  if ((kind == QW_I8) != sc)
+    return fail(sc ? "vlmc_cache_attention: scales go with an int8 cache only"
+                   : "vlmc_cache_attention: an int8 cache needs k_scale and v_scale");
+  if (Q->ndim != 4 || KC->ndim != 4 || VC->ndim != 4 || KN->ndim != 4 || VN->ndim != 4 || MK->ndim != 4 ||
+      O->ndim != 4 || (sc && (KS->ndim != 3 || VS->ndim != 3)))
+    return fail("vlmc_cache_attention: bad ranks");
+  const int64_t B = Q->shape[0], H = Q->shape[1], S = Q->shape[2], D = Q->shape[3];
+  const int64_t Hk = KC->shape[1], T = KC->shape[2];
+  for (int i = 0; i < 4; ++i)
+    if (O->shape[i] != Q->shape[i] || VC->shape[i] != KC->shape[i] || VN->shape[i] != KN->shape[i])
+      return fail("vlmc_cache_attention: shape mismatch");
+  if (KC->shape[0] != B || KC->shape[3] != D || KN->shape[0] != B || KN->shape[1] != Hk || KN->shape[2] != S ||
+      KN->shape[3] != D)
+    return fail("vlmc_cache_attention: shape mismatch (k/v [B, Hk, T or S, D])");
+  if (MK->shape[0] != B || MK->shape[1] != 1 || MK->shape[2] != S || MK->shape[3] != T + S)
+    return fail("vlmc_cache_attention: mask must be [B, 1, S, T + S]");
+  if (sc)
+    for (int i = 0; i < 3; ++i)
+      if (KS->shape[i] != KC->shape[i] || VS->shape[i] != KC->shape[i])
+        return fail("vlmc_cache_attention: scales must be [B, Hk, T]");
+  if (Hk < 1 || H % Hk) return fail("vlmc_cache_attention: kv heads must divide query heads");
+  if (B == 0 || H == 0 || S == 0 || D == 0) return 0;
+  const int64_t R = H / Hk * S, blocks = (R + CA_ROWS - 1) / CA_ROWS, rows = (R + blocks - 1) / blocks;
+  const int64_t units = B * Hk * blocks, threads = omp_get_max_threads();
+  int64_t parts = units >= threads ? 1 : (threads + units - 1) / units;
+  const int64_t most = (T + S) / CA_PART_KEYS > 1 ? (T + S) / CA_PART_KEYS : 1;
+  parts = parts < most ? parts : most;
+  const int64_t Dp = (D + VW - 1) / VW * VW;
+  const CacheAttn a = {kind, B, H, Hk, S, T, D, Dp, H / Hk, blocks, parts, rows,
+                       (const float*)data_of(Q), (const float*)data_of(KN), (const float*)data_of(VN),
+                       sc ? (const float*)data_of(KS) : 0, sc ? (const float*)data_of(VS) : 0,
+                       (const float*)data_of(MK), data_of(KC), data_of(VC)};
+  float* out = (float*)data_of(O);
+  float* res = 0;
+  if (parts > 1 && !(res = (float*)malloc(sizeof(float) * units * parts * rows * (Dp + 2))))
+    return fail("vlmc_cache_attention: out of memory");
+  const int serial = (double)B * H * S * (T + S) * D < 65536. || threads == 1;
+  int failed = 0;
+#pragma omp parallel if (!serial) reduction(|| : failed)
+  {
+    CaBuf w;
+    const size_t kv = sizeof(float) * CA_KEYS * Dp, rq = sizeof(float) * rows * Dp; /* multiples of 64 bytes */
+    w.kb = (float*)aligned_alloc(64, kv); w.vb = (float*)aligned_alloc(64, kv);
+    w.qb = (float*)aligned_alloc(64, rq); w.acc = (float*)aligned_alloc(64, rq);
+    w.p = (float*)aligned_alloc(64, sizeof(float) * rows * CA_KEYS);
+    w.m = (float*)malloc(sizeof(float) * 3 * rows); w.l = w.m ? w.m + rows : 0; w.alpha = w.m ? w.m + 2 * rows : 0;
+    w.keys = (int64_t*)malloc(sizeof(int64_t) * CA_KEYS);
+    failed = !w.kb || !w.vb || !w.qb || !w.acc || !w.p || !w.m || !w.keys;
+    if (!failed) { memset(w.kb, 0, kv); memset(w.vb, 0, kv); }
+#pragma omp for schedule(dynamic)
+    for (int64_t it = 0; it < units * parts; ++it) {
+      if (failed) continue;
+      const int64_t u = it / parts;
+      ca_item(&a, u / blocks, u % blocks, it % parts, &w, res ? res + it * rows * (Dp + 2) : 0, out);
+    }
+    free(w.kb); free(w.vb); free(w.qb); free(w.acc); free(w.p); free(w.m); free(w.keys);
+  }
+  if (!failed && parts > 1) { /* merge the parts' softmax states */
+#pragma omp parallel for schedule(static) if (!serial)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t bg = u / blocks, rb = u % blocks, b = bg / Hk, g = bg % Hk, r0 = rb * rows;
+      const int64_t nr = R - r0 < rows ? R - r0 : rows;
+      for (int64_t r = 0; r < nr; ++r) {
+        float m = -INFINITY, l = 0.f;
+        for (int64_t p = 0; p < parts; ++p) {
+          const float mp = res[((u * parts + p) * rows + r) * (Dp + 2) + Dp];
+          m = mp > m ? mp : m;
+        }
+        float* o = out + ((b * H + g * (H / Hk)) * S + r0 + r) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+        if (m == -INFINITY) continue;
+        for (int64_t p = 0; p < parts; ++p) {
+          const float* e = res + ((u * parts + p) * rows + r) * (Dp + 2);
+          if (e[Dp] == -INFINITY) continue;
+          const float f = expf(e[Dp] - m);
+          l += e[Dp + 1] * f;
+          for (int64_t d = 0; d < D; ++d) o[d] += e[d] * f;
+        }
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      }
+    }
+  }
+  free(res);
+  return failed ? fail("vlmc_cache_attention: out of memory") : 0;
+}
+
+__attribute__((visibility("default")))
+int __tvm_ffi_vlmc_cache_attention(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) {
+  return run_cache_attention(a, n, r);
 }

@@ -31,30 +31,73 @@ class CacheShape:
     kv_heads: int
     context: int  # T: positions the cache holds
     head_dim: int
+    dtype: str = "fp32"  # stored format: fp32, bf16 or int8 (one fp32 scale per position and kv head)
+
+    def bytes_per_token(self) -> int:
+        per_row = {"fp32": 4 * self.head_dim, "bf16": 2 * self.head_dim, "int8": self.head_dim + 4}[self.dtype]
+        return 2 * self.layers * self.kv_heads * per_row
+
+
+def quantize_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 cache rows: per row (last axis) s = max|x| / 127, q = clamp(round_half_even(x / s), -127, 127)."""
+    scale = np.abs(rows).max(axis=-1) / np.float32(127)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    q = np.clip(np.rint(rows / safe[..., None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 (round to nearest even), as uint16 bits."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).view(torch.int16) \
+        .numpy().view(np.uint16)
 
 
 class KVCache:
-    """Per-slot key/value storage [layers, slots, kv_heads, T, head_dim]."""
+    """Per-slot key/value storage [layers, slots, kv_heads, T, head_dim] in the stored format: fp32; bf16 (held as
+    uint16 bits, handed to graphs as bf16 tensors); int8 with scales [layers, slots, kv_heads, T]. New rows are
+    rounded on the way in, so a step attends over exactly what the cache holds."""
 
     def __init__(self, shape: CacheShape, slots: int = 1, dtype=np.float32):
-        dims = (shape.layers, slots, shape.kv_heads, shape.context, shape.head_dim)
         from ...compile.tvm_backend import aligned_zeros
 
-        self.k = aligned_zeros(dims, dtype)  # aligned so graphs read it in place
-        self.v = aligned_zeros(dims, dtype)
+        dims = (shape.layers, slots, shape.kv_heads, shape.context, shape.head_dim)
+        self.format = shape.dtype
+        storage = {"fp32": dtype, "bf16": np.uint16, "int8": np.int8}[shape.dtype]
+        self.k = aligned_zeros(dims, storage)  # aligned so graphs read it in place
+        self.v = aligned_zeros(dims, storage)
+        self.k_scale = self.v_scale = None
+        if shape.dtype == "int8":
+            self.k_scale, self.v_scale = aligned_zeros(dims[:-1]), aligned_zeros(dims[:-1])
         self.lengths = np.zeros(slots, dtype=np.int64)
 
-    def views(self, first_slot: int, count: int) -> list[np.ndarray]:
-        """Per-layer cache views [count, kv, T, D] of consecutive slots, keys of every layer then values (the
-        graphs' cache inputs); contiguous and aligned, so graphs read them in place."""
-        return [*self.k[:, first_slot:first_slot + count], *self.v[:, first_slot:first_slot + count]]
+    def views(self, first_slot: int, count: int) -> list:
+        """Per-layer cache views [count, kv, T, D] of consecutive slots, keys of every layer then values (then the
+        int8 scales likewise): the graphs' cache inputs, contiguous and aligned, so graphs read them in place."""
+        part = slice(first_slot, first_slot + count)
+        views = [*self.k[:, part], *self.v[:, part]]
+        if self.format == "bf16":
+            import torch
+
+            return [torch.from_numpy(v).view(torch.bfloat16) for v in views]
+        if self.format == "int8":
+            views += [*self.k_scale[:, part], *self.v_scale[:, part]]
+        return views
 
     def write(self, slot: int, new_k: np.ndarray, new_v: np.ndarray, count: int, batch_index: int = 0) -> None:
         """Append the last `count` rows of new_k/new_v [L,B,kv,S,D] (batch row `batch_index`) to `slot`."""
         start = int(self.lengths[slot])
         s = new_k.shape[3]
-        self.k[:, slot, :, start:start + count] = new_k[:, batch_index, :, s - count:]
-        self.v[:, slot, :, start:start + count] = new_v[:, batch_index, :, s - count:]
+        where = (slice(None), slot, slice(None), slice(start, start + count))
+        for cache, scales, new in ((self.k, self.k_scale, new_k), (self.v, self.v_scale, new_v)):
+            rows = new[:, batch_index, :, s - count:]
+            if self.format == "bf16":
+                cache[where] = to_bf16_bits(rows)
+            elif self.format == "int8":
+                cache[where], scales[where] = quantize_rows(rows)
+            else:
+                cache[where] = rows
         self.lengths[slot] = start + count
 
 

@@ -51,7 +51,8 @@ class LLMArtifact:
 
     def cache_shape(self) -> CacheShape:
         m = self.manifest
-        return CacheShape(m["layers"], m["kv_heads_per_rank"], m["context"], m["head_dim"])
+        return CacheShape(m["layers"], m["kv_heads_per_rank"], m["context"], m["head_dim"],
+                          m.get("quantize", {}).get("kv_cache", "fp32"))
 
     def embedding(self) -> EmbeddingTable:
         return EmbeddingTable.load(self.path / self.manifest["embed_tokens"]["file"])

@@ -12,5 +12,5 @@ class TorchStep:
 
     def __call__(self, *arrays: np.ndarray):
         with torch.no_grad():
-            out = self.module(*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
+            out = self.module(*(a if torch.is_tensor(a) else torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
         return tuple(o.numpy() for o in out) if isinstance(out, (tuple, list)) else out.numpy()

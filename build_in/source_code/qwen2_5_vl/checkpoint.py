@@ -142,7 +142,10 @@ def build_tokenizer(num_merges: int):
     return tokenizer
 
 
-def build_config(preset: str, tokenizer):
+DEFAULT_INIT_STD = 0.1  # larger than Qwen's 0.02 so random logits are well separated and greedy is not a coin toss
+
+
+def build_config(preset: str, tokenizer, init_std: float = DEFAULT_INIT_STD):
     from transformers import Qwen2_5_VLConfig
 
     spec = PRESETS[preset]
@@ -157,23 +160,23 @@ def build_config(preset: str, tokenizer):
         rope_scaling={"type": "mrope", "mrope_section": mrope_section}, rope_theta=1000000.0,
         use_sliding_window=False, sliding_window=32768, max_window_layers=text["num_hidden_layers"],
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], tie_word_embeddings=tied,
-        # Larger than Qwen's 0.02 so random logits are well separated and greedy decoding is not a coin toss.
-        initializer_range=0.1,
+        initializer_range=init_std,
     )
     vision_config = dict(
         vision, hidden_act="silu", in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-        tokens_per_second=2, window_size=112, out_hidden_size=text["hidden_size"], initializer_range=0.1,
+        tokens_per_second=2, window_size=112, out_hidden_size=text["hidden_size"], initializer_range=init_std,
     )
     return Qwen2_5_VLConfig(
         text_config=text_config, vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=tied, initializer_range=0.1,
+        tie_word_embeddings=tied, initializer_range=init_std,
     )
 
 
-def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight Qwen2.5-VL checkpoint to `out_dir` and return its path."""
+def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, init_std: float | None = None) -> Path:
+    """Write a random-weight Qwen2.5-VL checkpoint to `out_dir` and return its path; `init_std`: the weights'
+    standard deviation (initializer_range)."""
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
@@ -184,7 +187,7 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(PRESETS[preset]["num_merges"])
-    config = build_config(preset, tokenizer)
+    config = build_config(preset, tokenizer, DEFAULT_INIT_STD if init_std is None else init_std)
 
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()

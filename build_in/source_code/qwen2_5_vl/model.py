@@ -15,6 +15,7 @@ the tensors listed in `FUSED` (q/k/v, gate/up) are concatenated into one on load
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ....compile.ops import attention_op
+from ....compile.ops import attention_op, cache_attention_op
+from ....compile.quantize import QuantizedWeight, Scheme, quantize, swap_linears
 
 
 class RMSNorm(nn.Module):
@@ -122,12 +124,8 @@ class DeployVision(nn.Module):
         if sum(self.chunks) != c.out_hidden_size:
             raise ValueError(f"output chunks {self.chunks} do not add up to the hidden size {c.out_hidden_size}")
 
-    def use_fused_attention(self, fused: bool) -> None:
-        for block in self.blocks:
-            block.attn.fused = fused
-
     def forward(self, pixel_values, window_ranges, full_ranges, cos, sin):
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        x = self.patch_embed(pixel_values)
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         for i, block in enumerate(self.blocks):
             x = block(x, full_ranges if i in self.fullatt_block_indexes else window_ranges, cos, sin)
@@ -179,9 +177,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(plan.num_heads * head_dim, hidden, bias=False)
         self.fused = True  # prompts through vlmc::segment_attention (CPU kernel); False: standard ops (GPU targets)
 
-    def forward(self, x, cos, sin, mask, k_cache=None, v_cache=None, last_only=False):
-        """x [B, S, hidden]; cos/sin [B, S, head_dim]; mask [B, 1, S, T + S]; caches [B, kv, T, head_dim]. Without
-        caches (a prompt on an empty cache slot, B = 1) `mask` is the prompt's key ranges instead, see `prompt`."""
+    def forward(self, x, cos, sin, mask, k_cache=None, v_cache=None, last_only=False, scales=(None, None)):
+        """x [B, S, hidden]; cos/sin [B, S, head_dim]; mask [B, 1, S, T + S]; caches [B, kv, T, head_dim] (fp32, bf16,
+        or int8 with `scales`, fp32 [B, kv, T] each). Without caches (a prompt on an empty cache slot, B = 1) `mask`
+        is the prompt's key ranges instead, see `prompt`."""
         if k_cache is None:
             return self.prompt(x, cos, sin, mask, last_only)
         b, s, _ = x.shape
@@ -189,6 +188,9 @@ class Attention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if k_cache.dtype != torch.float32:  # a bf16/int8 cache: a kernel that widens rows while it attends
+            out = cache_attention_op(self.fused)(q, k_cache, v_cache, *scales, k, v, mask)
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
         # Group query heads by KV head instead of repeating the cache: [B * kv, group * S, head_dim]. Batched matmuls
         # on 3-D views (bmm, not 4-D matmul, which exports as a broadcast copy of the cache) read the cache in place.
         kv, group = self.plan.num_kv_heads, self.plan.num_heads // self.plan.num_kv_heads
@@ -248,9 +250,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg.hidden_size, plan.intermediate)
         self.all_reduce = all_reduce
 
-    def forward(self, x, cos, sin, mask, k_cache=None, v_cache=None, last_only=False):
+    def forward(self, x, cos, sin, mask, k_cache=None, v_cache=None, last_only=False, scales=(None, None)):
         """`last_only` (prompts): keys and values for every position, the output for the last one only."""
-        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache, last_only)
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache, last_only, scales)
         x = x[:, x.shape[1] - attn.shape[1]:] + self.all_reduce(attn)
         x = x + self.all_reduce(self.mlp(self.post_attention_layernorm(x)))
         return x, k, v
@@ -260,7 +262,8 @@ class DeployLanguageModel(nn.Module):
     """Decoder for one tensor-parallel rank.
 
     forward(inputs_embeds [B, S, hidden], cos, sin [B, S, head_dim], mask [B, 1, S, T + S],
-            *caches: k_cache of each layer, then v_cache of each layer, [B, kv_heads_local, T, head_dim])
+            *caches: k_cache of each layer, then v_cache of each layer, [B, kv_heads_local, T, head_dim]; an int8
+            cache adds k_scale of each layer, then v_scale of each layer, [B, kv_heads_local, T])
       -> logits [B, vocab] of the last position, new_k, new_v [layers, B, kv_heads_local, S, head_dim]
     Without caches (prefill graphs: a prompt always starts on an empty cache slot, B = 1) the mask is replaced by
     the prompt's key ranges, int32 [S, 2], and attention covers the new tokens only.
@@ -280,22 +283,21 @@ class DeployLanguageModel(nn.Module):
         self.norm = RMSNorm(text_config.hidden_size, text_config.rms_norm_eps)
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
 
-    def use_fused_attention(self, fused: bool) -> None:
-        for layer in self.layers:
-            layer.self_attn.fused = fused
-
     def forward(self, inputs_embeds, cos, sin, mask, *caches):
         x = inputs_embeds
         n = len(self.layers)
-        if caches and len(caches) != 2 * n:
-            raise ValueError(f"expected {2 * n} cache tensors (k then v per layer) or none, got {len(caches)}")
+        if caches and len(caches) not in (2 * n, 4 * n):
+            raise ValueError(f"expected {2 * n} cache tensors (k then v per layer), {4 * n} (and their scales) or "
+                             f"none, got {len(caches)}")
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             # Only the last position's logits are wanted, so a prompt's last layer, once it has every position's
             # keys and values for the cache, runs its attention output and MLP for the last position alone: exact,
             # and a layer's o_proj and MLP less of the prompt's matmuls (llama.cpp skips the same work).
             last_only = not caches and i == n - 1
-            x, k, v = layer(x, cos, sin, mask, *((caches[i], caches[n + i]) if caches else ()), last_only=last_only)
+            scales = (caches[2 * n + i], caches[3 * n + i]) if len(caches) == 4 * n else (None, None)
+            x, k, v = layer(x, cos, sin, mask, *((caches[i], caches[n + i]) if caches else ()), last_only=last_only,
+                            scales=scales)
             new_k.append(k)
             new_v.append(v)
         # A static slice, not x[:, -1]: TVM 0.27's importer mistranslates a negative select index.
@@ -329,47 +331,106 @@ _PREFIXES = {  # checkpoint prefix -> deploy module (original Qwen layout and tr
 }
 
 
-def read_weights(checkpoint_dir: str | Path, part: str) -> dict[str, torch.Tensor]:
-    """Tensors of the vision tower ("vision") or the language model ("text", with lm_head), prefix removed."""
+def iter_weights(checkpoint_dir: str | Path, part: str, keys: set[str] | None = None):
+    """(name, tensor) of the vision tower ("vision") or the language model ("text", with lm_head), prefix removed,
+    one tensor at a time (a multi-GB checkpoint is never held twice); `keys`: only these names."""
     from safetensors import safe_open
 
     files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {checkpoint_dir}")
-    out = {}
     for file in files:
         with safe_open(str(file), "pt") as f:
             for key in f.keys():
-                if part == "text" and key == "lm_head.weight":
-                    out["lm_head.weight"] = f.get_tensor(key)
-                    continue
-                for prefix in _PREFIXES[part]:
-                    if key.startswith(prefix) and not (part == "text" and key.startswith("model.visual.")):
-                        out[key[len(prefix):]] = f.get_tensor(key)
-                        break
+                name = _strip_prefix(key, part)
+                if name is not None and (keys is None or name in keys):
+                    yield name, f.get_tensor(key)
+
+
+def _strip_prefix(key: str, part: str) -> str | None:
+    if part == "text" and key == "lm_head.weight":
+        return key
+    for prefix in _PREFIXES[part]:
+        if key.startswith(prefix) and not (part == "text" and key.startswith("model.visual.")):
+            return key[len(prefix):]
+    return None
+
+
+def checkpoint_names(checkpoint_dir: str | Path, part: str) -> set[str]:
+    from safetensors import safe_open
+
+    names = set()
+    for file in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            names.update(n for n in map(lambda k: _strip_prefix(k, part), f.keys()) if n is not None)
+    return names
+
+
+def fused_parts(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Each fused layer of a deploy model -> the checkpoint layers concatenated into it (see FUSED)."""
+    out = {}
+    for name, _ in model.named_modules():
+        for fused, parts in FUSED.items():
+            if name == fused or name.endswith("." + fused):
+                prefix = name[:len(name) - len(fused)]
+                out[name] = tuple(prefix + p for p in parts)
     return out
 
 
-def _fuse(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Concatenate the tensors FUSED names into the deploy model's fused ones (weights and biases alike)."""
-    out = dict(weights)
-    for fused, parts in FUSED.items():
-        for key in [k for k in weights if f".{parts[0]}." in f".{k}"]:
-            prefix, suffix = key.split(parts[0])  # "layers.0.", ".weight"
-            out[prefix + fused + suffix] = torch.cat([out.pop(prefix + part + suffix) for part in parts])
-    return out
+def _load_streaming(model: nn.Module, weights, scheme: Scheme, shard=None) -> nn.Module:
+    """Fill a deploy model built on the meta device from (checkpoint name, tensor) pairs: each tensor is quantized
+    (when its layer is, on the full weight), sliced for this rank, fused with its FUSED siblings and assigned, so
+    memory holds the stored model plus one checkpoint tensor at a time."""
+    parts = fused_parts(model)
+    quantized = set(swap_linears(model, scheme, parts))
+    part_of = {p: (fused, i) for fused, names in parts.items() for i, p in enumerate(names)}
+    state, pending = {}, {}
 
+    def put(layer, kind, value):
+        if isinstance(value, QuantizedWeight):
+            weight, scale = value.stored()
+            state[f"{layer}.weight"] = weight
+            if scale is not None:
+                state[f"{layer}.scale"] = scale
+        else:
+            state[f"{layer}.{kind}"] = value.float().contiguous()
 
-def load_vision(checkpoint_dir: str | Path, vision_config, chunks=None) -> DeployVision:
-    weights = read_weights(checkpoint_dir, "vision")
-    patch = weights.pop("patch_embed.proj.weight")
-    weights["patch_embed.weight"] = patch.reshape(patch.shape[0], -1)  # Conv3d with stride == kernel is a matmul
-    model = DeployVision(vision_config, chunks)
-    model.load_state_dict(_fuse(weights), strict=True)
+    for key, tensor in weights:
+        layer, _, kind = key.rpartition(".")
+        target, index = part_of.get(layer, (layer, None))
+        if kind == "weight" and target in quantized:
+            tensor = quantize(tensor.reshape(tensor.shape[0], -1), scheme.weights, scheme.group, name=layer)
+        elif not isinstance(tensor, QuantizedWeight):
+            tensor = tensor.float()
+        if shard is not None:
+            tensor = shard(key, tensor)
+        if index is None:
+            put(target, kind, tensor)
+            continue
+        group = pending.setdefault((target, kind), {})
+        group[index] = tensor
+        if len(group) == len(parts[target]):
+            values = [group[i] for i in range(len(group))]
+            del pending[(target, kind)]
+            put(target, kind, QuantizedWeight.cat(values) if isinstance(values[0], QuantizedWeight)
+                else torch.cat(values))
+    if pending:
+        raise ValueError(f"the checkpoint lacks parts of {sorted(t for t, _ in pending)}")
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
-def _shard(name: str, tensor: torch.Tensor, plan: ShardPlan, head_dim: int) -> torch.Tensor:
+def load_vision(checkpoint_dir: str | Path, vision_config, chunks=None, scheme: Scheme | None = None) -> DeployVision:
+    with torch.device("meta"):
+        model = DeployVision(vision_config, chunks)
+    # Conv3d with stride == kernel is a matmul: its weight flattened to [out, in * t * p * p]
+    weights = ((("patch_embed.weight", t.reshape(t.shape[0], -1)) if k == "patch_embed.proj.weight" else (k, t))
+               for k, t in iter_weights(checkpoint_dir, "vision"))
+    return _load_streaming(model, weights, scheme or Scheme())
+
+
+def _shard(name: str, tensor, plan: ShardPlan, head_dim: int):
+    """This rank's slice of a checkpoint tensor (or of a quantized weight) by SHARDING."""
     for suffix, (kind, axis_of) in SHARDING.items():
         if f".{suffix}." not in f".{name}":
             continue
@@ -379,23 +440,25 @@ def _shard(name: str, tensor: torch.Tensor, plan: ShardPlan, head_dim: int) -> t
             start, size = plan.kv_head_start * head_dim, plan.num_kv_heads * head_dim
         else:
             start, size = plan.rank * plan.intermediate, plan.intermediate
-        if kind == "column" or tensor.ndim == 1:  # column split: output rows (and their bias)
-            return tensor[start:start + size].contiguous()
-        return tensor[:, start:start + size].contiguous()  # row split: input columns
+        dim = 0 if kind == "column" or tensor.ndim == 1 else 1  # column split: output rows (and their bias)
+        if isinstance(tensor, QuantizedWeight):
+            return tensor.slice(dim, start, size, name=f"{name.rpartition('.')[0]} at tp={plan.tp}")
+        return tensor.narrow(dim, start, size).contiguous()
     return tensor
 
 
 def load_language_model(checkpoint_dir: str | Path, text_config, tp: int = 1, rank: int = 0,
-                        all_reduce: Callable | None = None) -> DeployLanguageModel:
-    weights = read_weights(checkpoint_dir, "text")
-    if "lm_head.weight" not in weights:  # tied embeddings (e.g. the 3B model)
-        weights["lm_head.weight"] = weights["embed_tokens.weight"]
-    weights.pop("embed_tokens.weight")  # the embedding lookup runs on the host
-    model = DeployLanguageModel(text_config, tp, rank, all_reduce or _identity)
-    head_dim = model.head_dim
-    model.load_state_dict(_fuse({k: _shard(k, v, model.plan, head_dim) for k, v in weights.items()}), strict=True)
-    return model.eval()
+                        all_reduce: Callable | None = None, scheme: Scheme | None = None) -> DeployLanguageModel:
+    with torch.device("meta"):
+        model = DeployLanguageModel(text_config, tp, rank, all_reduce or _identity)
+    names = checkpoint_names(checkpoint_dir, "text") - {"embed_tokens.weight"}  # the lookup runs on the host
+    weights = iter_weights(checkpoint_dir, "text", names)
+    if "lm_head.weight" not in names:  # tied embeddings (e.g. the 3B model)
+        tied = (("lm_head.weight", t) for _, t in iter_weights(checkpoint_dir, "text", {"embed_tokens.weight"}))
+        weights = itertools.chain(weights, tied)
+    return _load_streaming(model, weights, scheme or Scheme(),
+                           shard=lambda name, t: _shard(name, t, model.plan, model.head_dim))
 
 
 def embedding_table(checkpoint_dir: str | Path) -> torch.Tensor:
-    return read_weights(checkpoint_dir, "text")["embed_tokens.weight"]
+    return next(iter_weights(checkpoint_dir, "text", {"embed_tokens.weight"}))[1]

@@ -58,7 +58,58 @@ def as_numpy(x):
     return np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
 
 
-def load_model(checkpoint_dir):
+def load_model(checkpoint_dir, vision_scheme=None, text_scheme=None):
+    """transformers' model; with schemes, its weights replaced by the effective (fake-quant) weights vlmc's
+    artifacts compute with: the tier-A reference of a reduced-precision artifact."""
     from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(checkpoint_dir)).eval()
+    hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise in a parity report
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(checkpoint_dir)).eval()
+    if vision_scheme is not None or text_scheme is not None:
+        fake_quantize(model, vision_scheme, text_scheme)
+    return model
+
+
+def _deploy_name(name: str) -> tuple[str, tuple[str, ...]]:
+    """A transformers module name (relative to the vision tower or the text model) -> the deploy layer it becomes
+    and the checkpoint layers fused into that (for `skip`)."""
+    from .model import FUSED
+
+    if name == "patch_embed.proj":
+        return "patch_embed", ()
+    for fused, parts in FUSED.items():
+        for part in parts:
+            if name.endswith("." + part):
+                prefix = name[:len(name) - len(part)]
+                return prefix + fused, tuple(prefix + p for p in parts)
+    return name, ()
+
+
+@torch.no_grad()
+def fake_quantize(model, vision_scheme=None, text_scheme=None) -> None:
+    """Put the effective weights of `vision_scheme` / `text_scheme` (vlmc.compile.quantize) into a transformers
+    Qwen2.5-VL model, in place: every linear (and the patch embedding) the deploy model quantizes, and the bf16
+    token embedding table of a reduced-precision LLM artifact."""
+    import torch.nn as nn
+
+    from ....compile.quantize import effective_weight
+
+    lm_head = model.lm_head
+    text = model.model.language_model
+    if text_scheme is not None and text_scheme.quantizes_weights:
+        embed = text.embed_tokens.weight
+        if lm_head.weight is embed:  # tied: the head is quantized, the table stored bf16; untie them
+            lm_head.weight = nn.Parameter(embed.detach().clone())
+        embed.copy_(embed.to(torch.bfloat16).float())
+    parts = [(model.model.visual, vision_scheme), (text, text_scheme), ({"lm_head": lm_head}, text_scheme)]
+    for root, scheme in parts:
+        if scheme is None or not scheme.quantizes_weights:
+            continue
+        modules = root.items() if isinstance(root, dict) else root.named_modules()
+        for name, module in modules:
+            if not isinstance(module, (nn.Linear, nn.Conv3d)):
+                continue
+            deploy, fused = _deploy_name(name)
+            if not scheme.skips(deploy, fused):
+                module.weight.copy_(effective_weight(module.weight, scheme, deploy))

@@ -1,0 +1,88 @@
+"""Reduced-precision artifacts end to end: tier-A parity (`vlmc eval parity`: the compiled artifact against its
+own effective model, fp32 thresholds, identical greedy tokens) for every weight format and KV cache type at tp 1 and
+2, tier-B numbers reported, the stored dtypes and sizes in the artifact."""
+
+import json
+
+import pytest
+from compiled import compile_artifact, vlmc
+
+# (weights, kv_cache, tp): every weight format at tp 1 and 2, every reduced KV cache type at tp 1 and 2.
+CASES = [("bf16", "fp32", 1), ("bf16", "bf16", 2), ("fp16", "int8", 1), ("fp16", "fp32", 2),
+         ("int8", "fp32", 1), ("int8", "int8", 2), ("int4", "bf16", 1), ("int4", "fp32", 2)]
+# int4 on the tiny vision tower: groups of 32 (its blocks are 32 wide); the patch embedding's 1176 inputs are no
+# multiple of 32, so it stays fp32.
+VISUAL_QUANTIZE = {"int4": "{weights: int4, group_size: 32, skip: [patch_embed]}"}
+
+
+@pytest.fixture(scope="session")
+def quant_image(tmp_path_factory):
+    from conftest import random_image
+
+    path = tmp_path_factory.mktemp("quant_image") / "img.png"
+    random_image(150, 220, seed=4).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def quant_visual(checkpoints, tmp_path_factory):
+    """One visual artifact per weight format (tiny preset, one patch budget)."""
+    root = tmp_path_factory.mktemp("quant_visual")
+    built = {}
+
+    def get(weights):
+        if weights not in built:
+            yaml = root / f"visual_{weights}.yaml"
+            yaml.write_text(f"name: visual_{weights}\nkind: visual\nfrontend: {{max_patches: 256, patch_buckets: []}}\n"
+                            f"quantize: {VISUAL_QUANTIZE.get(weights, '{weights: ' + weights + '}')}\n")
+            built[weights] = compile_artifact(yaml, checkpoints["tiny"], root)
+        return built[weights]
+
+    return get
+
+
+@pytest.mark.parametrize("weights,kv_cache,tp", CASES)
+def test_tier_a_parity(checkpoints, quant_visual, quant_image, tmp_path, weights, kv_cache, tp):
+    visual = quant_visual(weights)
+    llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / "ws", "--max-prefill", 128,
+                           "--max-context", 192, "--tp", tp, "--weights", weights, "--kv-cache", kv_cache,
+                           *(["--group-size", 32] if weights == "int4" else []))
+    manifest = json.loads((llm / "manifest.json").read_text())
+    assert manifest["quantize"]["weights"] == weights and manifest["quantize"]["kv_cache"] == kv_cache
+    assert manifest["embed_tokens"]["dtype"] == "bfloat16"
+    assert set(manifest["quantized_layers"]) >= {"lm_head", "layers.0.self_attn.qkv_proj", "layers.1.mlp.down_proj"}
+    stored = {"bf16": "BF16", "fp16": "F16", "int8": "I8", "int4": "U8"}[weights]
+    with open(llm / "rank_0" / "params.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert header["lm_head.weight"]["dtype"] == stored and header["norm.weight"]["dtype"] == "F32"
+
+    report = tmp_path / "report"
+    proc = vlmc("eval", "parity", "--checkpoint", checkpoints["tiny"], "--model", llm, "--vit_model", visual,
+                "--image", quant_image, "--max-new-tokens", 8, "--report", report, check=False)
+    data = json.loads((report / "parity.json").read_text())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert data["image_embedding_rel_error"][0] <= 1e-4 and data["greedy"]["identical_tokens"] == 8
+    assert data["prefill_logits"]["rel_error"] <= 1e-4
+    assert ("deploy model" in data["reference"]) == (kv_cache != "fp32")
+    quality = data["quality"]
+    print(f"tier B {weights} weights, {kv_cache} KV, tp {tp}:",
+          {k: quality[k] for k in ("kl_mean", "kl_p99", "top1_agreement", "top5_containment", "first_divergence")})
+    assert quality["steps"] == 8 and 0 <= quality["kl_mean"] <= quality["kl_p99"] + 1e-12
+    assert 0 <= quality["top1_agreement"] <= 1 and 0 <= quality["first_divergence"] <= 8
+    assert "tier B" in (report / "report.md").read_text()
+
+
+def test_tier_b_is_zero_for_fp32_and_measures_the_loss_of_int4(checkpoints, quant_visual, quant_image, tmp_path):
+    """Tier B against unquantized transformers: an fp32 artifact is at the fp32 noise floor, int4 weights (random
+    weights, round to nearest) measurably off while still passing tier A."""
+    reports = {}
+    for weights in ("fp32", "int4"):
+        flags = ["--weights", weights] + (["--group-size", 32] if weights == "int4" else [])
+        llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / weights, "--max-prefill", 128,
+                               "--max-context", 192, *flags)
+        vlmc("eval", "parity", "--checkpoint", checkpoints["tiny"], "--model", llm, "--vit_model",
+             quant_visual(weights), "--image", quant_image, "--max-new-tokens", 8, "--report", tmp_path / f"r{weights}")
+        reports[weights] = json.loads((tmp_path / f"r{weights}" / "parity.json").read_text())["quality"]
+    assert reports["fp32"]["kl_mean"] < 1e-8 and reports["fp32"]["top1_agreement"] == 1.0
+    assert reports["fp32"]["first_divergence"] == 8
+    assert reports["int4"]["kl_mean"] > 100 * max(reports["fp32"]["kl_mean"], 1e-12)
