@@ -141,11 +141,16 @@ def quantize(w: torch.Tensor, fmt: str, group: int | None, name: str = "") -> Qu
     if fmt == "int4" and k % INT4_BLOCK:
         raise QuantizationError(f"{name}: int4 needs an input width that is a multiple of {INT4_BLOCK}, it has {k}; "
                                 f"use int8 or skip the layer (quantize.skip)")
-    grouped = w.reshape(n, k // g, g)
-    scale = grouped.abs().amax(-1) / QMAX[fmt]
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(grouped / safe[..., None]), QMIN[fmt], QMAX[fmt]).to(torch.int8)
-    return QuantizedWeight(fmt, q.reshape(n, k), scale.contiguous(), g)
+    q = torch.empty(n, k, dtype=torch.int8)
+    scale = torch.empty(n, k // g)
+    rows = max(1, (1 << 22) // k)  # a few MB of fp32 temporaries at a time, whatever the weight's size
+    for r in range(0, n, rows):
+        grouped = w[r:r + rows].reshape(-1, k // g, g)
+        s = grouped.abs().amax(-1) / QMAX[fmt]
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q[r:r + rows] = torch.clamp(torch.round(grouped / safe[..., None]), QMIN[fmt], QMAX[fmt]).reshape(-1, k)
+        scale[r:r + rows] = s
+    return QuantizedWeight(fmt, q, scale, g)
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:

@@ -431,12 +431,9 @@ def save_library(result: BuildResult, path: str | os.PathLike) -> None:
 
 def save_params(params: Sequence, names: Sequence[str], path: str | os.PathLike) -> None:
     """Write parameters (numpy arrays or torch tensors of any dtype, bf16 included) to a safetensors file."""
-    from safetensors.torch import save_file
+    from .safetensors_io import write
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tensors = {n: (p if torch.is_tensor(p) else torch.from_numpy(np.ascontiguousarray(p).reshape(np.shape(p))))
-               .contiguous() for n, p in zip(names, params)}
-    save_file(tensors, str(path))
+    write(path, dict(zip(names, params)))
 
 
 def _device(device) -> tvm.runtime.Device:
@@ -461,35 +458,21 @@ def _host_view(tensor) -> np.ndarray:
 
 
 def load_params(path: str | os.PathLike, names: Sequence[str], device=None) -> list:
-    """The parameters `names` of a safetensors file as device tensors.
+    """The parameters `names` of a safetensors file as device tensors, each read from the file straight into its
+    (host) tensor (see compile/safetensors_io.py: no memory map, no second copy)."""
+    from .safetensors_io import read_header, read_into
 
-    Each tensor's bytes are read from the file straight into its (host) tensor. safetensors' loaders copy out of a
-    memory map of the file, whose pages count in resident memory while it is open: the 3b-width pipeline peaked at
-    6.1 GB to hold 3.1 GB. The file format: an 8-byte header length, a JSON header (dtype, shape, data offsets of
-    each tensor), the data.
-    """
     dev = _device(device)
     on_host = dev.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+    index, start = read_header(path)
+    params = []
     with open(path, "rb", buffering=0) as f:
-        header_size = int.from_bytes(f.read(8), "little")  # as weights_fingerprint reads it
-        index = json.loads(f.read(header_size))
-        params = []
         for name in names:
             info = index[name]
             dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
             tensor = tvm.runtime.empty(info["shape"], dtype, dev)
             host = _host_view(tensor) if on_host else np.empty(info["shape"], "uint16" if dtype == "bfloat16" else dtype)
-            if end - begin != host.nbytes:
-                raise OSError(f"{path}: tensor {name} has {end - begin} bytes, its shape and dtype need {host.nbytes}")
-            buffer = memoryview(host.reshape(-1)).cast("B")
-            f.seek(8 + header_size + begin)
-            done = 0
-            while done < end - begin:  # one read() returns at most about 2 GB
-                got = f.readinto(buffer[done:])
-                if not got:
-                    raise OSError(f"{path}: file ends inside tensor {name}")
-                done += got
+            read_into(f, path, name, info, start, memoryview(host.reshape(-1)).cast("B"))
             if not on_host:
                 tensor.copyfrom(host)
             params.append(tensor)

@@ -27,6 +27,9 @@ def test_parity_passes_and_catches_a_foreign_visual_artifact(checkpoints, tmp_pa
     data = json.loads((report / "parity.json").read_text())
     assert data["image_embedding_rel_error"][0] <= 1e-4
     assert data["prefill_logits"]["top1_agree"] and len(data["decode_logits"]) == 7
+    # tier B of an fp32 artifact: the unquantized model itself, at the fp32 noise floor
+    quality = summary["quality"]
+    assert quality["kl_mean"] < 1e-8 and quality["top1_agreement"] == 1.0 and quality["first_divergence"] == 8
     assert (report / "report.md").read_text().count("PASS") == 1 and (report / "logits_error.png").stat().st_size
 
     other = write_checkpoint(tmp_path / "other", preset="tiny", seed=1)

@@ -13,7 +13,7 @@ import torch
 
 TOL = 1e-5  # max abs error relative to max |reference|
 MASKED = np.float32(-3.4028235e38)
-M_VALUES = (1, 3, 16, 17, 70)
+M_VALUES = (1, 3, 5, 16, 17, 70)  # 5: passes of 2 and 3 rows of x
 
 # (name, weight kind, N, K, G): G scale columns per row (1: per row), None for bf16/fp16
 QMATMUL_CASES = [
@@ -36,10 +36,11 @@ ATTENTION_CASES = [
     for name, shape in [
         ("b1_h4k2_d64", (1, 4, 2, 1, 64)),
         ("b3_h2k2_d80", (3, 2, 2, 1, 80)),
-        ("b1_h4k1_d128", (1, 4, 1, 1, 128)),  # one kv head for two threads: key parts merged
+        ("b1_h4k1_d128", (1, 4, 1, 1, 128)),  # one kv head: its keys in parts (one per thread), merged
         ("b3_h4k1_d128", (3, 4, 1, 1, 128)),
         ("b3_h4k2_d64_s3", (3, 4, 2, 3, 64)),
         ("b1_h4k1_d72_s3", (1, 4, 1, 3, 72)),  # head_dim not a multiple of 16
+        ("b1_h4k1_d128_s3", (1, 4, 1, 3, 128)),  # the same, large enough to run on all threads
     ]
 ]
 T = 48

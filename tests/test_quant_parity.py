@@ -5,7 +5,20 @@ own effective model, fp32 thresholds, identical greedy tokens) for every weight 
 import json
 
 import pytest
-from compiled import compile_artifact, vlmc
+from compiled import BUILD, vlmc
+
+
+def compile_in_process(config, checkpoint, workspace, *flags):
+    """`vlmc compile` in this process (the CLI's own entry point; saves a start-up per artifact)."""
+    from vlmc.cli import main
+
+    args = ["compile", str(BUILD / config), "--checkpoint", str(checkpoint), "--workspace", str(workspace),
+            *map(str, flags)]
+    assert main(args) == 0
+    from vlmc.compile.config import load_config
+
+    name = load_config(BUILD / config).name
+    return workspace / name
 
 # (weights, kv_cache, tp): every weight format at tp 1 and 2, every reduced KV cache type at tp 1 and 2.
 CASES = [("bf16", "fp32", 1), ("bf16", "bf16", 2), ("fp16", "int8", 1), ("fp16", "fp32", 2),
@@ -35,7 +48,7 @@ def quant_visual(checkpoints, tmp_path_factory):
             yaml = root / f"visual_{weights}.yaml"
             yaml.write_text(f"name: visual_{weights}\nkind: visual\nfrontend: {{max_patches: 256, patch_buckets: []}}\n"
                             f"quantize: {VISUAL_QUANTIZE.get(weights, '{weights: ' + weights + '}')}\n")
-            built[weights] = compile_artifact(yaml, checkpoints["tiny"], root)
+            built[weights] = compile_in_process(yaml, checkpoints["tiny"], root)
         return built[weights]
 
     return get
@@ -44,7 +57,7 @@ def quant_visual(checkpoints, tmp_path_factory):
 @pytest.mark.parametrize("weights,kv_cache,tp", CASES)
 def test_tier_a_parity(checkpoints, quant_visual, quant_image, tmp_path, weights, kv_cache, tp):
     visual = quant_visual(weights)
-    llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / "ws", "--max-prefill", 128,
+    llm = compile_in_process("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / "ws", "--max-prefill", 128,
                            "--max-context", 192, "--tp", tp, "--weights", weights, "--kv-cache", kv_cache,
                            *(["--group-size", 32] if weights == "int4" else []))
     manifest = json.loads((llm / "manifest.json").read_text())
@@ -70,19 +83,5 @@ def test_tier_a_parity(checkpoints, quant_visual, quant_image, tmp_path, weights
     assert quality["steps"] == 8 and 0 <= quality["kl_mean"] <= quality["kl_p99"] + 1e-12
     assert 0 <= quality["top1_agreement"] <= 1 and 0 <= quality["first_divergence"] <= 8
     assert "tier B" in (report / "report.md").read_text()
-
-
-def test_tier_b_is_zero_for_fp32_and_measures_the_loss_of_int4(checkpoints, quant_visual, quant_image, tmp_path):
-    """Tier B against unquantized transformers: an fp32 artifact is at the fp32 noise floor, int4 weights (random
-    weights, round to nearest) measurably off while still passing tier A."""
-    reports = {}
-    for weights in ("fp32", "int4"):
-        flags = ["--weights", weights] + (["--group-size", 32] if weights == "int4" else [])
-        llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / weights, "--max-prefill", 128,
-                               "--max-context", 192, *flags)
-        vlmc("eval", "parity", "--checkpoint", checkpoints["tiny"], "--model", llm, "--vit_model",
-             quant_visual(weights), "--image", quant_image, "--max-new-tokens", 8, "--report", tmp_path / f"r{weights}")
-        reports[weights] = json.loads((tmp_path / f"r{weights}" / "parity.json").read_text())["quality"]
-    assert reports["fp32"]["kl_mean"] < 1e-8 and reports["fp32"]["top1_agreement"] == 1.0
-    assert reports["fp32"]["first_divergence"] == 8
-    assert reports["int4"]["kl_mean"] > 100 * max(reports["fp32"]["kl_mean"], 1e-12)
+    if weights == "int4":  # round-to-nearest int4 on random weights: far from the unquantized model (tier B)
+        assert quality["kl_mean"] > 1e-4

@@ -331,20 +331,24 @@ _PREFIXES = {  # checkpoint prefix -> deploy module (original Qwen layout and tr
 }
 
 
-def iter_weights(checkpoint_dir: str | Path, part: str, keys: set[str] | None = None):
-    """(name, tensor) of the vision tower ("vision") or the language model ("text", with lm_head), prefix removed,
-    one tensor at a time (a multi-GB checkpoint is never held twice); `keys`: only these names."""
-    from safetensors import safe_open
-
+def _weight_files(checkpoint_dir: str | Path) -> list[Path]:
     files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {checkpoint_dir}")
-    for file in files:
-        with safe_open(str(file), "pt") as f:
-            for key in f.keys():
-                name = _strip_prefix(key, part)
-                if name is not None and (keys is None or name in keys):
-                    yield name, f.get_tensor(key)
+    return files
+
+
+def iter_weights(checkpoint_dir: str | Path, part: str, keys: set[str] | None = None):
+    """(name, tensor) of the vision tower ("vision") or the language model ("text", with lm_head), prefix removed,
+    one tensor at a time, read straight from the files (a multi-GB checkpoint is never held twice); `keys`: only
+    these names."""
+    from ....compile.safetensors_io import iter_tensors, read_header
+
+    for file in _weight_files(checkpoint_dir):
+        names = {key: _strip_prefix(key, part) for key in read_header(file)[0]}
+        chosen = [k for k, n in names.items() if n is not None and (keys is None or n in keys)]
+        for key, tensor in iter_tensors(file, chosen):
+            yield names[key], tensor
 
 
 def _strip_prefix(key: str, part: str) -> str | None:
@@ -357,13 +361,10 @@ def _strip_prefix(key: str, part: str) -> str | None:
 
 
 def checkpoint_names(checkpoint_dir: str | Path, part: str) -> set[str]:
-    from safetensors import safe_open
+    from ....compile.safetensors_io import read_header
 
-    names = set()
-    for file in sorted(Path(checkpoint_dir).glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            names.update(n for n in map(lambda k: _strip_prefix(k, part), f.keys()) if n is not None)
-    return names
+    names = (_strip_prefix(k, part) for file in _weight_files(checkpoint_dir) for k in read_header(file)[0])
+    return {n for n in names if n is not None}
 
 
 def fused_parts(model: nn.Module) -> dict[str, tuple[str, ...]]:
