@@ -29,7 +29,9 @@ def _add_checkpoint(sub) -> None:
     tiny.add_argument("--preset", default="tiny",
                       help="tiny: runs the pipeline in seconds; small: the real model's per-head shapes with few "
                            "layers; 3b-width: Qwen2.5-VL-3B's real widths and vocabulary at reduced depth, for "
-                           "benchmarks (2.3 GB) (default: tiny)")
+                           "benchmarks (2.3 GB); 7b: Qwen2.5-VL-7B's real shapes, depth and vocabulary in bf16, "
+                           "written a tensor at a time (16.6 GB; compile it at int8 to run it on a 24 GB host) "
+                           "(default: tiny)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     tiny.add_argument("--init-std", type=float,
                       help="standard deviation of the random weights (the config's initializer_range; default 0.1, "

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -68,13 +68,11 @@ class Scheme:
         fp32: a `skip` glob matches its name or any part's."""
         return any(fnmatch.fnmatchcase(n, glob) for glob in self.skip for n in (name, *parts))
 
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["skip"] = list(self.skip)
-        out["group_size"] = "channel" if self.group is None and self.weights in QMAX else self.group
-        if self.weights not in QMAX:
-            out["group_size"] = None
-        return out
+    def to_dict(self, kv_cache: bool = True) -> dict:
+        """The scheme as recorded in manifests; group_size resolved ("channel" or an int; None for float formats)."""
+        group = (self.group or "channel") if self.weights in QMAX else None
+        out = {"weights": self.weights, "group_size": group, "skip": list(self.skip)}
+        return {**out, "kv_cache": self.kv_cache} if kv_cache else out
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "Scheme":

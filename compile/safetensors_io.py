@@ -85,3 +85,24 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor | np.ndarray]
         for t in items.values():
             if t.numel():
                 f.write(_bytes_view(t))
+
+
+def write_streaming(path: str | os.PathLike, specs: list[tuple[str, torch.dtype, list[int]]], produce) -> None:
+    """Write a safetensors file whose tensors are made one at a time: `specs` (name, dtype, shape) in file order,
+    `produce(name)` returns each tensor; only one is in memory at once (for checkpoints larger than memory)."""
+    header, offset = {}, 0
+    for name, dtype, shape in specs:
+        size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name, dtype, shape in specs:
+            t = produce(name).to(dtype).contiguous()
+            if list(t.shape) != list(shape):
+                raise ValueError(f"{name}: produced shape {list(t.shape)}, expected {list(shape)}")
+            if t.numel():
+                f.write(_bytes_view(t))

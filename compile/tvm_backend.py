@@ -53,7 +53,6 @@ Pitfalls / API changes in TVM 0.27 (all verified in this venv)
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import tempfile

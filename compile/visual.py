@@ -84,7 +84,7 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
             "patch_budget": budget, "patch_buckets": buckets, "merge_unit": spec.vision.merge_unit,
             "patch_dim": module.patch_dim,
             "hidden_size": vision.out_hidden_size, "output_chunks": chunks, "dtype": cfg.backend.dtype,
-            "quantize": scheme.to_dict(), "quantized_layers": weight_layout(module),
+            "quantize": scheme.to_dict(kv_cache=False), "quantized_layers": weight_layout(module),
             "weight_bytes": sum(t.numel() * t.element_size() for t in module.state_dict().values()),
             "target": str(target), "device": tvm_backend.target_device(target), "param_names": names, "inputs": {n: list(a.shape) for n, a in zip(GRAPH_INPUTS, args)},
             "versions": library_versions(), "config_hash": digest, "weights_fingerprint": weights,

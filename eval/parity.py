@@ -79,7 +79,7 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
 
     from ..build_in.source_code import detect_architecture, get_architecture
     from ..runtime.cpu_ops.rope import get_rope_index
-    from ..runtime.llm.engine import Sequence, splice_image_embeddings
+    from ..runtime.llm.engine import splice_image_embeddings
     from ..runtime.llm.pipeline import Pipeline
 
     from ..compile.quantize import Scheme
@@ -99,7 +99,7 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
         ref = reference.reference_inputs(checkpoint, [Image.open(p) for p in images], prompt, model=hf)
         report: dict = {"inputs": {"images": images, "prompt": prompt, "max_new_tokens": max_new_tokens},
                         "dtype": pipe.llm.manifest["dtype"], "device": device,
-                        "quantize": {"visual": vision_scheme.to_dict(), "llm": text_scheme.to_dict()},
+                        "quantize": {"visual": vision_scheme.to_dict(kv_cache=False), "llm": text_scheme.to_dict()},
                         "reference": ("vlmc's deploy model in PyTorch (same weights and KV cache rounding)"
                                       if text_scheme.kv_cache != "fp32" else
                                       "transformers with the artifacts' effective weights" if quantized else

@@ -1,12 +1,11 @@
 """Reduced-precision numerics, stored form, config and bad input (no compiled graphs: those are in
 test_quant_parity.py and test_quant_kernels.py)."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
-from compiled import BUILD, vlmc
+from compiled import vlmc
 
 from vlmc.compile.quantize import (QuantizationError, QuantizedWeight, Scheme, dequantize, pack_int4, quantize,
                                    unpack_int4)

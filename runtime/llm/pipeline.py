@@ -23,11 +23,12 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS) or "length"
     timings: dict = field(default_factory=dict)
     images: list[dict] = field(default_factory=list)
+    precision: dict = field(default_factory=dict)  # weight format, KV cache format and its bytes per token
 
     def as_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": len(self.token_ids), "finish_reason": self.finish_reason,
-                "timings": self.timings, "images": self.images}
+                "timings": self.timings, "images": self.images, "precision": self.precision}
 
 
 class Pipeline:
@@ -112,4 +113,11 @@ class Pipeline:
                    "decode_s": round(t_end - t_first, 6) if t_first else 0.0,  # first new token -> last
                    "total_s": round(t_end - t0, 6)}
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return GenerationResult(text, tokens, int(len(input_ids)), finish, timings, info)
+        return GenerationResult(text, tokens, int(len(input_ids)), finish, timings, info, self.precision())
+
+    def precision(self) -> dict:
+        quant = self.llm.manifest.get("quantize", {})
+        return {"weights": quant.get("weights", "fp32"), "kv_cache": quant.get("kv_cache", "fp32"),
+                "kv_cache_bytes_per_token": self.llm.manifest.get("kv_cache_bytes_per_token"),
+                "visual_weights": (self.visual.manifest.get("quantize", {}).get("weights", "fp32")
+                                   if self.visual else None)}

@@ -78,6 +78,15 @@ PRESETS = {
                   num_key_value_heads=2, mrope_section=[16, 24, 24]),
         vision=dict(depth=4, hidden_size=1280, intermediate_size=3420, num_heads=16, fullatt_block_indexes=[3]),
     ),
+    # Qwen2.5-VL-7B's real shapes: widths, depth 28, vocabulary, the 32-block vision tower. Written in bf16 (as the
+    # real checkpoint), one tensor at a time (16.6 GB: more than an fp32 model of it would fit in memory).
+    "7b": dict(
+        num_merges=800, vocab_size=152064, tie_word_embeddings=False, streamed_bf16=True,
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, mrope_section=[16, 24, 24]),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                    fullatt_block_indexes=[7, 15, 23, 31]),
+    ),
 }
 
 
@@ -174,6 +183,31 @@ def build_config(preset: str, tokenizer, init_std: float = DEFAULT_INIT_STD):
     )
 
 
+def _write_streamed_bf16(config, out: Path, seed: int) -> None:
+    """Weights of a model too large to build in memory, in bf16, one tensor at a time: linear and embedding weights
+    normal(0, initializer_range), norm weights 1, biases 0 (transformers' own init rule for these modules)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from ....compile.safetensors_io import write_streaming
+
+    config.torch_dtype = "bfloat16"
+    with torch.device("meta"):
+        shapes = {n: list(t.shape) for n, t in Qwen2_5_VLForConditionalGeneration(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    std = config.initializer_range
+
+    def produce(name):
+        shape = shapes[name]
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        if len(shape) == 1:  # norm weights
+            return torch.ones(shape)
+        return torch.empty(shape, dtype=torch.bfloat16).normal_(0, std, generator=generator)
+
+    write_streaming(out / "model.safetensors", [(n, torch.bfloat16, s) for n, s in shapes.items()], produce)
+    config.save_pretrained(out)
+
+
 def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, init_std: float | None = None) -> Path:
     """Write a random-weight Qwen2.5-VL checkpoint to `out_dir` and return its path; `init_std`: the weights'
     standard deviation (initializer_range)."""
@@ -190,8 +224,11 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, i
     config = build_config(preset, tokenizer, DEFAULT_INIT_STD if init_std is None else init_std)
 
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.save_pretrained(out, safe_serialization=True)
+    if PRESETS[preset].get("streamed_bf16"):
+        _write_streamed_bf16(config, out, seed)
+    else:
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
