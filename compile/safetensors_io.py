@@ -69,8 +69,9 @@ def iter_tensors(path: str | os.PathLike, names: Iterable[str] | None = None) ->
 
 def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor | np.ndarray]) -> None:
     """Write tensors (torch or numpy, any dtype torch has) as a safetensors file, straight from their storage."""
-    items = {n: (t if torch.is_tensor(t) else torch.from_numpy(np.ascontiguousarray(t))).detach().cpu().contiguous()
-             for n, t in tensors.items()}
+    # reshape: ascontiguousarray makes a 0-d array 1-d
+    items = {n: (t if torch.is_tensor(t) else torch.from_numpy(np.ascontiguousarray(t).reshape(np.shape(t))))
+             .detach().cpu().contiguous() for n, t in tensors.items()}
     header, offset = {}, 0
     for name, t in items.items():
         size = t.numel() * t.element_size()

@@ -39,3 +39,16 @@ def test_cuda_target_without_arch_or_gpu_is_a_clear_error(checkpoints, tmp_path)
     proc = vlmc("compile", BUILD / "qwen2_5_vl_visual.yaml", "--checkpoint", checkpoints["tiny"],
                 "--workspace", tmp_path, "--max-patches", 64, "--target", "cuda", check=False)
     assert proc.returncode == 2 and "needs an arch" in proc.stderr
+
+
+def test_reduced_precision_compiles_for_cuda(checkpoints, tmp_path):
+    """Quantized weights and a bf16/int8 cache on a CUDA target: standard ops (dequantize fused into the matmul,
+    no vlmc host kernel), GPU-scheduled; int4 has no CUDA kernel and is refused (test_quantize.py)."""
+    target = '{"kind": "cuda", "arch": "sm_90"}'
+    llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / "ws", "--max-prefill", 128,
+                           "--max-context", 192, "--target", target, "--weights", "int8", "--kv-cache", "int8")
+    manifest = json.loads((llm / "manifest.json").read_text())
+    assert manifest["device"] == "cuda" and manifest["quantize"]["weights"] == "int8"
+    code = (llm / "decode.so").read_bytes()
+    assert b"vlmc_qmatmul" not in code and b"vlmc_cache_attention" not in code
+    assert code.count(b'extern "C" __global__') > 5

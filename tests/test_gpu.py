@@ -56,3 +56,20 @@ def test_cuda_generate_and_device_mismatch(checkpoints, cuda_artifacts, tmp_path
     assert out["completion_tokens"] >= 1
     proc = vlmc("encode", "--vit_model", visual, "--image", image, "--out", tmp_path / "e.npy", check=False)
     assert proc.returncode == 2 and "compiled for cuda" in proc.stderr
+
+
+@pytest.mark.parametrize("weights,kv_cache", [("int8", "int8"), ("bf16", "bf16"), ("fp16", "fp32")])
+def test_cuda_reduced_precision_tier_a(checkpoints, tmp_path, weights, kv_cache):
+    """Reduced precision on the GPU: dequantize + matmul scheduled by dlight, the cache widened in the graph."""
+    from conftest import random_image
+
+    target = ["--target", '{"kind": "cuda"}', "--weights", weights]
+    visual = compile_artifact("qwen2_5_vl_visual.yaml", checkpoints["tiny"], tmp_path, "--max-patches", 256, *target)
+    llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path, "--max-prefill", 128,
+                           "--max-context", 192, "--kv-cache", kv_cache, *target)
+    image = tmp_path / "demo.png"
+    random_image(150, 220, seed=4).save(image)
+    proc = vlmc("eval", "parity", "--checkpoint", checkpoints["tiny"], "--model", llm, "--vit_model", visual,
+                "--image", image, "--max-new-tokens", 8, "--report", tmp_path / "report", "--device", "cuda")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["pass"] and summary["identical_tokens"] == 8, summary

@@ -190,7 +190,7 @@ def _write_streamed_bf16(config, out: Path, seed: int) -> None:
 
     from ....compile.safetensors_io import write_streaming
 
-    config.torch_dtype = "bfloat16"
+    config.dtype = "bfloat16"
     with torch.device("meta"):
         shapes = {n: list(t.shape) for n, t in Qwen2_5_VLForConditionalGeneration(config).state_dict().items()}
     generator = torch.Generator().manual_seed(seed)

@@ -72,7 +72,8 @@ class VisionAttention(nn.Module):
     def forward(self, x, ranges, cos, sin):
         n = x.shape[0]
         # [n, heads, head_dim] throughout: the attention kernel reads this layout, so no transposes are needed.
-        q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim).unbind(1)
+        # split, not unbind/select: a select imports as `take`, whose lowering warns once per use
+        q, k, v = self.qkv(x).reshape(n, 3 * self.num_heads, self.head_dim).split(self.num_heads, dim=1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         return self.proj(attention_op(self.fused)(q, k, v, ranges).reshape(n, -1))
@@ -215,8 +216,9 @@ class Attention(nn.Module):
         if x.shape[0] != 1:
             raise ValueError(f"a prompt graph takes one sequence, got a batch of {x.shape[0]}")
         s = x.shape[1]
-        q, k, v = (y.view(s, -1, self.head_dim) for y in self.qkv_proj(x[0]).split(self.sizes, -1))  # [S, heads, D]
-        cos, sin = cos[0, :, None], sin[0, :, None]
+        # reshapes, not x[0] / cos[0]: a select imports as `take`, whose lowering warns once per use
+        q, k, v = (y.view(s, -1, self.head_dim) for y in self.qkv_proj(x.reshape(s, -1)).split(self.sizes, -1))
+        cos, sin = cos.reshape(s, 1, -1), sin.reshape(s, 1, -1)
         k = k * cos + rotate_half(k) * sin
         first = s - 1 if last_only else 0  # static slices (see DeployLanguageModel.forward)
         q, cos, sin, ranges = q[first:], cos[first:], sin[first:], ranges[first:]
