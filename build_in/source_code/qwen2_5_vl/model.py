@@ -10,7 +10,9 @@
   `all_reduce` after attention and after the MLP.
 
 Weights keep the checkpoint's names (minus the prefix), so `load_*` reads them straight from safetensors; only
-the tensors listed in `FUSED` (q/k/v, gate/up) are concatenated into one on loading.
+the tensors listed in `FUSED` (q/k/v, gate/up) are concatenated into one on loading. The models are built on the
+meta device and filled one checkpoint tensor at a time; a `quantize` scheme swaps their linears for
+`compile.quantize.QLinear` and stores each weight quantized on the full tensor, before the rank's slice.
 """
 
 from __future__ import annotations
