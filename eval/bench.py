@@ -8,7 +8,6 @@ read bandwidth is measured in the same run and gives the decode floor: bytes of 
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing
 import os
 import resource
@@ -189,14 +188,13 @@ def _timers_vlmc(args: dict):
 
 
 def _weight_bytes(llm) -> int:
-    """Bytes of LLM weights a decode step reads (all ranks; the embedding table is only looked up)."""
-    total = 0
-    for rank in range(llm.tp):  # the stored bytes of every tensor, whatever its dtype, from the file's header
-        with open(llm.path / f"rank_{rank}" / "params.safetensors", "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        total += sum(end - begin for key, info in header.items() if key != "__metadata__"
-                     for begin, end in [info["data_offsets"]])
-    return total
+    """Bytes of LLM weights a decode step reads (all ranks; the embedding table is only looked up): the stored bytes
+    of every tensor, whatever its dtype, from each parameter file's header."""
+    from ..compile.safetensors_io import read_header
+
+    return sum(end - begin for rank in range(llm.tp)
+               for info in read_header(llm.path / f"rank_{rank}" / "params.safetensors")[0].values()
+               for begin, end in [info["data_offsets"]])
 
 
 def _serve_side(side: str, args: dict, conn) -> None:

@@ -32,17 +32,22 @@ def cuda_artifacts(checkpoints, tmp_path_factory):
     return visual, llm
 
 
-def test_cuda_parity_with_transformers_on_the_same_gpu(checkpoints, cuda_artifacts, tmp_path):
+def _assert_gpu_parity(checkpoint, llm, visual, tmp_path):
+    """`vlmc eval parity --device cuda` passes with all 8 greedy tokens identical."""
     from conftest import random_image
 
-    visual, llm = cuda_artifacts
-    assert json.loads((visual / "manifest.json").read_text())["device"] == "cuda"
     image = tmp_path / "demo.png"
     random_image(150, 220, seed=4).save(image)
-    proc = vlmc("eval", "parity", "--checkpoint", checkpoints["tiny"], "--model", llm, "--vit_model", visual,
+    proc = vlmc("eval", "parity", "--checkpoint", checkpoint, "--model", llm, "--vit_model", visual,
                 "--image", image, "--max-new-tokens", 8, "--report", tmp_path / "report", "--device", "cuda")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["pass"] and summary["identical_tokens"] == 8, summary
+
+
+def test_cuda_parity_with_transformers_on_the_same_gpu(checkpoints, cuda_artifacts, tmp_path):
+    visual, llm = cuda_artifacts
+    assert json.loads((visual / "manifest.json").read_text())["device"] == "cuda"
+    _assert_gpu_parity(checkpoints["tiny"], llm, visual, tmp_path)
 
 
 def test_cuda_generate_and_device_mismatch(checkpoints, cuda_artifacts, tmp_path):
@@ -61,15 +66,8 @@ def test_cuda_generate_and_device_mismatch(checkpoints, cuda_artifacts, tmp_path
 @pytest.mark.parametrize("weights,kv_cache", [("int8", "int8"), ("bf16", "bf16"), ("fp16", "fp32")])
 def test_cuda_reduced_precision_tier_a(checkpoints, tmp_path, weights, kv_cache):
     """Reduced precision on the GPU: dequantize + matmul scheduled by dlight, the cache widened in the graph."""
-    from conftest import random_image
-
     target = ["--target", '{"kind": "cuda"}', "--weights", weights]
     visual = compile_artifact("qwen2_5_vl_visual.yaml", checkpoints["tiny"], tmp_path, "--max-patches", 256, *target)
     llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path, "--max-prefill", 128,
                            "--max-context", 192, "--kv-cache", kv_cache, *target)
-    image = tmp_path / "demo.png"
-    random_image(150, 220, seed=4).save(image)
-    proc = vlmc("eval", "parity", "--checkpoint", checkpoints["tiny"], "--model", llm, "--vit_model", visual,
-                "--image", image, "--max-new-tokens", 8, "--report", tmp_path / "report", "--device", "cuda")
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["pass"] and summary["identical_tokens"] == 8, summary
+    _assert_gpu_parity(checkpoints["tiny"], llm, visual, tmp_path)
