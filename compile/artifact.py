@@ -18,15 +18,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import VlmcError
-
-FORMAT_VERSION = 3  # 2: prefill graphs take no cache inputs; fused q/k/v and gate/up parameters; 3: prompt key ranges
-MANIFEST = "manifest.json"
-
-
-def visual_graph_file(bucket: int, budget: int) -> str:
-    """The library of one compiled patch budget: visual.so for the full budget, visual_<n>.so for smaller ones."""
-    return "visual.so" if bucket == budget else f"visual_{bucket}.so"
-
+from ..runtime.artifact import FORMAT_VERSION, MANIFEST, file_sha256, read_manifest
 
 def library_versions() -> dict[str, str]:
     import tvm
@@ -62,14 +54,6 @@ def weights_fingerprint(checkpoint_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @contextmanager
 def staging_folder(final: Path):
     """Yield a temporary folder beside `final`; on success it replaces `final` atomically (rename)."""
@@ -96,32 +80,6 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     manifest = dict(manifest, format_version=FORMAT_VERSION, files=files,
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-
-
-def read_manifest(folder: str | Path, kind: str | None = None, verify: bool = True) -> dict:
-    """Load and check an artifact's manifest; `verify` also checks the size and hash of every listed file."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise VlmcError(f"artifact {folder} does not exist")
-    if not path.is_file():
-        raise VlmcError(f"{folder} is not a vlmc artifact (no {MANIFEST}); was the compile interrupted?")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise VlmcError(f"{path}: corrupted manifest ({exc})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise VlmcError(f"{folder}: artifact format {manifest.get('format_version')} is not supported "
-                        f"(this vlmc reads {FORMAT_VERSION}); recompile it")
-    if kind and manifest.get("kind") != kind:
-        raise VlmcError(f"{folder} is a {manifest.get('kind')} artifact, not a {kind} artifact")
-    for name, info in manifest.get("files", {}).items():
-        file = folder / name
-        if not file.is_file():
-            raise VlmcError(f"{folder}: file {name} listed in the manifest is missing")
-        if file.stat().st_size != info["bytes"] or (verify and file_sha256(file) != info["sha256"]):
-            raise VlmcError(f"{folder}: file {name} is corrupted (size or checksum differs from the manifest)")
-    return manifest
 
 
 def is_up_to_date(folder: Path, config_digest: str, weights_digest: str) -> bool:
@@ -158,31 +116,3 @@ class Stages:
     @property
     def total(self) -> float:
         return round(time.perf_counter() - self.start, 3)
-
-
-def artifact_device(manifest: dict) -> str:
-    """Where an artifact's kernels run, "cpu" or "cuda" (manifests from before the key: read off the target)."""
-    if "device" in manifest:
-        return manifest["device"]
-    return "cuda" if '"kind":"cuda"' in str(manifest.get("target", "")).replace(" ", "") else "cpu"
-
-
-def check_device(manifest: dict, folder, device: str | None) -> str:
-    """Validate a --device value against the artifact it will run; returns it normalized ("cpu", "cuda:0")."""
-    kind, _, index = (device or "cpu").strip().lower().partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
-        raise VlmcError(f"device {device!r} is not one of: cpu, cuda, cuda:N")
-    built = artifact_device(manifest)
-    if built != kind:
-        hint = '--target \'{"kind": "cuda"}\'' if kind == "cuda" else "--target llvm"
-        arch = re.search(r'"arch":\s*"(\w+)"', str(manifest.get("target", "")))
-        what = f"{built} ({arch.group(1)})" if arch else built
-        raise VlmcError(f"{folder} was compiled for {what} and cannot run on {device}; recompile it with {hint} "
-                        f"or pass --device {built}")
-    if kind == "cuda":
-        import tvm
-
-        if not tvm.cuda(int(index or 0)).exist:
-            raise VlmcError(f"no CUDA device {kind}:{index or 0} is visible to TVM")
-        return f"cuda:{int(index or 0)}"
-    return "cpu"

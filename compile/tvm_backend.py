@@ -70,8 +70,8 @@ from tvm.relax.frontend import detach_params
 from tvm.relax.frontend.torch import from_exported_program
 
 __all__ = [
-    "BuildResult", "DispatchMatmulToBLAS", "aligned_zeros", "compile_module", "export_module", "host_target",
-    "import_exported", "load_library", "load_params", "optimize", "save_library", "save_params", "target_device",
+    "BuildResult", "DispatchMatmulToBLAS", "compile_module", "export_module", "host_target", "import_exported",
+    "optimize", "save_library", "save_params", "target_device",
 ]
 
 
@@ -430,103 +430,6 @@ def save_library(result: BuildResult, path: str | os.PathLike) -> None:
 
 def save_params(params: Sequence, names: Sequence[str], path: str | os.PathLike) -> None:
     """Write parameters (numpy arrays or torch tensors of any dtype, bf16 included) to a safetensors file."""
-    from .safetensors_io import write
+    from ..runtime.safetensors_io import write
 
     write(path, dict(zip(names, params)))
-
-
-def _device(device) -> tvm.runtime.Device:
-    if device is None or device == "cpu":
-        return tvm.cpu()
-    if isinstance(device, str):
-        kind, _, index = device.partition(":")
-        return tvm.device(kind, int(index or 0))
-    return device
-
-
-# safetensors dtype codes of the parameter dtypes artifacts hold
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I32": "int32", "I64": "int64",
-                       "I8": "int8", "U8": "uint8"}
-
-
-def _host_view(tensor) -> np.ndarray:
-    """A numpy view of a host tensor's bytes (bf16, which numpy lacks, as int16)."""
-    if tensor.dtype == "bfloat16":
-        return torch.from_dlpack(tensor).view(torch.int16).numpy()
-    return np.from_dlpack(tensor)
-
-
-def load_params(path: str | os.PathLike, names: Sequence[str], device=None) -> list:
-    """The parameters `names` of a safetensors file as device tensors, each read from the file straight into its
-    (host) tensor (see compile/safetensors_io.py: no memory map, no second copy)."""
-    from .safetensors_io import read_header, read_into
-
-    dev = _device(device)
-    on_host = dev.dlpack_device_type() == tvm.cpu().dlpack_device_type()
-    index, start = read_header(path)
-    params = []
-    with open(path, "rb", buffering=0) as f:
-        for name in names:
-            info = index[name]
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            tensor = tvm.runtime.empty(info["shape"], dtype, dev)
-            host = _host_view(tensor) if on_host else np.empty(info["shape"], "uint16" if dtype == "bfloat16" else dtype)
-            read_into(f, path, name, info, start, memoryview(host.reshape(-1)).cast("B"))
-            if not on_host:
-                tensor.copyfrom(host)
-            params.append(tensor)
-    return params
-
-
-ALIGNMENT = 64  # bytes; TVM's allocation alignment, assumed by vectorized kernels
-
-
-def aligned_zeros(shape, dtype=np.float32) -> np.ndarray:
-    """A zeroed array whose data starts on an ALIGNMENT boundary, so graphs can use it without a copy."""
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape))
-    raw = np.zeros(count * dtype.itemsize + ALIGNMENT, dtype=np.uint8)
-    offset = (-raw.ctypes.data) % ALIGNMENT
-    return raw[offset:offset + count * dtype.itemsize].view(dtype).reshape(shape)
-
-
-def _torch_device(dev) -> str:
-    return "cuda:%d" % dev.index if dev.dlpack_device_type() != tvm.cpu().dlpack_device_type() else "cpu"
-
-
-def load_library(path: str | os.PathLike, params: list, device=None) -> Callable:
-    """A compiled graph as f(*inputs) -> list[np.ndarray], with `params` bound after the inputs."""
-    dev = _device(device)
-    on_host = dev.dlpack_device_type() == tvm.cpu().dlpack_device_type()
-    try:
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev)
-    except RuntimeError as exc:
-        if on_host:
-            raise
-        # GPU kernels are compiled here, at load time, by NVRTC (cuda-bindings) or nvcc (TVM_CUDA_COMPILE_MODE=nvcc).
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-        raise ValueError(f"loading {path} on {device} failed: {first} (GPU kernels are compiled at load time and "
-                         f"need the CUDA runtime and NVRTC or nvcc)") from exc
-    main = vm["main"]
-
-    def as_tvm(x):
-        # Compiled kernels assume 64-byte aligned, compact buffers: share those zero-copy, copy the rest.
-        # A GPU graph gets host arrays copied to the device (tensors already there pass through).
-        if torch.is_tensor(x):  # e.g. a bf16 cache view, which numpy cannot hold
-            if x.device.type != "cpu" or not on_host:
-                return tvm_ffi.from_dlpack(x.detach().contiguous().to(_torch_device(dev)))
-            x = x.detach().contiguous()
-            return tvm_ffi.from_dlpack(x if x.data_ptr() % ALIGNMENT == 0 else x.clone())
-        if isinstance(x, np.ndarray):
-            if on_host and x.flags.c_contiguous and x.ctypes.data % ALIGNMENT == 0:
-                return tvm_ffi.from_dlpack(x)
-            return tvm.runtime.tensor(np.ascontiguousarray(x), dev)
-        return x
-
-    def run(*inputs) -> list[np.ndarray]:
-        out = main(*[as_tvm(x) for x in inputs], *params)
-        outs = [out] if isinstance(out, tvm.runtime.Tensor) else list(out)
-        return [np.from_dlpack(o) if on_host else o.numpy() for o in outs]
-
-    run.vm = vm  # the VM owns the loaded code; the function alone does not keep it alive
-    return run

@@ -9,7 +9,8 @@ import torch
 
 from ..build_in.source_code import detect_architecture, get_architecture
 from ..errors import VlmcError
-from .artifact import (Stages, library_versions, staging_folder, visual_graph_file, weights_fingerprint,
+from ..runtime.artifact import visual_graph_file
+from .artifact import (Stages, library_versions, staging_folder, weights_fingerprint,
                        write_manifest)
 from .config import VisualConfig, config_hash, resolve_checkpoint, resolve_chunks
 

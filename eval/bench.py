@@ -190,7 +190,7 @@ def _timers_vlmc(args: dict):
 def _weight_bytes(llm) -> int:
     """Bytes of LLM weights a decode step reads (all ranks; the embedding table is only looked up): the stored bytes
     of every tensor, whatever its dtype, from each parameter file's header."""
-    from ..compile.safetensors_io import read_header
+    from ..runtime.safetensors_io import read_header
 
     return sum(end - begin for rank in range(llm.tp)
                for info in read_header(llm.path / f"rank_{rank}" / "params.safetensors")[0].values()
@@ -307,7 +307,7 @@ def run_bench(args: dict) -> dict:
     finally:
         for side in sides:
             side.kill()
-    from ..compile.artifact import read_manifest
+    from ..runtime.artifact import read_manifest
 
     # Compile time per artifact and stage, from the manifests (weights are parameters: only load, import and save
     # move weight bytes; export, optimize and build depend on the graph alone).

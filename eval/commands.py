@@ -145,7 +145,7 @@ def _run_perf(args) -> int:
 
 
 def run_parity_command(args) -> int:
-    from ..compile.artifact import check_device, read_manifest
+    from ..runtime.artifact import check_device, read_manifest
     from .parity import failures, run_parity, write_report
 
     device = check_device(read_manifest(args.model, kind="llm", verify=False), args.model, args.device)
@@ -171,7 +171,7 @@ def run_bench_command(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from ..compile.artifact import read_manifest
+    from ..runtime.artifact import read_manifest
     from ..errors import VlmcError
     from .bench import format_table, run_bench
 
@@ -179,7 +179,7 @@ def run_bench_command(args) -> int:
         width, height = (int(v) for v in args.image_size.lower().split("x"))
     except ValueError:
         raise VlmcError(f"--image-size must look like 448x448, got {args.image_size!r}") from None
-    from ..compile.artifact import check_device
+    from ..runtime.artifact import check_device
 
     manifest = read_manifest(args.model, kind="llm", verify=False)
     context, device = manifest["context"], check_device(manifest, args.model, args.device)

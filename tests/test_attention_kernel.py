@@ -19,6 +19,7 @@ class Attend(torch.nn.Module):
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     from vlmc.compile import ops, tvm_backend
+    from vlmc.runtime.artifact import load_library
 
     inputs = (torch.zeros(N, HEADS, HEAD_DIM), torch.zeros(N, KV_HEADS, HEAD_DIM), torch.zeros(N, KV_HEADS, HEAD_DIM),
               torch.zeros(N, 2, dtype=torch.int32))
@@ -26,7 +27,7 @@ def compiled(tmp_path_factory):
     target = tvm_backend.host_target("llvm")
     path = tmp_path_factory.mktemp("attention") / "attention.so"
     tvm_backend.save_library(tvm_backend.compile_module(tvm_backend.optimize(mod, target), target), path)
-    return tvm_backend.load_library(path, params)
+    return load_library(path, params)
 
 
 def _causal(first: int) -> np.ndarray:

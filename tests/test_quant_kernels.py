@@ -82,6 +82,7 @@ def library(tmp_path_factory):
     from tvm import relax
 
     from vlmc.compile import tvm_backend
+    from vlmc.runtime.artifact import load_library
 
     bb = relax.BlockBuilder()
     _add_function(bb, "main", "vlmc_qmatmul", [((2, 64), "float32"), ((8, 64), "bfloat16")], (2, 8))  # load_library's
@@ -106,7 +107,7 @@ def library(tmp_path_factory):
     target = tvm_backend.host_target("llvm")
     path = tmp_path_factory.mktemp("quant_kernels") / "quant_kernels.so"
     tvm_backend.save_library(tvm_backend.compile_module(tvm_backend.optimize(mod, target), target), path)
-    return tvm_backend.load_library(path, [])
+    return load_library(path, [])
 
 
 def _call(library, name, *args):

@@ -67,7 +67,7 @@ def test_tier_a_parity(checkpoints, quant_visual, quant_image, tmp_path, weights
     stored = {"bf16": "BF16", "fp16": "F16", "int8": "I8", "int4": "U8"}[weights]
     from safetensors import safe_open
 
-    from vlmc.compile.tvm_backend import load_params
+    from vlmc.runtime.artifact import load_params
 
     path = llm / "rank_0" / "params.safetensors"
     with safe_open(str(path), "pt") as f:  # the official reader takes vlmc's files

@@ -128,6 +128,7 @@ def test_onnx_export_checked_with_onnxruntime(checkpoints, tmp_path):
 
 def test_params_load_exactly_and_refuse_a_truncated_file(tmp_path):
     from vlmc.compile import tvm_backend
+    from vlmc.runtime.artifact import load_params
 
     rng = np.random.default_rng(0)
     params = [rng.standard_normal((3, 5)).astype(np.float32), np.arange(7, dtype=np.int64),
@@ -136,9 +137,9 @@ def test_params_load_exactly_and_refuse_a_truncated_file(tmp_path):
     names = [f"p{i}" for i in range(len(params))]
     path = tmp_path / "params.safetensors"
     tvm_backend.save_params(params, names, path)
-    loaded = tvm_backend.load_params(path, names[::-1])  # any order, by name
+    loaded = load_params(path, names[::-1])  # any order, by name
     for want, got in zip(params[::-1], loaded):
         assert got.numpy().dtype == want.dtype and np.array_equal(got.numpy(), want)
     path.write_bytes(path.read_bytes()[:-8])  # the last tensor in the file loses its end
     with pytest.raises(OSError, match="file ends inside tensor"):
-        tvm_backend.load_params(path, names)
+        load_params(path, names)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..artifact import aligned_zeros
 from ..cpu_ops.masks import prompt_key_ranges
 from ..cpu_ops.pipeline import TextSpec
 
@@ -60,8 +61,6 @@ class KVCache:
     rounded on the way in, so a step attends over exactly what the cache holds."""
 
     def __init__(self, shape: CacheShape, slots: int = 1, dtype=np.float32):
-        from ...compile.tvm_backend import aligned_zeros
-
         dims = (shape.layers, slots, shape.kv_heads, shape.context, shape.head_dim)
         self.format = shape.dtype
         storage = {"fp32": dtype, "bf16": np.uint16, "int8": np.int8}[shape.dtype]
@@ -175,8 +174,6 @@ class LLMEngine:
     def _decode_buffers(self, b: int) -> tuple[np.ndarray, ...]:
         """Aligned input arrays for a batch-`b` decode step, reused every step so the graph reads them in place."""
         if b not in self._decode_inputs:
-            from ...compile.tvm_backend import aligned_zeros
-
             d, hidden, t = self.spec.head_dim, self.embed.hidden_size, self.context
             self._decode_inputs[b] = (aligned_zeros((b, 1, hidden), self.dtype), aligned_zeros((b, 1, d), self.dtype),
                                       aligned_zeros((b, 1, d), self.dtype), aligned_zeros((b, 1, 1, t + 1), self.dtype))

@@ -13,7 +13,7 @@ import os
 import socket
 from pathlib import Path
 
-from ...compile.artifact import check_device, read_manifest
+from ..artifact import check_device, load_library, load_params, read_manifest
 from ..cpu_ops.embedding import EmbeddingTable
 from ..cpu_ops.pipeline import HostSpec
 from .engine import CacheShape, LLMEngine
@@ -21,13 +21,12 @@ from .engine import CacheShape, LLMEngine
 
 def load_rank_steps(artifact: Path, manifest: dict, rank: int, device: str = "cpu"):
     """The artifact's prefill and decode graphs bound to `rank`'s parameters."""
-    from ...compile import tvm_backend
     from .collective import register_packed_all_reduce
 
     register_packed_all_reduce()
-    params = tvm_backend.load_params(artifact / f"rank_{rank}" / "params.safetensors", manifest["param_names"],
+    params = load_params(artifact / f"rank_{rank}" / "params.safetensors", manifest["param_names"],
                                      device)
-    steps = {name: tvm_backend.load_library(artifact / f"{name}.so", params, device)
+    steps = {name: load_library(artifact / f"{name}.so", params, device)
              for name in manifest["graphs"]}
     prefill = {int(name.split("_")[1]): fn for name, fn in steps.items() if name.startswith("prefill_")}
     return prefill, steps["decode"]

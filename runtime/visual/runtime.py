@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...compile.artifact import check_device, read_manifest, visual_graph_file
+from ..artifact import aligned_zeros, check_device, load_library, load_params, read_manifest, visual_graph_file
 from ..cpu_ops.image import ImageConfig, image_to_patches, load_image
 from ..cpu_ops.pipeline import HostSpec
 from ..cpu_ops.vision import build_visual_inputs
@@ -41,18 +41,16 @@ def fit_to_budget(cfg: ImageConfig, budget: int) -> ImageConfig:
 
 class VisualRuntime:
     def __init__(self, artifact: str | Path, device: str = "cpu", verify: bool = True):
-        from ...compile import tvm_backend
-
         self.path = Path(artifact)
         self.manifest = read_manifest(self.path, kind="visual", verify=verify)
         device = check_device(self.manifest, self.path, device)
         self.spec = HostSpec.from_dict(self.manifest["host"])
         self.budget = int(self.manifest["patch_budget"])
         self.hidden_size = int(self.manifest["hidden_size"])
-        params = tvm_backend.load_params(self.path / "params.safetensors", self.manifest["param_names"], device)
+        params = load_params(self.path / "params.safetensors", self.manifest["param_names"], device)
         # One graph per compiled patch budget, all sharing the parameters; an image runs in the smallest that fits.
         self.buckets = sorted(int(b) for b in self.manifest["patch_buckets"])
-        self.graphs = {b: tvm_backend.load_library(self.path / visual_graph_file(b, self.budget), params, device)
+        self.graphs = {b: load_library(self.path / visual_graph_file(b, self.budget), params, device)
                        for b in self.buckets}
         self._inputs: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -79,8 +77,6 @@ class VisualRuntime:
         with self._lock:  # the graph's input buffer is reused from image to image
             buffer = self._inputs.get(bucket)
             if buffer is None:
-                from ...compile.tvm_backend import aligned_zeros
-
                 buffer = self._inputs[bucket] = aligned_zeros((bucket, pixel_values.shape[1]), np.float32)
             inputs = build_visual_inputs(pixel_values, grid, self.spec.vision, bucket, out=buffer)
             chunks = self.graphs[bucket](*inputs.as_args())

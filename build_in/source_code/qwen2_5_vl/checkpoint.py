@@ -188,7 +188,7 @@ def _write_streamed_bf16(config, out: Path, seed: int) -> None:
     normal(0, initializer_range), norm weights 1, biases 0 (transformers' own init rule for these modules)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from ....compile.safetensors_io import write_streaming
+    from ....runtime.safetensors_io import write_streaming
 
     config.dtype = "bfloat16"
     with torch.device("meta"):

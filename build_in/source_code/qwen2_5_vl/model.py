@@ -346,7 +346,7 @@ def iter_weights(checkpoint_dir: str | Path, part: str, keys: set[str] | None = 
     """(name, tensor) of the vision tower ("vision") or the language model ("text", with lm_head), prefix removed,
     one tensor at a time, read straight from the files (a multi-GB checkpoint is never held twice); `keys`: only
     these names."""
-    from ....compile.safetensors_io import iter_tensors, read_header
+    from ....runtime.safetensors_io import iter_tensors, read_header
 
     for file in _weight_files(checkpoint_dir):
         names = {key: _strip_prefix(key, part) for key in read_header(file)[0]}
@@ -365,7 +365,7 @@ def _strip_prefix(key: str, part: str) -> str | None:
 
 
 def checkpoint_names(checkpoint_dir: str | Path, part: str) -> set[str]:
-    from ....compile.safetensors_io import read_header
+    from ....runtime.safetensors_io import read_header
 
     names = (_strip_prefix(k, part) for file in _weight_files(checkpoint_dir) for k in read_header(file)[0])
     return {n for n in names if n is not None}
