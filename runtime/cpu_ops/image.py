@@ -154,13 +154,6 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
-def check_image_size(image: Image.Image, cfg: ImageConfig, name: str = "image") -> None:
-    width, height = image.size
-    if width < cfg.patch_size or height < cfg.patch_size:
-        raise ImageInputError(
-            f"{name}: {width}x{height} is smaller than one {cfg.patch_size}x{cfg.patch_size} patch")
-
-
 def image_to_patches(image: Image.Image, cfg: ImageConfig, name: str = "image") -> tuple[np.ndarray, tuple[int, int, int]]:
     """Resize, rescale, normalise and cut an RGB image into [grid_h*grid_w, 3*T*P*P] float32 patches.
 
@@ -168,7 +161,6 @@ def image_to_patches(image: Image.Image, cfg: ImageConfig, name: str = "image") 
     each patch flattened as (channel, temporal, row, column); a still image is repeated over the temporal axis.
     Returns the patches and the grid (t, h, w).
     """
-    check_image_size(image, cfg, name)
     width, height = image.size
     try:
         new_h, new_w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
