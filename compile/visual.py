@@ -14,13 +14,10 @@ from .artifact import (Stages, library_versions, staging_folder, weights_fingerp
                        write_manifest)
 from .config import VisualConfig, config_hash, resolve_checkpoint, resolve_chunks
 
-GRAPH_INPUTS = ("pixel_values", "window_ranges", "full_ranges", "cos", "sin")
 
-
-def example_inputs(budget: int, patch_dim: int, head_dim: int) -> tuple[torch.Tensor, ...]:
-    ranges = torch.tensor([[0, budget]], dtype=torch.int32).expand(budget, 2).contiguous()
-    return (torch.zeros(budget, patch_dim), ranges, ranges.clone(), torch.zeros(budget, head_dim),
-            torch.zeros(budget, head_dim))
+def graph_signature(inputs: dict[str, torch.Tensor]) -> list[list]:
+    """The manifest's description of a visual graph's inputs, in call order: [name, shape, dtype]."""
+    return [[name, list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in inputs.items()]
 
 
 def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
@@ -46,7 +43,8 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
         model_config = arch.load_config(checkpoint)
         spec = arch.host_spec(checkpoint, model_config)
         vision = model_config.vision_config
-        chunks = resolve_chunks(cfg.backend, vision.out_hidden_size)
+        out_hidden = model_config.text_config.hidden_size  # image embeddings take the place of token embeddings
+        chunks = resolve_chunks(cfg.backend, out_hidden)
         try:
             module = arch.load_vision(checkpoint, vision, chunks, scheme)
         except QuantizationError as exc:
@@ -55,15 +53,16 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
             _check_shape(cfg, module.patch_dim, spec.vision.head_dim, config_path)
         if any(b % spec.vision.merge_unit for b in buckets):
             raise VlmcError(f"patch budgets {buckets} must be multiples of {spec.vision.merge_unit}")
-    inputs = {b: example_inputs(b, module.patch_dim, spec.vision.head_dim) for b in buckets}
-    args = inputs[budget]
+    # The architecture declares its graph's inputs (names, shapes, dtypes) and output groups; the host computes
+    # the inputs by name (runtime/cpu_ops/vision.py) and the runtime splits the outputs by the groups.
+    inputs = {b: module.example_inputs(b) for b in buckets}
     target = tvm_backend.host_target(cfg.backend.target)
     with stages.stage("export", f"torch.export, {len(buckets)} graphs: " + ", ".join(f"{b} patches" for b in buckets)):
         if cfg.frontend.onnx:
             ops.use_host_kernels(module, False)  # ONNX has no vlmc kernel: standard ops
-            onnx_bytes, onnx_diff = _export_onnx(module, args)
+            onnx_bytes, onnx_diff = _export_onnx(module, inputs[budget])
         ops.use_host_kernels(module, ops.uses_attention_kernel(target))
-        exported = {b: tvm_backend.export_module(module, inputs[b]) for b in buckets}
+        exported = {b: tvm_backend.export_module(module, tuple(inputs[b].values())) for b in buckets}
         names = list(exported[budget].graph_signature.parameters)
     with stages.stage("import into TVM"):
         # One parameter set serves every budget (same module, same order), saved from the module itself.
@@ -84,10 +83,12 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
             "kind": "visual", "name": cfg.name, "arch": arch_name, "checkpoint": str(checkpoint),
             "patch_budget": budget, "patch_buckets": buckets, "merge_unit": spec.vision.merge_unit,
             "patch_dim": module.patch_dim,
-            "hidden_size": vision.out_hidden_size, "output_chunks": chunks, "dtype": cfg.backend.dtype,
+            "hidden_size": out_hidden, "output_chunks": chunks, "output_groups": module.output_groups,
+            "dtype": cfg.backend.dtype,
             "quantize": scheme.to_dict(kv_cache=False), "quantized_layers": weight_layout(module),
             "weight_bytes": sum(t.numel() * t.element_size() for t in module.state_dict().values()),
-            "target": str(target), "device": tvm_backend.target_device(target), "param_names": names, "inputs": {n: list(a.shape) for n, a in zip(GRAPH_INPUTS, args)},
+            "target": str(target), "device": tvm_backend.target_device(target), "param_names": names,
+            "graph_inputs": graph_signature(inputs[budget]),
             "versions": library_versions(), "config_hash": digest, "weights_fingerprint": weights,
             "host": spec.to_dict(), "compile_seconds": stages.times,
         }
@@ -109,19 +110,21 @@ def _check_shape(cfg: VisualConfig, patch_dim: int, head_dim: int, config_path: 
                             f"head_dim is {head_dim}")
 
 
-def _export_onnx(module, args) -> tuple[bytes, float]:
+def _export_onnx(module, inputs: dict[str, torch.Tensor]) -> tuple[bytes, float]:
     """Export ONNX and check it with onnxruntime on random inputs; returns (bytes, max abs diff)."""
     import io
 
     import onnxruntime as ort
 
     buf = io.BytesIO()
-    torch.onnx.export(module, args, buf, input_names=list(GRAPH_INPUTS), dynamo=False)
+    args = tuple(inputs.values())
+    torch.onnx.export(module, args, buf, input_names=list(inputs), dynamo=False)
     rng = np.random.default_rng(0)
-    feeds = [rng.standard_normal(a.shape).astype(np.float32) for a in args]
-    feeds[1] = feeds[2] = args[1].numpy()  # every patch attends to all
+    # random floats; integer inputs (key ranges: every patch attends to all) as the examples are
+    feeds = [rng.standard_normal(a.shape).astype(np.float32) if a.is_floating_point() else a.numpy() for a in args]
     session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
-    got = session.run(None, dict(zip(GRAPH_INPUTS, feeds)))
+    wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs the graph does not use
+    got = session.run(None, {n: f for n, f in zip(inputs, feeds) if n in wanted})
     with torch.no_grad():
         ref = module(*(torch.from_numpy(f) for f in feeds))
     diff = max(float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref))

@@ -54,8 +54,8 @@ def onnx_embeddings(path: Path, visual, images: list[str]) -> list[np.ndarray]:
     """Image embeddings from the exported ONNX graph on onnxruntime, fed exactly what the TVM graph is fed."""
     import onnxruntime as ort
 
-    from ..compile.visual import GRAPH_INPUTS
     from ..runtime.cpu_ops.vision import build_visual_inputs
+    from ..runtime.visual.runtime import split_output_groups
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs the graph does not use
@@ -63,10 +63,10 @@ def onnx_embeddings(path: Path, visual, images: list[str]) -> list[np.ndarray]:
     for source in images:
         pixels, grid, _ = visual.patches(source, visual.image_config())
         inputs = build_visual_inputs(pixels, grid, visual.spec.vision, visual.budget)
-        feeds = {n: a for n, a in zip(GRAPH_INPUTS, inputs.as_args()) if n in wanted}
-        chunks = session.run(None, feeds)
-        merged = np.concatenate(chunks, axis=-1) if len(chunks) > 1 else chunks[0]
-        out.append(np.ascontiguousarray(merged[:inputs.num_tokens][inputs.reverse_index], dtype=np.float32))
+        feeds = {n: a for n, a in zip(visual.input_names, inputs.as_args(visual.input_names)) if n in wanted}
+        groups = split_output_groups(session.run(None, feeds), visual.output_groups, inputs.num_tokens,
+                                     inputs.reverse_index)
+        out.append(groups["embeddings"])
     return out
 
 
@@ -78,7 +78,6 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
     onnx = onnx_path(vit_model, images) if backend == "onnxruntime" else None
 
     from ..build_in.source_code import detect_architecture, get_architecture
-    from ..runtime.cpu_ops.rope import get_rope_index
     from ..runtime.llm.engine import splice_image_embeddings
     from ..runtime.llm.pipeline import Pipeline
 
@@ -107,10 +106,8 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
 
         # 1. Host preprocessing: vlmc's host ops against the reference processor.
         image_embeds, grids, _ = pipe.encode_images(images)
-        from ..runtime.cpu_ops.prompt import tokenize_prompt
-
-        ids = tokenize_prompt(pipe.tokenizer, prompt, grids, spec.text.image_token_id, spec.image.merge_size)
-        positions, delta = get_rope_index(ids, grids, spec.text.image_token_id, spec.image.merge_size)
+        ids = spec.prompt_ids(pipe.tokenizer, prompt, grids)
+        positions, delta = spec.positions(ids, grids)
         ref_ids = reference.as_numpy(ref["input_ids"])[0]
         host = {"input_ids_equal": bool(np.array_equal(ids, ref_ids)),
                 "position_ids_equal": bool(ids.shape == ref_ids.shape and np.array_equal(

@@ -17,7 +17,9 @@ import numpy as np
 
 from ..errors import VlmcError
 
-FORMAT_VERSION = 3  # 2: prefill graphs take no cache inputs; fused q/k/v and gate/up parameters; 3: prompt key ranges
+# 2: prefill graphs take no cache inputs; fused q/k/v and gate/up parameters; 3: prompt key ranges; 4: visual graphs
+# declare their inputs (graph_inputs) and output groups (output_groups)
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 
 

@@ -11,14 +11,15 @@ def _encode_images(arch, checkpoint, spec, prepared, extra_padding=0):
     from vlmc.runtime.cpu_ops.vision import build_visual_inputs
     from vlmc.runtime.llm.torch_step import TorchStep
 
-    vision = TorchStep(arch.load_vision(checkpoint, arch.load_config(checkpoint).vision_config))
+    module = arch.load_vision(checkpoint, arch.load_config(checkpoint).vision_config)
+    vision = TorchStep(module)
     out, offset = [], 0
     for grid in prepared.image_grid_thw:
         n = int(np.prod(grid))
         inputs = build_visual_inputs(prepared.pixel_values[offset:offset + n], grid, spec.vision,
                                      budget=(n + 15) // 16 * 16 + extra_padding)
         offset += n
-        merged = np.concatenate(vision(*inputs.as_args()), axis=-1)
+        merged = np.concatenate(vision(*inputs.as_args(module.INPUTS)), axis=-1)
         out.append(merged[:inputs.num_tokens][inputs.reverse_index])
     return out
 

@@ -67,8 +67,6 @@ def test_greedy_tokens_equal_transformers(checkpoints, artifacts, images, preset
 def test_prefill_logits_match_transformers(checkpoints, artifacts, images, preset):
     from PIL import Image
     from transformers import Qwen2_5_VLForConditionalGeneration
-    from vlmc.runtime.cpu_ops.prompt import tokenize_prompt
-    from vlmc.runtime.cpu_ops.rope import get_rope_index
     from vlmc.runtime.llm.engine import Sequence, splice_image_embeddings
     from vlmc.runtime.llm.pipeline import Pipeline
 
@@ -76,8 +74,8 @@ def test_prefill_logits_match_transformers(checkpoints, artifacts, images, prese
     try:
         image_embeds, grids, _ = pipeline.encode_images([str(images[0])])
         spec = pipeline.spec
-        ids = tokenize_prompt(pipeline.tokenizer, PROMPT, grids, spec.text.image_token_id, spec.image.merge_size)
-        positions, delta = get_rope_index(ids, grids, spec.text.image_token_id, spec.image.merge_size)
+        ids = spec.prompt_ids(pipeline.tokenizer, PROMPT, grids)
+        positions, delta = spec.positions(ids, grids)
         embeds = splice_image_embeddings(pipeline.engine.embed.lookup(ids), ids, spec.text.image_token_id,
                                          image_embeds)
         seq = Sequence(0, delta)

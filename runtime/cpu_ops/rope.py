@@ -47,11 +47,22 @@ def get_rope_index(input_ids, image_grid_thw, image_token_id: int, spatial_merge
     return positions, int(positions.max()) + 1 - len(ids)
 
 
-def mrope_cos_sin(position_ids, head_dim: int, theta: float, mrope_section) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [seq, head_dim] for M-RoPE: the frequency axis is split into (t, h, w) sections, each section taking
-    its angle from the matching row of position_ids [3, seq]."""
+def mrope_cos_sin(position_ids, head_dim: int, theta: float, mrope_section,
+                  interleaved: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [seq, head_dim] for M-RoPE: each frequency takes its angle from one row (t, h or w) of position_ids
+    [3, seq]. Blocks: the frequency axis is split into (t, h, w) sections in turn. Interleaved: frequency j takes h
+    when j % 3 == 1 and j < 3 * sections[1], w when j % 3 == 2 and j < 3 * sections[2], else t (the frequencies are
+    selected before cos/sin, as the reference does, so the tables are bit-identical). Three equal rows give 1-D
+    RoPE either way."""
     pos = torch.as_tensor(np.asarray(position_ids), dtype=torch.int64).reshape(3, 1, -1)
     freqs = pos[..., None].float() * rope_inv_freq(head_dim, theta)  # [3, 1, seq, head_dim/2]
+    if interleaved:
+        table = freqs[0].clone()
+        for row in (1, 2):
+            idx = slice(row, 3 * int(mrope_section[row]), 3)
+            table[..., idx] = freqs[row, ..., idx]
+        emb = torch.cat((table, table), dim=-1)[0]
+        return emb.cos().numpy(), emb.sin().numpy()
     out = []
     for table in (freqs.cos(), freqs.sin()):
         table = torch.cat([m[i % 3] for i, m in enumerate(table.split(list(mrope_section), dim=-1))], dim=-1)

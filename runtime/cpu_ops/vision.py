@@ -1,9 +1,10 @@
 """Inputs of the fixed-shape visual graph, computed on the host: window order, rotary tables and masks.
 
-The vision tower attends inside windows in most blocks and over the whole image in a few. Its graph is compiled
-for a patch budget N; the host reorders an image's patches into window order, pads them to N and describes the
-windows and the padding as per-patch key ranges (windows are contiguous in window order), so the graph itself has
-no data-dependent control flow and no [N, N] mask.
+A vision tower attends over the whole image in every block, or (window_size set) inside windows in most blocks and
+over the whole image in a few. Its graph is compiled for a patch budget N; the host reorders an image's patches into
+window order, pads them to N and describes the windows and the padding as per-patch key ranges (windows are
+contiguous in window order), so the graph itself has no data-dependent control flow and no [N, N] mask. The graph
+takes the arrays it declares, by name (the artifact's manifest lists them), from those computed here.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class VisionSpec:
     head_dim: int
     patch_size: int
     merge_size: int
-    window_size: int
+    window_size: int | None = None  # pixels per attention window side; None: full attention in every block
     rope_theta: float = 10000.0
 
     @property
@@ -35,12 +36,13 @@ def window_index(grid_thw, spec: VisionSpec) -> tuple[np.ndarray, np.ndarray]:
     """Order of merged units when grouped into attention windows, and the window sizes in patches.
 
     Windows tile the merged grid in squares of window_size // merge_size // patch_size units, row-major over
-    windows and row-major inside each window; edge windows are partial.
+    windows and row-major inside each window; edge windows are partial. Without windows each frame is one window
+    and the order is the processor's.
     """
-    units = spec.window_size // spec.merge_size // spec.patch_size
     index, seqlens, offset = [], [], 0
     for t, h, w in np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3):
         gh, gw = int(h) // spec.merge_size, int(w) // spec.merge_size
+        units = spec.window_size // spec.merge_size // spec.patch_size if spec.window_size else max(gh, gw)
         ids = np.arange(int(t) * gh * gw).reshape(int(t), gh, gw)
         for frame in ids:
             for r0 in range(0, gh, units):
@@ -54,18 +56,22 @@ def window_index(grid_thw, spec: VisionSpec) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class VisualGraphInputs:
-    """One image laid out for a graph compiled for `budget` patches."""
+    """One image laid out for a graph compiled for `budget` patches: named arrays, of which a graph takes those it
+    declares.
 
-    pixel_values: np.ndarray  # [budget, patch_dim], patches in window order, zero padded
-    window_ranges: np.ndarray  # int32 [budget, 2]: the keys [lo, hi) each patch attends to in window blocks
-    full_ranges: np.ndarray  # int32 [budget, 2]: the same for full-attention blocks (every real patch)
-    cos: np.ndarray  # [budget, head_dim]
-    sin: np.ndarray
+    pixel_values [budget, patch_dim]: patches in window order, zero padded; full_ranges int32 [budget, 2]: the keys
+    [lo, hi) each patch attends to in full-attention blocks (every real patch); window_ranges (windowed towers): the
+    same in window blocks; cos, sin [budget, head_dim]: the 2-D rotary tables."""
+
+    arrays: dict[str, np.ndarray]
     num_tokens: int  # merged output tokens that belong to the image
     reverse_index: np.ndarray  # output row order that undoes the window order
 
-    def as_args(self) -> list[np.ndarray]:
-        return [self.pixel_values, self.window_ranges, self.full_ranges, self.cos, self.sin]
+    def as_args(self, names) -> list[np.ndarray]:
+        missing = [n for n in names if n not in self.arrays]
+        if missing:
+            raise ValueError(f"the visual graph takes {missing}, which the host does not compute for this tower")
+        return [self.arrays[n] for n in names]
 
 
 @functools.lru_cache(maxsize=64)
@@ -103,14 +109,11 @@ def build_visual_inputs(pixel_values: np.ndarray, grid_thw, spec: VisionSpec, bu
     # Windows are contiguous in window order, so each patch's keys are one range. Padding rows get the empty range
     # (zeros out, no work); real patches never see padding.
     ends = np.cumsum(seqlens)
-    window_ranges = np.zeros((budget, 2), dtype=np.int32)
-    window_ranges[:n, 0] = np.repeat(ends - seqlens, seqlens)
-    window_ranges[:n, 1] = np.repeat(ends, seqlens)
     full_ranges = np.zeros((budget, 2), dtype=np.int32)
     full_ranges[:n, 1] = n
-    return VisualGraphInputs(
-        pixel_values=padded, window_ranges=window_ranges, full_ranges=full_ranges,
-        cos=cos.astype(dtype), sin=sin.astype(dtype),
-        num_tokens=n // unit,
-        reverse_index=np.argsort(order),
-    )
+    arrays = {"pixel_values": padded, "full_ranges": full_ranges, "cos": cos.astype(dtype), "sin": sin.astype(dtype)}
+    if spec.window_size:
+        window_ranges = arrays["window_ranges"] = np.zeros((budget, 2), dtype=np.int32)
+        window_ranges[:n, 0] = np.repeat(ends - seqlens, seqlens)
+        window_ranges[:n, 1] = np.repeat(ends, seqlens)
+    return VisualGraphInputs(arrays, num_tokens=n // unit, reverse_index=np.argsort(order))

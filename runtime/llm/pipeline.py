@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..cpu_ops.prompt import tokenize_prompt
-from ..cpu_ops.rope import get_rope_index
 from ..cpu_ops.sampling import Sampler, SamplingParams
 from .engine import Sequence, splice_image_embeddings
 from .runtime import DistributedEngine, LLMArtifact
@@ -81,10 +79,9 @@ class Pipeline:
         image_embeds, grids, info = self.encode_images(list(images), min_pixels, max_pixels)
         t_visual = time.perf_counter() - t0
         image_id = self.spec.text.image_token_id
-        merge = self.spec.image.merge_size
-        input_ids = tokenize_prompt(self.tokenizer, prompt, grids, image_id, merge, messages)
+        input_ids = self.spec.prompt_ids(self.tokenizer, prompt, grids, messages)
         self.engine.check_budget(len(input_ids), max_new_tokens)
-        position_ids, delta = get_rope_index(input_ids, grids, image_id, merge)
+        position_ids, delta = self.spec.positions(input_ids, grids)
         embeds = splice_image_embeddings(self.engine.embed.lookup(input_ids), input_ids, image_id, image_embeds)
         seq = Sequence(0, delta)
         sampler = Sampler(sampling)

@@ -137,8 +137,6 @@ class Running:
 
 def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, batch_size, epoch: int,
              info) -> None:
-    from ..cpu_ops.prompt import tokenize_prompt
-    from ..cpu_ops.rope import get_rope_index
     from ..cpu_ops.sampling import Sampler, SamplingParams
     from ..llm.engine import BudgetError, Sequence, splice_image_embeddings
     from ..llm.runtime import DistributedEngine, LLMArtifact
@@ -158,7 +156,7 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     poller.register(control, zmq.POLLIN)
-    image_id, merge = spec.text.image_token_id, spec.image.merge_size
+    image_id = spec.text.image_token_id
     running: dict[int, Running] = {}
     # Ids cancelled before their request got here (client gone while its image was encoding, or failed by the
     # HTTP process after the visual worker died): dropped on arrival. Bounded; old entries fall off.
@@ -168,14 +166,14 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
     def admit(req) -> None:
         slot = next(s for s in range(usable) if s not in running)
         try:
-            ids = tokenize_prompt(tokenizer, "", req["grids"], image_id, merge, req["messages"])
+            ids = spec.prompt_ids(tokenizer, "", req["grids"], req["messages"])
             max_tokens = req["max_tokens"] if req["max_tokens"] is not None else engine.context - len(ids)
             engine.check_budget(len(ids), max(max_tokens, 1))
         except (BudgetError, ValueError) as exc:
             code = "context_length_exceeded" if isinstance(exc, BudgetError) else "invalid_request"
             results.send_pyobj({"id": req["id"], "error": str(exc), "status": 400, "code": code})
             return
-        positions, delta = get_rope_index(ids, np.asarray(req["grids"], np.int64).reshape(-1, 3), image_id, merge)
+        positions, delta = spec.positions(ids, req["grids"])
         embeds = splice_image_embeddings(engine.embed.lookup(ids), ids, image_id, req["image_embeds"])
         params = SamplingParams(**req["sampling"], eos_token_ids=spec.text.eos_token_ids)
         run = Running(req["id"], Sequence(slot, delta), Sampler(params), max_tokens, len(ids))

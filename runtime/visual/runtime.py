@@ -39,6 +39,24 @@ def fit_to_budget(cfg: ImageConfig, budget: int) -> ImageConfig:
     return cfg.with_pixels(min(cfg.min_pixels, max_pixels), max_pixels)
 
 
+def split_output_groups(outputs: list[np.ndarray], groups: list[dict], num_tokens: int,
+                        reverse_index: np.ndarray) -> dict[str, np.ndarray]:
+    """A visual graph's flat outputs -> {group: array}: each group is `count` tensors of `chunks` along the hidden
+    axis, in order; rows past the image's tokens (padding) are dropped and the window order undone."""
+    out, i = {}, 0
+    for group in groups:
+        tensors = []
+        for _ in range(group["count"]):
+            parts = outputs[i:i + len(group["chunks"])]
+            i += len(group["chunks"])
+            merged = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+            tensors.append(np.ascontiguousarray(merged[:num_tokens][reverse_index], dtype=np.float32))
+        out[group["name"]] = tensors[0] if group["count"] == 1 else np.stack(tensors)
+    if i != len(outputs):
+        raise ValueError(f"the visual graph returned {len(outputs)} outputs; its manifest describes {i}")
+    return out
+
+
 class VisualRuntime:
     def __init__(self, artifact: str | Path, device: str = "cpu", verify: bool = True):
         self.path = Path(artifact)
@@ -47,6 +65,9 @@ class VisualRuntime:
         self.spec = HostSpec.from_dict(self.manifest["host"])
         self.budget = int(self.manifest["patch_budget"])
         self.hidden_size = int(self.manifest["hidden_size"])
+        # What the architecture declared: the graph's inputs by name, its outputs as groups of chunked tensors
+        self.input_names = [name for name, _, _ in self.manifest["graph_inputs"]]
+        self.output_groups = self.manifest["output_groups"]
         params = load_params(self.path / "params.safetensors", self.manifest["param_names"], device)
         # One graph per compiled patch budget, all sharing the parameters; an image runs in the smallest that fits.
         self.buckets = sorted(int(b) for b in self.manifest["patch_buckets"])
@@ -73,15 +94,20 @@ class VisualRuntime:
         return pixel_values, grid, fitted
 
     def encode_patches(self, pixel_values: np.ndarray, grid) -> np.ndarray:
+        """The image embeddings [tokens, hidden] (the main output group)."""
+        return self.encode_outputs(pixel_values, grid)["embeddings"]
+
+    def encode_outputs(self, pixel_values: np.ndarray, grid) -> dict[str, np.ndarray]:
+        """Every output group of the graph by name, in transformers' token order: [tokens, hidden] for a group of one
+        tensor, [count, tokens, hidden] for a group of several (e.g. features for several LLM layers)."""
         bucket = next(b for b in self.buckets if b >= pixel_values.shape[0])
         with self._lock:  # the graph's input buffer is reused from image to image
             buffer = self._inputs.get(bucket)
             if buffer is None:
                 buffer = self._inputs[bucket] = aligned_zeros((bucket, pixel_values.shape[1]), np.float32)
             inputs = build_visual_inputs(pixel_values, grid, self.spec.vision, bucket, out=buffer)
-            chunks = self.graphs[bucket](*inputs.as_args())
-        merged = np.concatenate(chunks, axis=-1) if len(chunks) > 1 else chunks[0]
-        return np.ascontiguousarray(merged[:inputs.num_tokens][inputs.reverse_index], dtype=np.float32)
+            outputs = self.graphs[bucket](*inputs.as_args(self.input_names))
+        return split_output_groups(outputs, self.output_groups, inputs.num_tokens, inputs.reverse_index)
 
     def encode(self, source, min_pixels: int | None = None, max_pixels: int | None = None) -> EncodedImage:
         t0 = time.perf_counter()

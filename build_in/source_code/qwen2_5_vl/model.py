@@ -106,18 +106,31 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).reshape(-1, self.merged_dim))
 
 
+def visual_example_inputs(names, budget: int, patch_dim: int, head_dim: int) -> dict[str, torch.Tensor]:
+    """Example inputs of a visual graph for N = `budget` patches: pixel_values [N, patch_dim]; key ranges int32
+    [N, 2] (every patch attends to all); cos, sin [N, head_dim]."""
+    ranges = torch.tensor([[0, budget]], dtype=torch.int32).expand(budget, 2).contiguous()
+    shapes = {"pixel_values": lambda: torch.zeros(budget, patch_dim), "window_ranges": ranges.clone,
+              "full_ranges": ranges.clone, "cos": lambda: torch.zeros(budget, head_dim),
+              "sin": lambda: torch.zeros(budget, head_dim)}
+    return {name: shapes[name]() for name in names}
+
+
 class DeployVision(nn.Module):
     """Vision tower for one image padded to a fixed patch budget.
 
     Inputs: pixel_values [N, patch_dim] in window order; window_ranges and full_ranges int32 [N, 2], the keys each
     patch attends to in window and in full-attention blocks (see `segment_attention`); cos and sin [N, head_dim].
-    Output: a tuple of chunks of the merged embeddings [N / merge_unit, out_hidden].
+    Output: a tuple of chunks of the merged embeddings [N / merge_unit, out_hidden] (one output group).
     """
+
+    INPUTS = ("pixel_values", "window_ranges", "full_ranges", "cos", "sin")  # computed by name on the host
 
     def __init__(self, vision_config, chunks: Sequence[int] | None = None):
         super().__init__()
         c = vision_config
         self.patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
+        self.head_dim = c.hidden_size // c.num_heads
         self.patch_embed = nn.Linear(self.patch_dim, c.hidden_size, bias=False)
         self.blocks = nn.ModuleList(VisionBlock(c.hidden_size, c.num_heads, c.intermediate_size)
                                     for _ in range(c.depth))
@@ -126,6 +139,14 @@ class DeployVision(nn.Module):
         self.chunks = list(chunks) if chunks else [c.out_hidden_size]
         if sum(self.chunks) != c.out_hidden_size:
             raise ValueError(f"output chunks {self.chunks} do not add up to the hidden size {c.out_hidden_size}")
+
+    def example_inputs(self, budget: int) -> dict[str, torch.Tensor]:
+        """The graph's inputs for a budget of N patches, in call order (see `visual_example_inputs`)."""
+        return visual_example_inputs(self.INPUTS, budget, self.patch_dim, self.head_dim)
+
+    @property
+    def output_groups(self) -> list[dict]:
+        return [{"name": "embeddings", "count": 1, "chunks": self.chunks}]
 
     def forward(self, pixel_values, window_ranges, full_ranges, cos, sin):
         x = self.patch_embed(pixel_values)
