@@ -91,12 +91,12 @@ def _timers_hf(args: dict):
                   image_grid_thw=ref["image_grid_thw"])
     kwargs = {k: v.to(device) for k, v in kwargs.items()}
     text = model.config.text_config
-    head_dim = text.hidden_size // text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     n = args["new_tokens"]
 
     def vision():  # the file's decoding and the processor's host work count, as vlmc's do
         r = reference.reference_inputs(args["checkpoint"], [Image.open(args["image"])], prompt, model=model)
-        model.model.visual(r["pixel_values"].to(device), grid_thw=r["image_grid_thw"].to(device))
+        reference.vision_outputs(model, r["pixel_values"], r["image_grid_thw"])
         sync()
 
     def ttft():

@@ -319,8 +319,8 @@ def parse_size(text: str) -> tuple[int, int]:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise VlmcError(f"--image-size must look like 448x448, got {text!r}") from None
-    if width < 28 or height < 28:
-        raise VlmcError("--image-size: both sides must be at least 28 pixels (one merged patch)")
+    if width < 1 or height < 1:
+        raise VlmcError(f"--image-size: both sides must be positive, got {text!r}")
     return width, height
 
 

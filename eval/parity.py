@@ -120,10 +120,7 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
         # 2. Image embeddings, per image.
         hf_embeds = None
         if images:
-            with torch.no_grad():
-                hf_embeds = reference.as_numpy(hf_a.model.visual(ref["pixel_values"].to(hf.device),
-                                                                 grid_thw=ref["image_grid_thw"].to(hf.device))
-                                               .pooler_output)
+            hf_embeds = reference.vision_outputs(hf_a, ref["pixel_values"], ref["image_grid_thw"])["embeddings"]
             errors, offset = [], 0
             for ours in image_embeds:
                 theirs = hf_embeds[offset:offset + ours.shape[0]]

@@ -12,7 +12,8 @@ import importlib
 import json
 from pathlib import Path
 
-ARCHITECTURES = {"qwen2_5_vl": "vlmc.build_in.source_code.qwen2_5_vl"}
+ARCHITECTURES = {"qwen2_5_vl": "vlmc.build_in.source_code.qwen2_5_vl",
+                 "qwen2_vl": "vlmc.build_in.source_code.qwen2_vl"}
 
 
 def get_architecture(name: str):

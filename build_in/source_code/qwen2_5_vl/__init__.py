@@ -24,18 +24,27 @@ def load_config(checkpoint_dir: str | Path):
 
 def host_spec(checkpoint_dir: str | Path, config=None) -> HostSpec:
     config = config or load_config(checkpoint_dir)
+    v = config.vision_config
+    return qwen_host_spec(checkpoint_dir, config, v.hidden_size // v.num_heads, v.window_size)
+
+
+def qwen_host_spec(checkpoint_dir, config, vision_head_dim: int, window_size: int | None,
+                   rope: str = "mrope") -> HostSpec:
+    """The host steps of a Qwen VL family: the Qwen2-VL image processor, the tower's 2-D rotary (and windows),
+    placeholder expansion by grid and M-RoPE positions (`rope`: the text rotary scheme)."""
     v, t = config.vision_config, config.text_config
-    rope = t.rope_parameters or {}
-    eos = _eos_token_ids(checkpoint_dir, t)
+    params = t.rope_parameters or {}
     return HostSpec(
         image=ImageConfig.from_checkpoint(checkpoint_dir),
-        vision=VisionSpec(head_dim=v.hidden_size // v.num_heads, patch_size=v.patch_size,
-                          merge_size=v.spatial_merge_size, window_size=v.window_size,
+        vision=VisionSpec(head_dim=vision_head_dim, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                          window_size=window_size,
                           rope_theta=float((v.rope_parameters or {}).get("rope_theta", 10000.0))),
-        text=TextSpec(hidden_size=t.hidden_size, head_dim=t.hidden_size // t.num_attention_heads,
-                      rope_theta=float(rope.get("rope_theta", 1000000.0)),
-                      mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
-                      vocab_size=t.vocab_size, image_token_id=config.image_token_id, eos_token_ids=eos),
+        text=TextSpec(hidden_size=t.hidden_size,
+                      head_dim=getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads,
+                      rope_theta=float(params.get("rope_theta", 1000000.0)),
+                      mrope_section=tuple(params.get("mrope_section", (16, 24, 24))),
+                      vocab_size=t.vocab_size, image_token_id=config.image_token_id,
+                      eos_token_ids=_eos_token_ids(checkpoint_dir, t), rope=rope),
     )
 
 

@@ -1,4 +1,4 @@
-"""Built-in random-weight Qwen2.5-VL checkpoints that load offline through transformers' own classes.
+"""Built-in random-weight Qwen2.5-VL checkpoints (and the writer the other Qwen VL families share) that load offline through transformers' own classes.
 
 Everything a real checkpoint has is written: config, safetensors weights, generation config, a byte-level BPE
 tokenizer with Qwen's special tokens, the Qwen2.5-VL chat template and a preprocessor config. The vocabulary is
@@ -154,45 +154,49 @@ def build_tokenizer(num_merges: int):
 DEFAULT_INIT_STD = 0.1  # larger than Qwen's 0.02 so random logits are well separated and greedy is not a coin toss
 
 
+def text_config(spec: dict, tokenizer, init_std: float) -> tuple[dict, dict]:
+    """A preset's Qwen2 text config and the tokenizer's special-token ids (shared by the Qwen VL families)."""
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    # Padded like Qwen's 151936 over its 151665 tokens; a preset may fix the real size (rows past the tokenizer unused).
+    vocab_size = spec.get("vocab_size", (len(tokenizer) + 63) // 64 * 64)
+    text = dict(spec["text"])
+    mrope_section = text.pop("mrope_section")
+    config = dict(
+        text, vocab_size=vocab_size, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_scaling={"type": "mrope", "mrope_section": mrope_section}, rope_theta=1000000.0,
+        use_sliding_window=False, sliding_window=32768, max_window_layers=text["num_hidden_layers"],
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        tie_word_embeddings=spec.get("tie_word_embeddings", False), initializer_range=init_std,
+    )
+    return config, ids
+
+
+def vision_token_ids(ids: dict) -> dict:
+    return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
 def build_config(preset: str, tokenizer, init_std: float = DEFAULT_INIT_STD):
     from transformers import Qwen2_5_VLConfig
 
     spec = PRESETS[preset]
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    # Padded like Qwen's 151936 over its 151665 tokens; a preset may fix the real size (rows past the tokenizer unused).
-    vocab_size = spec.get("vocab_size", (len(tokenizer) + 63) // 64 * 64)
-    tied = spec.get("tie_word_embeddings", False)
-    text, vision = dict(spec["text"]), dict(spec["vision"])
-    mrope_section = text.pop("mrope_section")
-    text_config = dict(
-        text, vocab_size=vocab_size, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
-        rope_scaling={"type": "mrope", "mrope_section": mrope_section}, rope_theta=1000000.0,
-        use_sliding_window=False, sliding_window=32768, max_window_layers=text["num_hidden_layers"],
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], tie_word_embeddings=tied,
-        initializer_range=init_std,
-    )
+    text, ids = text_config(spec, tokenizer, init_std)
     vision_config = dict(
-        vision, hidden_act="silu", in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        spec["vision"], hidden_act="silu", in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
         tokens_per_second=2, window_size=112, out_hidden_size=text["hidden_size"], initializer_range=init_std,
     )
-    return Qwen2_5_VLConfig(
-        text_config=text_config, vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=tied, initializer_range=init_std,
-    )
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision_config, **vision_token_ids(ids),
+                            tie_word_embeddings=text["tie_word_embeddings"], initializer_range=init_std)
 
 
-def _write_streamed_bf16(config, out: Path, seed: int) -> None:
+def _write_streamed_bf16(config, model_class, out: Path, seed: int) -> None:
     """Weights of a model too large to build in memory, in bf16, one tensor at a time: linear and embedding weights
     normal(0, initializer_range), norm weights 1, biases 0 (transformers' own init rule for these modules)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from ....runtime.safetensors_io import write_streaming
 
     config.dtype = "bfloat16"
     with torch.device("meta"):
-        shapes = {n: list(t.shape) for n, t in Qwen2_5_VLForConditionalGeneration(config).state_dict().items()}
+        shapes = {n: list(t.shape) for n, t in model_class(config).state_dict().items()}
     generator = torch.Generator().manual_seed(seed)
     std = config.initializer_range
 
@@ -211,23 +215,34 @@ def _write_streamed_bf16(config, out: Path, seed: int) -> None:
 def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, init_std: float | None = None) -> Path:
     """Write a random-weight Qwen2.5-VL checkpoint to `out_dir` and return its path; `init_std`: the weights'
     standard deviation (initializer_range)."""
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return write_qwen_checkpoint(out_dir, PRESETS, preset, build_config, Qwen2_5_VLForConditionalGeneration,
+                                 "Qwen2_5_VLProcessor", seed, init_std)
+
+
+def write_qwen_checkpoint(out_dir, presets: dict, preset: str, make_config, model_class, processor_class: str,
+                          seed: int = 0, init_std: float | None = None, image_processor: dict | None = None) -> Path:
+    """A random-weight checkpoint of a Qwen VL family: `make_config(preset, tokenizer, init_std)` gives its config,
+    `model_class` builds and saves the weights; the tokenizer, chat template, generation config and the Qwen2-VL
+    image processor config (with `image_processor`'s overrides) are shared by the family."""
+    from transformers import GenerationConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a few-MB write needs no progress bar
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(PRESETS[preset]["num_merges"])
-    config = build_config(preset, tokenizer, DEFAULT_INIT_STD if init_std is None else init_std)
+    tokenizer = build_tokenizer(presets[preset]["num_merges"])
+    config = make_config(preset, tokenizer, DEFAULT_INIT_STD if init_std is None else init_std)
 
     torch.manual_seed(seed)
-    if PRESETS[preset].get("streamed_bf16"):
-        _write_streamed_bf16(config, out, seed)
+    if presets[preset].get("streamed_bf16"):
+        _write_streamed_bf16(config, model_class, out, seed)
     else:
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+        model = model_class(config).eval()
         model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
@@ -235,13 +250,14 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, i
     GenerationConfig(bos_token_id=eos[1], eos_token_id=eos, pad_token_id=eos[1]).save_pretrained(out)
     preprocessor = {
         "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2_5_VLProcessor",
+        "processor_class": processor_class,
         "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
         "rescale_factor": 1 / 255, "resample": 3,
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711],
         "min_pixels": 3136, "max_pixels": 12845056,
         "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        **(image_processor or {}),
     }
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     return out

@@ -403,7 +403,7 @@ def fused_parts(model: nn.Module) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def _load_streaming(model: nn.Module, weights, scheme: Scheme, shard=None) -> nn.Module:
+def load_streaming(model: nn.Module, weights, scheme: Scheme, shard=None) -> nn.Module:
     """Fill a deploy model built on the meta device from (checkpoint name, tensor) pairs: each tensor is quantized
     (when its layer is, on the full weight), sliced for this rank, fused with its FUSED siblings and assigned, so
     memory holds the stored model plus one checkpoint tensor at a time."""
@@ -452,7 +452,7 @@ def load_vision(checkpoint_dir: str | Path, vision_config, chunks=None, scheme: 
     # Conv3d with stride == kernel is a matmul: its weight flattened to [out, in * t * p * p]
     weights = ((("patch_embed.weight", t.reshape(t.shape[0], -1)) if k == "patch_embed.proj.weight" else (k, t))
                for k, t in iter_weights(checkpoint_dir, "vision"))
-    return _load_streaming(model, weights, scheme or Scheme())
+    return load_streaming(model, weights, scheme or Scheme())
 
 
 def _shard(name: str, tensor, plan: ShardPlan, head_dim: int):
@@ -482,7 +482,7 @@ def load_language_model(checkpoint_dir: str | Path, text_config, tp: int = 1, ra
     if "lm_head.weight" not in names:  # tied embeddings (e.g. the 3B model)
         tied = (("lm_head.weight", t) for _, t in iter_weights(checkpoint_dir, "text", {"embed_tokens.weight"}))
         weights = itertools.chain(weights, tied)
-    return _load_streaming(model, weights, scheme or Scheme(),
+    return load_streaming(model, weights, scheme or Scheme(),
                            shard=lambda name, t: _shard(name, t, model.plan, model.head_dim))
 
 

@@ -1,5 +1,6 @@
 """Hugging Face transformers as the reference: its image processor, the tokenizer with image pads expanded the way
-Qwen2.5-VL's processor does, and the model's own get_rope_index."""
+the Qwen VL processors do, and the model's own get_rope_index (Qwen2-VL and Qwen2.5-VL alike: the model class
+comes from the checkpoint's config)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=None, model=None, messages=None):
     """Inputs for one user turn [images..., text], or for a whole conversation `messages` (chat-template messages
     whose image parts are {"type": "image"}, in the order of `images`)."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoImageProcessor, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
     kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
@@ -24,13 +25,13 @@ def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=N
         out = processor(images=images, return_tensors="pt")
         pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
         merge = processor.merge_size ** 2
-        for t, h, w in grid.tolist():  # as Qwen2_5_VLProcessor expands <|image_pad|>
+        for t, h, w in grid.tolist():  # as the processor expands <|image_pad|>
             prompt = prompt.replace("<|image_pad|>", "<|placeholder|>" * (t * h * w // merge), 1)
         prompt = prompt.replace("<|placeholder|>", "<|image_pad|>")
     else:
         pixel_values, grid = None, None
     input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    model = model or Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint_dir)
+    model = model or load_model(checkpoint_dir)
     mm_type = (input_ids == model.config.image_token_id).int()
     dev = model.device  # get_rope_index runs where the model is (a GPU model too); results come back to the host
     position_ids, deltas = model.model.get_rope_index(input_ids.to(dev), mm_type.to(dev),
@@ -54,6 +55,13 @@ def generate_reference(model, ref, max_new_tokens, with_logits=False):
     return (tokens, [as_numpy(step[0]) for step in out.logits]) if with_logits else tokens
 
 
+@torch.no_grad()
+def vision_outputs(model, pixel_values, image_grid_thw) -> dict:
+    """The vision tower's outputs for the images of one prompt, by output group, as numpy."""
+    out = model.model.visual(pixel_values.to(model.device), grid_thw=image_grid_thw.to(model.device))
+    return {"embeddings": as_numpy(out.pooler_output)}
+
+
 def as_numpy(x):
     return np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
 
@@ -61,11 +69,11 @@ def as_numpy(x):
 def load_model(checkpoint_dir, vision_scheme=None, text_scheme=None):
     """transformers' model; with schemes, its weights replaced by the effective (fake-quant) weights vlmc's
     artifacts compute with: the tier-A reference of a reduced-precision artifact."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise in a parity report
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(checkpoint_dir)).eval()
+    model = AutoModelForImageTextToText.from_pretrained(str(checkpoint_dir)).eval()
     if vision_scheme is not None or text_scheme is not None:
         fake_quantize(model, vision_scheme, text_scheme)
     return model
@@ -89,7 +97,7 @@ def _deploy_name(name: str) -> tuple[str, tuple[str, ...]]:
 @torch.no_grad()
 def fake_quantize(model, vision_scheme=None, text_scheme=None) -> None:
     """Put the effective weights of `vision_scheme` / `text_scheme` (vlmc.compile.quantize) into a transformers
-    Qwen2.5-VL model, in place: every linear (and the patch embedding) the deploy model quantizes, and the bf16
+    Qwen VL model, in place: every linear (and the patch embedding) the deploy model quantizes, and the bf16
     token embedding table of a reduced-precision LLM artifact."""
     import torch.nn as nn
 
