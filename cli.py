@@ -13,6 +13,7 @@ import sys
 import warnings
 
 from . import __version__
+from .build_in.source_code import ARCHITECTURES
 from .errors import VlmcError
 
 
@@ -25,13 +26,14 @@ def _add_checkpoint(sub) -> None:
     tiny = kinds.add_parser("tiny", help="a small random-weight model",
                             description="Write a small random-weight model of the given architecture.")
     tiny.add_argument("out_dir", metavar="OUT_DIR", help="folder to write the checkpoint into")
-    tiny.add_argument("--arch", default="qwen2_5_vl", help="architecture (default: qwen2_5_vl)")
+    tiny.add_argument("--arch", default="qwen2_5_vl", choices=sorted(ARCHITECTURES),
+                      help="architecture (default: qwen2_5_vl)")
     tiny.add_argument("--preset", default="tiny",
                       help="tiny: runs the pipeline in seconds; small: the real model's per-head shapes with few "
-                           "layers; 3b-width: Qwen2.5-VL-3B's real widths and vocabulary at reduced depth, for "
-                           "benchmarks (2.3 GB); 7b: Qwen2.5-VL-7B's real shapes, depth and vocabulary in bf16, "
-                           "written a tensor at a time (16.6 GB; compile it at int8 to run it on a 24 GB host) "
-                           "(default: tiny)")
+                           "layers (every architecture); qwen2_5_vl also: 3b-width: Qwen2.5-VL-3B's real widths "
+                           "and vocabulary at reduced depth, for benchmarks (2.3 GB); 7b: Qwen2.5-VL-7B's real "
+                           "shapes, depth and vocabulary in bf16, written a tensor at a time (16.6 GB; compile it "
+                           "at int8 to run it on a 24 GB host) (default: tiny)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     tiny.add_argument("--init-std", type=float,
                       help="standard deviation of the random weights (the config's initializer_range; default 0.1, "
@@ -61,6 +63,9 @@ def _add_quickstart(sub) -> None:
                                    "is that every stage runs.")
     p.add_argument("--workdir", default="vlmc-quickstart", help="folder for the checkpoint and artifacts "
                                                                  "(default: ./vlmc-quickstart)")
+    p.add_argument("--arch", default="qwen2_5_vl", choices=sorted(ARCHITECTURES),
+                   help="architecture of the tiny model, compiled with build_in/build/ARCH_{visual,llm}.yaml "
+                        "(default: qwen2_5_vl)")
     p.set_defaults(func=_run_quickstart)
 
 
@@ -69,15 +74,16 @@ def _run_quickstart(args) -> int:
 
     root = Path(__file__).resolve().parent / "build_in"
     work = Path(args.workdir)
-    checkpoint, workspace = work / "tiny-qwen2_5_vl", work / "workspace"
+    arch = args.arch
+    checkpoint, workspace = work / f"tiny-{arch}", work / "workspace"
     steps = [
-        ["checkpoint", "tiny", "--arch", "qwen2_5_vl", str(checkpoint), "--preset", "tiny"],
-        ["compile", str(root / "build" / "qwen2_5_vl_visual.yaml"), "--checkpoint", str(checkpoint),
+        ["checkpoint", "tiny", "--arch", arch, str(checkpoint), "--preset", "tiny"],
+        ["compile", str(root / "build" / f"{arch}_visual.yaml"), "--checkpoint", str(checkpoint),
          "--workspace", str(workspace)],
-        ["compile", str(root / "build" / "qwen2_5_vl_llm.yaml"), "--checkpoint", str(checkpoint),
+        ["compile", str(root / "build" / f"{arch}_llm.yaml"), "--checkpoint", str(checkpoint),
          "--workspace", str(workspace)],
-        ["generate", "--model", str(workspace / "qwen2_5_vl_llm"), "--vit_model",
-         str(workspace / "qwen2_5_vl_visual"), "--image", str(root / "assets" / "demo.png"),
+        ["generate", "--model", str(workspace / f"{arch}_llm"), "--vit_model",
+         str(workspace / f"{arch}_visual"), "--image", str(root / "assets" / "demo.png"),
          "--prompt", "What is in this picture?", "--max-new-tokens", "24", "--json"],
     ]
     for step in steps:

@@ -48,6 +48,7 @@ class VisualShape(_Strict):
 
 class VisualFrontend(_Strict):
     checkpoint: str | None = None
+    arch: str | None = None  # the architecture this YAML builds; a checkpoint of another is refused
     type: Literal["huggingface"] = "huggingface"
     max_patches: int | None = Field(default=None, gt=0)
     patch_buckets: list[int] | None = None  # smaller budgets compiled too (default: a quarter, half, three quarters)
@@ -197,6 +198,7 @@ class LLMModelKwargs(_Strict):
 
 class LLMFrontend(_Strict):
     checkpoint: str | None = None
+    arch: str | None = None  # the architecture this YAML builds; a checkpoint of another is refused
     type: Literal["huggingface"] = "huggingface"
     shape: LLMShape = LLMShape(input_ids=[[256], [1024]])
     model_kwargs: LLMModelKwargs = LLMModelKwargs()

@@ -54,8 +54,9 @@ def register_inference(sub) -> None:
     p = sub.add_parser(
         "encode", help="encode one image through a compiled visual artifact",
         description="Run one image through the compiled visual graph and write its embeddings [visual tokens, "
-                    "hidden] as float32 .npy, in the order transformers produces them. An image over the "
-                    "compiled patch budget is resized to fit.")
+                    "hidden] as float32 .npy, in the order transformers produces them. A graph with more output "
+                    "groups (e.g. Qwen3-VL's deepstack features, [layers, visual tokens, hidden]) writes each next "
+                    "to --out as OUT.<group>.npy. An image over the compiled patch budget is resized to fit.")
     p.add_argument("--vit_model", "--vit-model", dest="vit_model", required=True, help="visual artifact folder")
     p.add_argument("--image", required=True, help="image path, file:// URL or data: URI")
     p.add_argument("--out", required=True, help="output .npy path")
@@ -94,6 +95,10 @@ def run_encode(args) -> int:
     runtime = VisualRuntime(args.vit_model, args.device)
     encoded = runtime.encode(args.image, args.min_pixels, args.max_pixels)
     np.save(args.out, encoded.embeddings)
+    out = Path(args.out)
+    stem = out.with_suffix("") if out.suffix == ".npy" else out
+    for group, array in encoded.extras.items():
+        np.save(f"{stem}.{group}.npy", array)
     h, w = encoded.resized_to
     note = " (resized to fit the compiled patch budget)" if encoded.fitted else ""
     print(f"image resized to {w}x{h}{note}, grid {list(encoded.grid_thw)}, "

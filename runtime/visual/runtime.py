@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ class EncodedImage:
     resized_to: tuple[int, int]  # (height, width) actually fed to the encoder
     fitted: bool  # True when the image was shrunk to fit the compiled patch budget
     seconds: float
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # the graph's other output groups, by name
 
 
 def fit_to_budget(cfg: ImageConfig, budget: int) -> ImageConfig:
@@ -113,10 +114,11 @@ class VisualRuntime:
         t0 = time.perf_counter()
         cfg = self.image_config(min_pixels, max_pixels)
         pixel_values, grid, fitted = self.patches(source, cfg)
-        embeddings = self.encode_patches(pixel_values, grid)
+        outputs = self.encode_outputs(pixel_values, grid)
+        embeddings = outputs.pop("embeddings")
         _, gh, gw = grid
         if fitted:
             log.info("image resized to %dx%d to fit the compiled budget of %d patches",
                      gw * cfg.patch_size, gh * cfg.patch_size, self.budget)
         return EncodedImage(embeddings, tuple(int(g) for g in grid), (gh * cfg.patch_size, gw * cfg.patch_size),
-                            fitted, time.perf_counter() - t0)
+                            fitted, time.perf_counter() - t0, outputs)

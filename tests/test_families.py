@@ -1,0 +1,142 @@
+"""The other Qwen families end to end through the same CLI: host ops against transformers' processor and
+get_rope_index, compiled artifacts against transformers (vlmc eval parity: every visual output group, prefill and
+decode logits, 32 greedy tokens) at tp 1 and 2, and the refusals that keep families apart."""
+
+import json
+
+import numpy as np
+import pytest
+from compiled import BUILD, compile_artifact, generate_json, vlmc
+from conftest import random_image
+
+FAMILIES = ["qwen2_vl"]
+PRESETS = ["tiny", "small"]
+
+
+@pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory):
+    root, made = tmp_path_factory.mktemp("family_checkpoints"), {}
+
+    def get(arch, preset):
+        if (arch, preset) not in made:
+            out = root / f"{arch}_{preset}"
+            vlmc("checkpoint", "tiny", "--arch", arch, out, "--preset", preset)
+            made[arch, preset] = str(out)
+        return made[arch, preset]
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_artifacts(family_checkpoint, tmp_path_factory):
+    """Compiled once per (family, preset, tp): a visual artifact and the LLM artifacts."""
+    root, built = tmp_path_factory.mktemp("family_ws"), {}
+
+    def get(arch, preset, tp=1):
+        ck, ws = family_checkpoint(arch, preset), root / f"{arch}_{preset}"
+        if (arch, preset, "visual") not in built:
+            built[arch, preset, "visual"] = compile_artifact(f"{arch}_visual.yaml", ck, ws, "--max-patches", 512)
+        if (arch, preset, tp) not in built:
+            built[arch, preset, tp] = compile_artifact(f"{arch}_llm.yaml", ck, ws / f"tp{tp}", "--tp", tp,
+                                                       "--max-prefill", 256, "--max-context", 320)
+        return built[arch, preset, "visual"], built[arch, preset, tp]
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("family_images")
+    paths = []
+    for i, (h, w) in enumerate([(200, 300), (90, 400)]):
+        paths.append(folder / f"img{i}.png")
+        random_image(h, w, seed=20 + i).save(paths[-1])
+    return paths
+
+
+def _reference(arch):
+    from vlmc.build_in.source_code import get_architecture
+
+    return get_architecture(arch).reference
+
+
+@pytest.mark.parametrize("num_images", [0, 1, 2])
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_preprocess_matches_the_reference(family_checkpoint, family_images, tmp_path, arch, preset, num_images):
+    from PIL import Image
+
+    ck, images = family_checkpoint(arch, preset), family_images[:num_images]
+    out = tmp_path / "pre.npz"
+    vlmc("preprocess", "--checkpoint", ck, *[a for p in images for a in ("--image", p)], "--prompt", "Describe.",
+         "--out", out)
+    got, ref = np.load(out), _reference(arch).reference_inputs(ck, [Image.open(p) for p in images], "Describe.")
+    as_numpy = _reference(arch).as_numpy
+    np.testing.assert_array_equal(got["input_ids"], as_numpy(ref["input_ids"])[0])
+    np.testing.assert_array_equal(got["position_ids"], as_numpy(ref["position_ids"])[:, 0])
+    assert int(got["rope_deltas"]) == int(ref["rope_deltas"][0])
+    if images:
+        np.testing.assert_array_equal(got["image_grid_thw"], as_numpy(ref["image_grid_thw"]))
+        assert np.abs(got["pixel_values"] - as_numpy(ref["pixel_values"])).max() <= 1e-5
+
+
+@pytest.mark.parametrize("num_images", [0, 1, 2])
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_parity_with_transformers(family_checkpoint, family_artifacts, family_images, tmp_path, arch, preset,
+                                  num_images):
+    visual, llm = family_artifacts(arch, preset)
+    images = [a for p in family_images[:num_images] for a in ("--image", p)]
+    proc = vlmc("eval", "parity", "--checkpoint", family_checkpoint(arch, preset), "--model", llm, "--vit_model",
+                visual, *images, "--max-new-tokens", 32, "--report", tmp_path, check=False)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads((tmp_path / "parity.json").read_text())
+    assert proc.returncode == 0 and summary["pass"], summary["failures"]
+    assert report["greedy"]["identical_tokens"] == 32
+    assert len(report.get("image_embedding_rel_error", [])) == num_images
+    assert all(e <= 1e-4 for e in report.get("image_embedding_rel_error", []))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_generate_at_tp2_equals_transformers(family_checkpoint, family_artifacts, family_images, arch, preset):
+    from PIL import Image
+
+    visual, llm = family_artifacts(arch, preset, tp=2)
+    ck = family_checkpoint(arch, preset)
+    out = generate_json("--model", llm, "--vit_model", visual, "--image", family_images[0], "--prompt", "Describe.",
+                        "--max-new-tokens", 32)
+    reference = _reference(arch)
+    model = reference.load_model(ck)
+    ref = reference.reference_inputs(ck, [Image.open(family_images[0])], "Describe.", model=model)
+    want = reference.generate_reference(model, ref, 32)
+    # generate stops at EOS, the reference never does (min_new_tokens): compare what generate produced
+    assert out["token_ids"] == want[:len(out["token_ids"])] and len(out["token_ids"]) > 0
+
+
+def test_artifacts_of_two_families_are_not_mixed(family_artifacts, family_images, tmp_path):
+    """A visual artifact of one family with an LLM artifact of another is refused naming both."""
+    from vlmc.build_in.source_code.qwen2_5_vl import write_checkpoint
+
+    ck = write_checkpoint(tmp_path / "ck25", "tiny")
+    visual, _ = family_artifacts("qwen2_vl", "tiny")
+    llm = compile_artifact("qwen2_5_vl_llm.yaml", ck, tmp_path / "ws", "--max-prefill", 256, "--max-context", 320)
+    proc = vlmc("generate", "--model", llm, "--vit_model", visual, "--image", family_images[0], "--prompt", "x",
+                check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "qwen2_vl" in proc.stderr and "qwen2_5_vl" in proc.stderr
+
+
+@pytest.mark.parametrize("yaml", ["qwen2_5_vl_visual.yaml", "qwen2_5_vl_llm.yaml"])
+def test_a_yaml_of_one_family_refuses_a_checkpoint_of_another(family_checkpoint, tmp_path, yaml):
+    proc = vlmc("compile", BUILD / yaml, "--checkpoint", family_checkpoint("qwen2_vl", "tiny"), "--workspace",
+                tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "builds qwen2_5_vl" in proc.stderr and "qwen2_vl checkpoint" in proc.stderr
+    assert "export" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_unsupported_model_type_names_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llava"}')
+    proc = vlmc("compile", BUILD / "qwen2_vl_llm.yaml", "--checkpoint", tmp_path, "--workspace", tmp_path / "ws",
+                check=False)
+    assert proc.returncode == 2 and "'llava' is not supported" in proc.stderr
+    assert "qwen2_5_vl" in proc.stderr and "qwen2_vl" in proc.stderr
