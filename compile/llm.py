@@ -106,7 +106,9 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
     exported = {}
     with stages.stage("export", f"{len(graphs)} graphs: " + ", ".join(g[0] for g in graphs)):
         for name, b, s, t in graphs:
-            exported[name] = tvm_backend.export_module(ranks[0], graph_inputs(b, s, context=t, **dims))
+            # prompt graphs take the architecture's extra per-token inputs (e.g. deepstack features) last
+            extras = tuple(ranks[0].prefill_extras(s).values()) if not t else ()
+            exported[name] = tvm_backend.export_module(ranks[0], graph_inputs(b, s, context=t, **dims) + extras)
         param_names = list(exported["decode"].graph_signature.parameters)
     modules = {}
     with stages.stage("import into TVM"):
@@ -135,6 +137,9 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
             "batch_size": batch, "graphs": {n: {"batch": b, "seq": s, "cache": t} for n, b, s, t in graphs},
             "layers": text.num_hidden_layers, "kv_heads_per_rank": plan.num_kv_heads, "head_dim": spec.text.head_dim,
             "hidden_size": text.hidden_size, "vocab_size": text.vocab_size, "param_names": param_names,
+            # per-token visual features the prompt graphs take after the key ranges: [count, 1, S, hidden] each,
+            # from the visual output group of the same name, zero off the image positions
+            "prefill_extras": [{"name": n, "count": int(t.shape[0])} for n, t in ranks[0].prefill_extras(16).items()],
             "embed_tokens": {"file": "embed_tokens.npy", "shape": list(embed.shape),
                              "dtype": "bfloat16" if embed.dtype == np.uint16 else str(embed.dtype)},
             "quantize": scheme.to_dict(), "quantized_layers": weight_layout(ranks[0]),

@@ -13,6 +13,7 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .rope import vision_cos_sin, vision_position_ids
 
@@ -26,6 +27,7 @@ class VisionSpec:
     merge_size: int
     window_size: int | None = None  # pixels per attention window side; None: full attention in every block
     rope_theta: float = 10000.0
+    position_grid: int | None = None  # side of a learned square position table resampled to each grid (bilinear)
 
     @property
     def merge_unit(self) -> int:
@@ -61,7 +63,8 @@ class VisualGraphInputs:
 
     pixel_values [budget, patch_dim]: patches in window order, zero padded; full_ranges int32 [budget, 2]: the keys
     [lo, hi) each patch attends to in full-attention blocks (every real patch); window_ranges (windowed towers): the
-    same in window blocks; cos, sin [budget, head_dim]: the 2-D rotary tables."""
+    same in window blocks; cos, sin [budget, head_dim]: the 2-D rotary tables; pos_index, pos_weight (towers with a
+    learned position table): its bilinear taps per patch."""
 
     arrays: dict[str, np.ndarray]
     num_tokens: int  # merged output tokens that belong to the image
@@ -82,6 +85,32 @@ def _grid_rotary(grid: tuple[int, int, int], merge_size: int, head_dim: int, the
     for table in tables:
         table.flags.writeable = False
     return tables
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_position_taps(grid: tuple[int, int, int], side: int, merge_size: int):
+    """Bilinear (align_corners) taps of a learned side x side position table for each patch of a grid, in the
+    patches' merge-block order: indices int32 [n, 4] into the flattened table and weights [n, 4], the edge clamped.
+    The float math is the reference's (transformers' get_vision_interpolation_indices_and_weights), in torch fp32,
+    so the weights are bit-identical; cached per grid like the rotary tables."""
+    t, h, w = grid
+    within = torch.arange(t * h * w) % (h * w)
+    in_col, in_row = within % merge_size, (within // merge_size) % merge_size
+    block_col = (within // (merge_size * merge_size)) % (w // merge_size)
+    block_row = within // (merge_size * merge_size * (w // merge_size))
+    taps = []
+    for index, size in ((block_row * merge_size + in_row, h), (block_col * merge_size + in_col, w)):
+        src = index.to(torch.float32) * (side - 1) / max(size - 1, 1)
+        floor = torch.floor(src)
+        offsets = torch.arange(0, 2)
+        taps.append(((floor.long()[:, None] + offsets).clamp(0, side - 1),
+                     (1 - (src[:, None] - floor[:, None] - offsets).abs()).clamp(min=0)))
+    (h_taps, h_weights), (w_taps, w_weights) = taps
+    indices = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4).to(torch.int32).numpy()
+    weights = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4).numpy()
+    for table in (indices, weights):
+        table.flags.writeable = False
+    return indices, weights
 
 
 def build_visual_inputs(pixel_values: np.ndarray, grid_thw, spec: VisionSpec, budget: int,
@@ -112,6 +141,11 @@ def build_visual_inputs(pixel_values: np.ndarray, grid_thw, spec: VisionSpec, bu
     full_ranges = np.zeros((budget, 2), dtype=np.int32)
     full_ranges[:n, 1] = n
     arrays = {"pixel_values": padded, "full_ranges": full_ranges, "cos": cos.astype(dtype), "sin": sin.astype(dtype)}
+    if spec.position_grid:  # pos_index int32 [budget, 4], pos_weight [budget, 4]: padding rows weigh nothing
+        index, weight = _grid_position_taps(grid, spec.position_grid, spec.merge_size)
+        arrays["pos_index"] = np.zeros((budget, 4), dtype=np.int32)
+        arrays["pos_weight"] = np.zeros((budget, 4), dtype=dtype)
+        arrays["pos_index"][:n], arrays["pos_weight"][:n] = index[patch_order], weight[patch_order]
     if spec.window_size:
         window_ranges = arrays["window_ranges"] = np.zeros((budget, 2), dtype=np.int32)
         window_ranges[:n, 0] = np.repeat(ends - seqlens, seqlens)

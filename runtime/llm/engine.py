@@ -111,10 +111,11 @@ class Sequence:
 
 class LLMEngine:
     def __init__(self, prefill: dict[int, StepFunction], decode: StepFunction, spec: TextSpec, embed,
-                 cache_shape: CacheShape, slots: int = 1, dtype=np.float32):
+                 cache_shape: CacheShape, slots: int = 1, dtype=np.float32, prefill_extras: list[dict] = ()):
         if not prefill:
             raise ValueError("at least one prefill length is needed")
         self.prefill_steps = dict(sorted(prefill.items()))
+        self.prefill_extras = list(prefill_extras)  # [{"name", "count"}]: per-token inputs of the prompt graphs
         self.decode_step = decode
         self.spec = spec
         self.embed = embed
@@ -151,9 +152,11 @@ class LLMEngine:
         cos[0, seq - n:], sin[0, seq - n:] = c, s
         return cos, sin
 
-    def prefill(self, seq: Sequence, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def prefill(self, seq: Sequence, inputs_embeds: np.ndarray, position_ids: np.ndarray,
+                extras: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Run the prompt [n, hidden] through the smallest prefill graph that fits, on the sequence's empty cache
-        slot (prefill graphs take no cache); returns last-token logits."""
+        slot (prefill graphs take no cache); returns last-token logits. `extras`: the per-token inputs the prompt
+        graphs declare, [count, n, hidden] each (absent: zeros, e.g. a prompt without images)."""
         n = inputs_embeds.shape[0]
         length = next((p for p in self.prefill_steps if p >= n), None)
         if length is None:
@@ -167,7 +170,13 @@ class LLMEngine:
         embeds[0, length - n:] = inputs_embeds
         cos, sin = self._cos_sin(position_ids, length)
         ranges = prompt_key_ranges(n, length)
-        logits, new_k, new_v = self.prefill_steps[length](embeds, cos, sin, ranges)
+        padded = []
+        for extra in self.prefill_extras:
+            array = np.zeros((extra["count"], 1, length, inputs_embeds.shape[1]), self.dtype)
+            if extras and extra["name"] in extras:
+                array[:, 0, length - n:] = extras[extra["name"]]
+            padded.append(array)
+        logits, new_k, new_v = self.prefill_steps[length](embeds, cos, sin, ranges, *padded)
         self.cache.write(seq.slot, new_k, new_v, n)
         return logits[0]
 
@@ -209,6 +218,22 @@ class LLMEngine:
 
     def release(self, seq: Sequence) -> None:
         self.cache.lengths[seq.slot] = 0
+
+
+def splice_image_features(input_ids: np.ndarray, image_token_id: int, features: list[np.ndarray],
+                          hidden: int) -> np.ndarray:
+    """Per-token features [count, n, hidden] of a prompt: each image's [count, tokens, hidden] at its run of image
+    pad tokens, zeros elsewhere."""
+    ids = np.asarray(input_ids)
+    positions = np.flatnonzero(ids == image_token_id)
+    count = features[0].shape[0] if features else 0
+    out = np.zeros((count, len(ids), hidden), np.float32)
+    if features:
+        stacked = np.concatenate(features, axis=1)
+        if stacked.shape[1] != positions.size:
+            raise ValueError(f"{positions.size} image tokens in the prompt but {stacked.shape[1]} image features")
+        out[:, positions] = stacked
+    return out
 
 
 def splice_image_embeddings(token_embeds: np.ndarray, input_ids: np.ndarray, image_token_id: int,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..cpu_ops.sampling import Sampler, SamplingParams
-from .engine import Sequence, splice_image_embeddings
+from .engine import Sequence, splice_image_embeddings, splice_image_features
 from .runtime import DistributedEngine, LLMArtifact
 
 
@@ -29,6 +29,21 @@ class GenerationResult:
                 "timings": self.timings, "images": self.images, "precision": self.precision}
 
 
+def prompt_extras(declared: list[dict], input_ids, image_token_id: int, image_extras: list[dict],
+                  hidden: int) -> dict[str, np.ndarray]:
+    """Each declared prompt-graph input [count, n, hidden]: its visual output group of every image, spliced at the
+    image's pad tokens (zeros elsewhere)."""
+    out = {}
+    for extra in declared:
+        name = extra["name"]
+        features = [images[name] for images in image_extras]
+        if any(f.shape[0] != extra["count"] for f in features):
+            raise ValueError(f"the visual artifact's {name!r} group does not have the {extra['count']} features "
+                             f"the LLM artifact takes")
+        out[name] = splice_image_features(input_ids, image_token_id, features, hidden)
+    return out
+
+
 class Pipeline:
     def __init__(self, model: str, vit_model: str | None = None, device: str = "cpu", verify: bool = True,
                  same_checkpoint: bool = True):
@@ -40,6 +55,7 @@ class Pipeline:
             self.visual = VisualRuntime(vit_model, device, verify=verify)
             self.llm.check_visual(self.visual.manifest, vit_model, same_checkpoint)
         self.tokenizer = self.llm.tokenizer()
+        self.last_image_extras: list[dict] = []  # set by encode_images
         self.spec = self.llm.spec
         # The decode graph has a fixed batch (the serving batch size); one request fills row 0, the rest idle.
         self.batch = int(self.llm.manifest["batch_size"])
@@ -62,13 +78,21 @@ class Pipeline:
 
             raise VlmcError("the request has images but no visual artifact was given (--vit_model)")
         embeds, grids, info = [], [], []
+        self.last_image_extras = []  # the other visual output groups of each image (see prompt_extras)
         for source in images:
             cfg = self.visual.image_config(min_pixels, max_pixels)
             pixels, grid, fitted = self.visual.patches(source, cfg)
-            embeds.append(self.visual.encode_patches(pixels, grid))
+            outputs = self.visual.encode_outputs(pixels, grid)
+            embeds.append(outputs.pop("embeddings"))
+            self.last_image_extras.append(outputs)
             grids.append(grid)
             info.append({"grid_thw": [int(g) for g in grid], "fitted_to_budget": fitted})
         return embeds, np.asarray(grids, dtype=np.int64).reshape(-1, 3), info
+
+    def prompt_extras(self, input_ids, image_extras: list[dict]) -> dict[str, np.ndarray]:
+        """The prompt graphs' per-token inputs, from the images' visual output groups of the same names."""
+        return prompt_extras(self.engine.prefill_extras, input_ids, self.spec.text.image_token_id, image_extras,
+                             self.spec.text.hidden_size)
 
     def generate(self, images, prompt: str, max_new_tokens: int, sampling: SamplingParams | None = None,
                  messages: list[dict] | None = None, min_pixels=None, max_pixels=None) -> GenerationResult:
@@ -83,11 +107,12 @@ class Pipeline:
         self.engine.check_budget(len(input_ids), max_new_tokens)
         position_ids, delta = self.spec.positions(input_ids, grids)
         embeds = splice_image_embeddings(self.engine.embed.lookup(input_ids), input_ids, image_id, image_embeds)
+        extras = self.prompt_extras(input_ids, self.last_image_extras)
         seq = Sequence(0, delta)
         sampler = Sampler(sampling)
         t1 = time.perf_counter()
         try:
-            logits = self.engine.prefill(seq, embeds, position_ids)
+            logits = self.engine.prefill(seq, embeds, position_ids, extras)
             t_prefill = time.perf_counter() - t1
             tokens, finish, step_times, t_first = [], "length", [], None
             while len(tokens) < max_new_tokens:

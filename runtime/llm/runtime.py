@@ -60,7 +60,8 @@ class LLMArtifact:
         device = check_device(self.manifest, self.path, device)
         prefill, decode = load_rank_steps(self.path, self.manifest, rank, device)
         return LLMEngine(prefill, decode, self.spec.text, self.embedding(), self.cache_shape(),
-                         slots=slots or int(self.manifest["batch_size"]))
+                         slots=slots or int(self.manifest["batch_size"]),
+                         prefill_extras=self.manifest.get("prefill_extras", []))
 
     def check_visual(self, visual_manifest: dict, visual_path, same_checkpoint: bool = True) -> None:
         """Refuse a visual artifact that does not belong to this LLM artifact (`same_checkpoint=False` lets a
@@ -73,6 +74,11 @@ class LLMArtifact:
                             f"{self.manifest['hidden_size']}")
         if visual_manifest.get("arch") != self.manifest["arch"]:
             problems.append(f"visual arch {visual_manifest.get('arch')} != LLM arch {self.manifest['arch']}")
+        groups = {g["name"]: g["count"] for g in visual_manifest.get("output_groups", [])}
+        for extra in self.manifest.get("prefill_extras", []):
+            if groups.get(extra["name"]) != extra["count"]:
+                problems.append(f"the LLM takes {extra['count']} {extra['name']!r} features per token, the visual "
+                                f"graph gives {groups.get(extra['name'], 0)}")
         if same_checkpoint and visual_manifest.get("weights_fingerprint") != self.manifest.get("weights_fingerprint"):
             problems.append("they were compiled from different checkpoints")
         if problems:
@@ -128,9 +134,9 @@ class DistributedEngine:
 
             dist.broadcast_object_list([(op, args)], src=0)
 
-    def prefill(self, seq, inputs_embeds, position_ids):
-        self._broadcast("prefill", seq.slot, seq.rope_delta, inputs_embeds, position_ids)
-        return self.local.prefill(seq, inputs_embeds, position_ids)
+    def prefill(self, seq, inputs_embeds, position_ids, extras=None):
+        self._broadcast("prefill", seq.slot, seq.rope_delta, inputs_embeds, position_ids, extras)
+        return self.local.prefill(seq, inputs_embeds, position_ids, extras)
 
     def decode(self, seqs, tokens):
         self._broadcast("decode", [(s.slot, s.rope_delta) for s in seqs], list(tokens))
@@ -174,8 +180,8 @@ def _worker_main(path: str, rank: int, world: int, port: int, device: str, slots
         if op == "stop":
             break
         if op == "prefill":
-            slot, delta, embeds, positions = args
-            engine.prefill(Sequence(slot, delta), embeds, positions)
+            slot, delta, embeds, positions, extras = args
+            engine.prefill(Sequence(slot, delta), embeds, positions, extras)
         elif op == "decode":
             pairs, tokens = args
             engine.decode([Sequence(slot, delta) for slot, delta in pairs], tokens)

@@ -46,12 +46,13 @@ def _worker_signals() -> None:
 
 
 class EmbeddingCache:
-    """LRU of image embeddings keyed by the decoded pixels plus the resize settings, bounded by bytes."""
+    """LRU of an image's visual outputs (embeddings and any other output groups) keyed by the decoded pixels plus
+    the resize settings, bounded by bytes."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self.entries: OrderedDict[str, tuple[np.ndarray, list[int]]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[dict[str, np.ndarray], list[int]]] = OrderedDict()
 
     @staticmethod
     def key(image, settings: tuple) -> str:
@@ -66,14 +67,18 @@ class EmbeddingCache:
             self.entries.move_to_end(key)
         return hit
 
-    def put(self, key: str, embeds: np.ndarray, grid: list[int]) -> None:
-        if embeds.nbytes > self.max_bytes:
+    @staticmethod
+    def _size(outputs: dict[str, np.ndarray]) -> int:
+        return sum(a.nbytes for a in outputs.values())
+
+    def put(self, key: str, outputs: dict[str, np.ndarray], grid: list[int]) -> None:
+        if self._size(outputs) > self.max_bytes:
             return  # also covers max_bytes == 0 (cache disabled)
-        self.entries[key] = (embeds, grid)
-        self.bytes += embeds.nbytes
+        self.entries[key] = (outputs, grid)
+        self.bytes += self._size(outputs)
         while self.bytes > self.max_bytes:
             _, (old, _) = self.entries.popitem(last=False)
-            self.bytes -= old.nbytes
+            self.bytes -= self._size(old)
 
 
 def visual_main(vit_model: str, requests_addr: str, llm_addr: str, results_addr: str, min_pixels, max_pixels,
@@ -101,20 +106,21 @@ def visual_main(vit_model: str, requests_addr: str, llm_addr: str, results_addr:
             break
         try:
             t0 = time.perf_counter()
-            embeds, grids, hits = [], [], 0
+            embeds, extras, grids, hits = [], [], [], 0
             for image in req["images"]:
                 key = EmbeddingCache.key(image, settings)
                 cached = cache.get(key)
                 if cached is None:
                     pixels, grid, _ = visual.patches(image, cfg)
-                    cached = (visual.encode_patches(pixels, grid), [int(g) for g in grid])
+                    cached = (visual.encode_outputs(pixels, grid), [int(g) for g in grid])
                     cache.put(key, *cached)
                 else:
                     hits += 1
-                embeds.append(cached[0])
+                embeds.append(cached[0]["embeddings"])
+                extras.append({k: v for k, v in cached[0].items() if k != "embeddings"})
                 grids.append(cached[1])
             seconds = time.perf_counter() - t0
-            req.update(images=None, image_embeds=embeds, grids=grids, visual_s=seconds)
+            req.update(images=None, image_embeds=embeds, image_extras=extras, grids=grids, visual_s=seconds)
             if embeds:
                 results.send_pyobj({"stats": "visual", "seconds": seconds, "hits": hits,
                                     "misses": len(embeds) - hits, "cache_bytes": cache.bytes})
@@ -139,6 +145,7 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
              info) -> None:
     from ..cpu_ops.sampling import Sampler, SamplingParams
     from ..llm.engine import BudgetError, Sequence, splice_image_embeddings
+    from ..llm.pipeline import prompt_extras
     from ..llm.runtime import DistributedEngine, LLMArtifact
 
     _worker_signals()
@@ -177,7 +184,8 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
         embeds = splice_image_embeddings(engine.embed.lookup(ids), ids, image_id, req["image_embeds"])
         params = SamplingParams(**req["sampling"], eos_token_ids=spec.text.eos_token_ids)
         run = Running(req["id"], Sequence(slot, delta), Sampler(params), max_tokens, len(ids))
-        run.logits = engine.prefill(run.seq, embeds, positions)
+        extras = prompt_extras(engine.prefill_extras, ids, image_id, req.get("image_extras", []), spec.text.hidden_size)
+        run.logits = engine.prefill(run.seq, embeds, positions, extras)
         running[slot] = run
         results.send_pyobj({"id": run.id, "started": True, "prompt_tokens": run.prompt_tokens})
 

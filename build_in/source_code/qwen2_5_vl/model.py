@@ -192,14 +192,34 @@ def shard_plan(text_config, tp: int, rank: int) -> ShardPlan:
     return ShardPlan(tp, rank, local_heads, local_kv, kv_start, q_start, text_config.intermediate_size // tp)
 
 
+@dataclass(frozen=True)
+class TextOptions:
+    """How a family's decoder differs from Qwen2's (which is every default): qkv bias, RMSNorm of each query and
+    key head before the rotary (Qwen3; replicated on every rank), an explicit head_dim, and the number of leading
+    layers after which prompt graphs add per-token visual features (Qwen3-VL's deepstack) to the hidden states."""
+
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    head_dim: int | None = None  # None: hidden / heads
+    deepstack_layers: int = 0
+
+
 class Attention(nn.Module):
-    def __init__(self, hidden: int, head_dim: int, plan: ShardPlan):
+    def __init__(self, hidden: int, head_dim: int, plan: ShardPlan, options: TextOptions = TextOptions(),
+                 eps: float = 1e-6):
         super().__init__()
         self.plan, self.head_dim = plan, head_dim
         self.sizes = [plan.num_heads * head_dim, plan.num_kv_heads * head_dim, plan.num_kv_heads * head_dim]
-        self.qkv_proj = nn.Linear(hidden, sum(self.sizes))  # q, k and v in one matmul (see FUSED)
+        self.qkv_proj = nn.Linear(hidden, sum(self.sizes), bias=options.qkv_bias)  # q, k, v in one matmul (FUSED)
         self.o_proj = nn.Linear(plan.num_heads * head_dim, hidden, bias=False)
+        if options.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
+        self.qk_norm = options.qk_norm
         self.fused = True  # prompts through vlmc::segment_attention (CPU kernel); False: standard ops (GPU targets)
+
+    def _norm(self, q, k):
+        """Per-head RMSNorm of queries and keys [..., heads, head_dim] (Qwen3), before the rotary."""
+        return (self.q_norm(q), self.k_norm(k)) if self.qk_norm else (q, k)
 
     def forward(self, x, cos, sin, mask, k_cache=None, v_cache=None, last_only=False, scales=(None, None)):
         """x [B, S, hidden]; cos/sin [B, S, head_dim]; mask [B, 1, S, T + S]; caches [B, kv, T, head_dim] (fp32, bf16,
@@ -208,7 +228,9 @@ class Attention(nn.Module):
         if k_cache is None:
             return self.prompt(x, cos, sin, mask, last_only)
         b, s, _ = x.shape
-        q, k, v = (y.view(b, s, -1, self.head_dim).transpose(1, 2) for y in self.qkv_proj(x).split(self.sizes, -1))
+        q, k, v = (y.view(b, s, -1, self.head_dim) for y in self.qkv_proj(x).split(self.sizes, -1))
+        q, k = self._norm(q, k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = cos[:, None], sin[:, None]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -241,6 +263,7 @@ class Attention(nn.Module):
         s = x.shape[1]
         # reshapes, not x[0] / cos[0]: a select imports as `take`, whose lowering warns once per use
         q, k, v = (y.view(s, -1, self.head_dim) for y in self.qkv_proj(x.reshape(s, -1)).split(self.sizes, -1))
+        q, k = self._norm(q, k)
         cos, sin = cos.reshape(s, 1, -1), sin.reshape(s, 1, -1)
         k = k * cos + rotate_half(k) * sin
         first = s - 1 if last_only else 0  # static slices (see DeployLanguageModel.forward)
@@ -266,12 +289,11 @@ def _identity(x):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, plan: ShardPlan, all_reduce: Callable):
+    def __init__(self, cfg, plan: ShardPlan, all_reduce: Callable, options: TextOptions, head_dim: int):
         super().__init__()
-        head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg.hidden_size, head_dim, plan)
+        self.self_attn = Attention(cfg.hidden_size, head_dim, plan, options, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, plan.intermediate)
         self.all_reduce = all_reduce
 
@@ -298,22 +320,35 @@ class DeployLanguageModel(nn.Module):
     cache at the positions it chose, so the graph neither copies nor owns the cache.
     """
 
-    def __init__(self, text_config, tp: int = 1, rank: int = 0, all_reduce: Callable = _identity):
+    def __init__(self, text_config, tp: int = 1, rank: int = 0, all_reduce: Callable = _identity,
+                 options: TextOptions = TextOptions()):
         super().__init__()
         self.config = text_config
+        self.options = options
         self.plan = shard_plan(text_config, tp, rank)
-        self.head_dim = text_config.hidden_size // text_config.num_attention_heads
-        self.layers = nn.ModuleList(DecoderLayer(text_config, self.plan, all_reduce)
+        self.head_dim = options.head_dim or text_config.hidden_size // text_config.num_attention_heads
+        self.layers = nn.ModuleList(DecoderLayer(text_config, self.plan, all_reduce, options, self.head_dim)
                                     for _ in range(text_config.num_hidden_layers))
         self.norm = RMSNorm(text_config.hidden_size, text_config.rms_norm_eps)
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
 
-    def forward(self, inputs_embeds, cos, sin, mask, *caches):
+    def prefill_extras(self, seq: int) -> dict[str, torch.Tensor]:
+        """Example extra inputs of the prompt graphs, after the key ranges: deepstack [layers, 1, S, hidden], the
+        visual features added after each of the first layers (zero off the image positions)."""
+        k = self.options.deepstack_layers
+        return {"deepstack": torch.zeros(k, 1, seq, self.config.hidden_size)} if k else {}
+
+    def forward(self, inputs_embeds, cos, sin, mask, *rest):
         x = inputs_embeds
         n = len(self.layers)
-        if caches and len(caches) not in (2 * n, 4 * n):
+        extras = 1 if self.options.deepstack_layers else 0
+        if len(rest) not in (2 * n, 4 * n, extras):
             raise ValueError(f"expected {2 * n} cache tensors (k then v per layer), {4 * n} (and their scales) or "
-                             f"none, got {len(caches)}")
+                             f"none (and {extras} prompt inputs), got {len(rest)}")
+        caches = rest if len(rest) in (2 * n, 4 * n) else ()
+        deepstack = None
+        if extras and not caches:  # split + reshape, not deepstack[i]: a select imports as `take` (see prompt())
+            deepstack = [t.reshape(t.shape[1:]) for t in rest[0].split(1, dim=0)]
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             # Only the last position's logits are wanted, so a prompt's last layer, once it has every position's
@@ -323,6 +358,8 @@ class DeployLanguageModel(nn.Module):
             scales = (caches[2 * n + i], caches[3 * n + i]) if len(caches) == 4 * n else (None, None)
             x, k, v = layer(x, cos, sin, mask, *((caches[i], caches[n + i]) if caches else ()), last_only=last_only,
                             scales=scales)
+            if deepstack is not None and i < len(deepstack):  # zeros off the image: adding them is exact
+                x = x + deepstack[i][:, deepstack[i].shape[1] - x.shape[1]:]
             new_k.append(k)
             new_v.append(v)
         # A static slice, not x[:, -1]: TVM 0.27's importer mistranslates a negative select index.
@@ -474,9 +511,10 @@ def _shard(name: str, tensor, plan: ShardPlan, head_dim: int):
 
 
 def load_language_model(checkpoint_dir: str | Path, text_config, tp: int = 1, rank: int = 0,
-                        all_reduce: Callable | None = None, scheme: Scheme | None = None) -> DeployLanguageModel:
+                        all_reduce: Callable | None = None, scheme: Scheme | None = None,
+                        options: TextOptions = TextOptions()) -> DeployLanguageModel:
     with torch.device("meta"):
-        model = DeployLanguageModel(text_config, tp, rank, all_reduce or _identity)
+        model = DeployLanguageModel(text_config, tp, rank, all_reduce or _identity, options)
     names = checkpoint_names(checkpoint_dir, "text") - {"embed_tokens.weight"}  # the lookup runs on the host
     weights = iter_weights(checkpoint_dir, "text", names)
     if "lm_head.weight" not in names:  # tied embeddings (e.g. the 3B model)
