@@ -118,15 +118,18 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
         report["host"] = host
 
         # 2. Image embeddings, per image.
-        hf_embeds = None
+        # Every other output group too (e.g. deepstack features, [count, tokens, hidden]), named in the report, so
+        # a tower that drops or breaks one fails here and not only, unexplained, in the logits.
+        image_extras = pipe.last_image_extras
+        hf_embeds, hf_extras = None, {}
         if images:
-            hf_embeds = reference.vision_outputs(hf_a, ref["pixel_values"], ref["image_grid_thw"])["embeddings"]
-            errors, offset = [], 0
-            for ours in image_embeds:
-                theirs = hf_embeds[offset:offset + ours.shape[0]]
-                offset += ours.shape[0]
-                errors.append(_rel(ours, theirs) if theirs.shape == ours.shape else float("inf"))
-            report["image_embedding_rel_error"] = errors
+            hf_outputs = reference.vision_outputs(hf_a, ref["pixel_values"], ref["image_grid_thw"])
+            hf_embeds = hf_outputs.pop("embeddings")
+            hf_extras = hf_outputs
+            report["image_embedding_rel_error"] = _per_image(image_embeds, hf_embeds, axis=0)
+            groups = set(hf_extras) | {g for outputs in image_extras for g in outputs}
+            report["visual_output_rel_error"] = {
+                g: _per_image([o.get(g) for o in image_extras], hf_extras.get(g), axis=1) for g in sorted(groups)}
             if onnx is not None:  # the ONNX export against transformers, and against the TVM graph
                 ort_embeds = onnx_embeddings(onnx, pipe.visual, images)
                 offset, vs_hf = 0, []
@@ -139,12 +142,14 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
 
         # 3-4. Prefill and decode logits while the greedy tokens agree.
         embeds = splice_image_embeddings(pipe.engine.embed.lookup(ids), ids, spec.text.image_token_id, image_embeds)
+        extras = pipe.prompt_extras(ids, image_extras)
         hf_tokens, hf_logits = reference.generate_reference(hf, ref, max_new_tokens, with_logits=True)
         if text_scheme.kv_cache != "fp32":  # the cache rounding exists in vlmc's deploy model only
             ref_embeds = embeds if hf_embeds is None else splice_image_embeddings(
                 pipe.engine.embed.lookup(ids), ids, spec.text.image_token_id, [hf_embeds])
-            ref_tokens, ref_logits = _deploy_reference(arch, checkpoint, text_scheme, pipe, ref_embeds, positions,
-                                                       delta, max_new_tokens)
+            ref_extras = extras if hf_embeds is None else pipe.prompt_extras(ids, [hf_extras])
+            ref_tokens, ref_logits = _deploy_reference(arch, checkpoint, text_scheme, pipe, ref_embeds, ref_extras,
+                                                       positions, delta, max_new_tokens)
         elif hf_a is not hf:
             ref_tokens, ref_logits = reference.generate_reference(hf_a, ref, max_new_tokens, with_logits=True)
         else:
@@ -153,7 +158,7 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
         tokens, steps = [], []
         with _slot(pipe) as seq:
             seq.rope_delta = delta
-            logits = pipe.engine.prefill(seq, embeds, positions)
+            logits = pipe.engine.prefill(seq, embeds, positions, extras)
             report["prefill_logits"] = _logit_stats(logits, ref_logits[0])
             while len(tokens) < len(ref_tokens):
                 tokens.append(_greedy(logits, eos))
@@ -170,7 +175,7 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
         ours = []
         with _slot(pipe) as seq:
             seq.rope_delta = delta
-            ours.append(pipe.engine.prefill(seq, embeds, positions))
+            ours.append(pipe.engine.prefill(seq, embeds, positions, extras))
             for token in hf_tokens[:-1]:
                 ours.append(pipe.decode_step(seq, token))
         report["quality"] = quality(ours, hf_logits, hf_tokens, eos)
@@ -199,7 +204,21 @@ def _greedy(logits: np.ndarray, eos: list[int]) -> int:
     return int(np.argmax(np.where(np.isin(np.arange(logits.size), eos), -np.inf, logits)))
 
 
-def _deploy_reference(arch, checkpoint, scheme, pipe, embeds, positions, delta, max_new_tokens):
+def _per_image(ours: list, theirs, axis: int) -> list[float]:
+    """Relative error of each image's output against its slice (along the token axis) of the reference's output
+    for all images; inf where one side lacks it or the shapes differ."""
+    errors, offset = [], 0
+    for mine in ours:
+        if mine is None or theirs is None:
+            errors.append(float("inf"))
+            continue
+        part = np.take(theirs, range(offset, offset + mine.shape[axis]), axis=axis)
+        offset += mine.shape[axis]
+        errors.append(_rel(mine, part) if part.shape == mine.shape else float("inf"))
+    return errors
+
+
+def _deploy_reference(arch, checkpoint, scheme, pipe, embeds, extras, positions, delta, max_new_tokens):
     """Greedy tokens and logits of vlmc's deploy language model in PyTorch (eager, tp 1) with the artifact's weights
     and KV cache format, through the same engine: the tier-A reference of a bf16/int8-cache artifact."""
     from ..runtime.llm.engine import LLMEngine, Sequence
@@ -209,9 +228,10 @@ def _deploy_reference(arch, checkpoint, scheme, pipe, embeds, positions, delta, 
     step = TorchStep(arch.load_language_model(checkpoint, config, scheme=scheme))
     shape = pipe.llm.cache_shape()
     shape.kv_heads = config.num_key_value_heads  # one rank holds every KV head
-    engine = LLMEngine({pipe.engine.max_prefill: step}, step, pipe.spec.text, pipe.engine.embed, shape)
+    engine = LLMEngine({pipe.engine.max_prefill: step}, step, pipe.spec.text, pipe.engine.embed, shape,
+                       prefill_extras=pipe.engine.prefill_extras)
     seq, eos = Sequence(0, delta), list(pipe.spec.text.eos_token_ids)
-    logits = [engine.prefill(seq, embeds, positions)]
+    logits = [engine.prefill(seq, embeds, positions, extras)]
     tokens = [_greedy(logits[0], eos)]
     while len(tokens) < max_new_tokens:
         logits.append(engine.decode([seq], [tokens[-1]])[0])
@@ -248,6 +268,10 @@ def failures(report: dict) -> list[str]:
     for i, err in enumerate(report.get("image_embedding_rel_error", [])):
         if not err <= limits["embedding_rel"]:
             out.append(f"image_embedding[{i}]: relative error {err:.3g} > {limits['embedding_rel']}")
+    for group, errors in report.get("visual_output_rel_error", {}).items():
+        for i, err in enumerate(errors):
+            if not err <= limits["embedding_rel"]:
+                out.append(f"visual output {group!r} of image {i}: relative error {err:.3g} > {limits['embedding_rel']}")
     for i, err in enumerate(report.get("onnxruntime", {}).get("image_embedding_rel_error", [])):
         if not err <= limits["embedding_rel"]:
             out.append(f"onnxruntime image_embedding[{i}]: relative error {err:.3g} > {limits['embedding_rel']}")
@@ -305,6 +329,8 @@ def write_report(report: dict, folder: Path) -> Path:
     lines += [f"| host: {k} | {v} |" for k, v in report["host"].items()]
     for i, err in enumerate(report.get("image_embedding_rel_error", [])):
         lines.append(f"| image {i} embedding relative error | {err:.3g} |")
+    for group, errors in report.get("visual_output_rel_error", {}).items():
+        lines += [f"| image {i} visual output {group!r} relative error | {err:.3g} |" for i, err in enumerate(errors)]
     ort_report = report.get("onnxruntime", {})
     for i, (err, tvm) in enumerate(zip(ort_report.get("image_embedding_rel_error", []),
                                        ort_report.get("vs_tvm_rel_error", []))):
