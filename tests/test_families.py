@@ -9,7 +9,7 @@ import pytest
 from compiled import BUILD, compile_artifact, generate_json, vlmc
 from conftest import random_image
 
-FAMILIES = ["qwen2_vl"]
+FAMILIES = ["qwen2_vl", "qwen3_vl"]
 PRESETS = ["tiny", "small"]
 
 
@@ -95,8 +95,8 @@ def test_parity_with_transformers(family_checkpoint, family_artifacts, family_im
     assert all(e <= 1e-4 for e in report.get("image_embedding_rel_error", []))
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("arch", FAMILIES)
+# tp 2 on both tiny presets, and on Qwen3-VL's small one (explicit head_dim, per-head q/k norms on each rank)
+@pytest.mark.parametrize("arch,preset", [("qwen2_vl", "tiny"), ("qwen3_vl", "tiny"), ("qwen3_vl", "small")])
 def test_generate_at_tp2_equals_transformers(family_checkpoint, family_artifacts, family_images, arch, preset):
     from PIL import Image
 
@@ -140,3 +140,49 @@ def test_unsupported_model_type_names_the_supported_ones(tmp_path):
                 check=False)
     assert proc.returncode == 2 and "'llava' is not supported" in proc.stderr
     assert "qwen2_5_vl" in proc.stderr and "qwen2_vl" in proc.stderr
+
+
+def test_parity_names_a_dropped_deepstack(family_checkpoint, family_artifacts, family_images, tmp_path):
+    """A visual artifact whose deepstack features are gone (their mergers zeroed, everything else the same) fails
+    parity on the 'deepstack' output group, while its main embeddings still pass."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ck = family_checkpoint("qwen3_vl", "tiny")
+    dropped = tmp_path / "no_deepstack"
+    shutil.copytree(ck, dropped)
+    weights = load_file(dropped / "model.safetensors")
+    zeroed = [k for k in weights if "deepstack_merger_list" in k]
+    assert zeroed
+    save_file({k: v.zero_() if k in zeroed else v for k, v in weights.items()}, dropped / "model.safetensors",
+              metadata={"format": "pt"})
+    visual = compile_artifact("qwen3_vl_visual.yaml", dropped, tmp_path / "ws", "--max-patches", 512)
+    _, llm = family_artifacts("qwen3_vl", "tiny")
+    proc = vlmc("eval", "parity", "--checkpoint", ck, "--model", llm, "--vit_model", visual, "--image",
+                family_images[0], "--max-new-tokens", 8, "--report", tmp_path / "report", check=False)
+    failures = json.loads(proc.stdout.strip().splitlines()[-1])["failures"]
+    assert proc.returncode == 1
+    assert any(f.startswith("visual output 'deepstack' of image 0") for f in failures), failures
+    assert not any(f.startswith("image_embedding") for f in failures), failures
+
+
+def test_serve_answers_like_generate(family_artifacts, family_images):
+    """`vlmc serve` on a Qwen3-VL pair answers the openai client with `vlmc generate`'s greedy text."""
+    from PIL import Image
+    from test_serve import client, data_uri, start_server, stop_server
+
+    visual, llm = family_artifacts("qwen3_vl", "tiny")
+    ref = generate_json("--model", llm, "--vit_model", visual, "--image", family_images[1], "--prompt", "Describe.",
+                        "--max-new-tokens", 12)
+    base, proc = start_server(llm, visual)
+    try:
+        messages = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_uri(Image.open(family_images[1]))}},
+            {"type": "text", "text": "Describe."}]}]
+        out = client(base, key="unused").chat.completions.create(model="m", messages=messages, max_tokens=12,
+                                                                        temperature=0)
+        assert out.choices[0].message.content == ref["text"]
+        assert out.usage.prompt_tokens == ref["prompt_tokens"]
+    finally:
+        stop_server(proc)

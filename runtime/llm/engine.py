@@ -220,13 +220,12 @@ class LLMEngine:
         self.cache.lengths[seq.slot] = 0
 
 
-def splice_image_features(input_ids: np.ndarray, image_token_id: int, features: list[np.ndarray],
+def splice_image_features(input_ids: np.ndarray, image_token_id: int, features: list[np.ndarray], count: int,
                           hidden: int) -> np.ndarray:
     """Per-token features [count, n, hidden] of a prompt: each image's [count, tokens, hidden] at its run of image
     pad tokens, zeros elsewhere."""
     ids = np.asarray(input_ids)
     positions = np.flatnonzero(ids == image_token_id)
-    count = features[0].shape[0] if features else 0
     out = np.zeros((count, len(ids), hidden), np.float32)
     if features:
         stacked = np.concatenate(features, axis=1)

@@ -40,7 +40,7 @@ def prompt_extras(declared: list[dict], input_ids, image_token_id: int, image_ex
         if any(f.shape[0] != extra["count"] for f in features):
             raise ValueError(f"the visual artifact's {name!r} group does not have the {extra['count']} features "
                              f"the LLM artifact takes")
-        out[name] = splice_image_features(input_ids, image_token_id, features, hidden)
+        out[name] = splice_image_features(input_ids, image_token_id, features, extra["count"], hidden)
     return out
 
 
