@@ -94,10 +94,6 @@ class VisualRuntime:
                 raise ValueError(f"the image cannot be resized into {self.budget} patches")
         return pixel_values, grid, fitted
 
-    def encode_patches(self, pixel_values: np.ndarray, grid) -> np.ndarray:
-        """The image embeddings [tokens, hidden] (the main output group)."""
-        return self.encode_outputs(pixel_values, grid)["embeddings"]
-
     def encode_outputs(self, pixel_values: np.ndarray, grid) -> dict[str, np.ndarray]:
         """Every output group of the graph by name, in transformers' token order: [tokens, hidden] for a group of one
         tensor, [count, tokens, hidden] for a group of several (e.g. features for several LLM layers)."""

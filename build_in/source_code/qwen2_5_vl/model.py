@@ -116,7 +116,30 @@ def visual_example_inputs(names, budget: int, patch_dim: int, head_dim: int) -> 
     return {name: shapes[name]() for name in names}
 
 
-class DeployVision(nn.Module):
+class VisionTower(nn.Module):
+    """What every deploy vision tower shares: the inputs it declares (`INPUTS`, shaped by `visual_example_inputs`),
+    patch_dim and head_dim, and its main output group in `chunks` along the hidden axis."""
+
+    INPUTS: tuple[str, ...] = ()
+
+    def _set_shapes(self, vision_config, width: int, out_hidden: int, chunks) -> None:
+        c = vision_config
+        self.patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
+        self.head_dim = width // c.num_heads
+        self.chunks = list(chunks) if chunks else [out_hidden]
+        if sum(self.chunks) != out_hidden:
+            raise ValueError(f"output chunks {self.chunks} do not add up to the hidden size {out_hidden}")
+
+    def example_inputs(self, budget: int) -> dict[str, torch.Tensor]:
+        """The graph's inputs for a budget of N patches, in call order (see `visual_example_inputs`)."""
+        return visual_example_inputs(self.INPUTS, budget, self.patch_dim, self.head_dim)
+
+    @property
+    def output_groups(self) -> list[dict]:
+        return [{"name": "embeddings", "count": 1, "chunks": self.chunks}]
+
+
+class DeployVision(VisionTower):
     """Vision tower for one image padded to a fixed patch budget.
 
     Inputs: pixel_values [N, patch_dim] in window order; window_ranges and full_ranges int32 [N, 2], the keys each
@@ -129,24 +152,12 @@ class DeployVision(nn.Module):
     def __init__(self, vision_config, chunks: Sequence[int] | None = None):
         super().__init__()
         c = vision_config
-        self.patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
-        self.head_dim = c.hidden_size // c.num_heads
+        self._set_shapes(c, c.hidden_size, c.out_hidden_size, chunks)
         self.patch_embed = nn.Linear(self.patch_dim, c.hidden_size, bias=False)
         self.blocks = nn.ModuleList(VisionBlock(c.hidden_size, c.num_heads, c.intermediate_size)
                                     for _ in range(c.depth))
         self.fullatt_block_indexes = set(c.fullatt_block_indexes)
         self.merger = PatchMerger(c.out_hidden_size, c.hidden_size, c.spatial_merge_size)
-        self.chunks = list(chunks) if chunks else [c.out_hidden_size]
-        if sum(self.chunks) != c.out_hidden_size:
-            raise ValueError(f"output chunks {self.chunks} do not add up to the hidden size {c.out_hidden_size}")
-
-    def example_inputs(self, budget: int) -> dict[str, torch.Tensor]:
-        """The graph's inputs for a budget of N patches, in call order (see `visual_example_inputs`)."""
-        return visual_example_inputs(self.INPUTS, budget, self.patch_dim, self.head_dim)
-
-    @property
-    def output_groups(self) -> list[dict]:
-        return [{"name": "embeddings", "count": 1, "chunks": self.chunks}]
 
     def forward(self, pixel_values, window_ranges, full_ranges, cos, sin):
         x = self.patch_embed(pixel_values)

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from ....compile.quantize import Scheme
-from ..qwen2_5_vl.model import (SHARDING, DeployLanguageModel, VisionAttention, load_streaming, embedding_table,
-                                iter_weights, load_language_model, shard_plan, visual_example_inputs)
+from ..qwen2_5_vl.model import (SHARDING, DeployLanguageModel, VisionAttention, VisionTower, embedding_table,
+                                iter_weights, load_language_model, load_streaming, shard_plan)
 
 
 class VisionMLP(nn.Module):
@@ -57,7 +57,7 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).reshape(-1, self.merged_dim))
 
 
-class DeployVision(nn.Module):
+class DeployVision(VisionTower):
     """Vision tower for one image padded to a fixed patch budget N: pixel_values [N, patch_dim] in the processor's
     order, full_ranges int32 [N, 2] (the image's patches; empty for padding), cos and sin [N, head_dim] -> chunks
     of the merged embeddings [N / merge_unit, text hidden]."""
@@ -67,22 +67,11 @@ class DeployVision(nn.Module):
     def __init__(self, vision_config, chunks: Sequence[int] | None = None):
         super().__init__()
         c = vision_config
-        self.patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
-        self.head_dim = c.embed_dim // c.num_heads
+        self._set_shapes(c, c.embed_dim, c.hidden_size, chunks)
         self.patch_embed = nn.Linear(self.patch_dim, c.embed_dim, bias=False)
         self.blocks = nn.ModuleList(VisionBlock(c.embed_dim, c.num_heads, int(c.embed_dim * c.mlp_ratio), c.hidden_act)
                                     for _ in range(c.depth))
         self.merger = PatchMerger(c.hidden_size, c.embed_dim, c.spatial_merge_size)
-        self.chunks = list(chunks) if chunks else [c.hidden_size]
-        if sum(self.chunks) != c.hidden_size:
-            raise ValueError(f"output chunks {self.chunks} do not add up to the hidden size {c.hidden_size}")
-
-    def example_inputs(self, budget: int) -> dict[str, torch.Tensor]:
-        return visual_example_inputs(self.INPUTS, budget, self.patch_dim, self.head_dim)
-
-    @property
-    def output_groups(self) -> list[dict]:
-        return [{"name": "embeddings", "count": 1, "chunks": self.chunks}]
 
     def forward(self, pixel_values, full_ranges, cos, sin):
         x = self.patch_embed(pixel_values)

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from ....compile.quantize import Scheme
-from ..qwen2_5_vl.model import (SHARDING, VisionAttention, embedding_table, iter_weights, load_streaming,
-                                shard_plan, visual_example_inputs)
+from ..qwen2_5_vl.model import (SHARDING, VisionAttention, VisionTower, embedding_table, iter_weights,
+                                load_streaming, shard_plan, visual_example_inputs)
 from ..qwen2_5_vl.model import DeployLanguageModel, TextOptions
 from ..qwen2_5_vl.model import load_language_model as _load_decoder
 
@@ -66,7 +66,7 @@ class PatchMerger(nn.Module):
         return self.linear_fc2(self.act_fn(self.linear_fc1(x)))
 
 
-class DeployVision(nn.Module):
+class DeployVision(VisionTower):
     """Vision tower for one image padded to N patches: pixel_values [N, patch_dim] in the processor's order,
     full_ranges int32 [N, 2], cos and sin [N, head_dim], pos_index int32 [N, 4] and pos_weight [N, 4] (the position
     table's bilinear taps; zero weight on padding) -> chunks of the merged embeddings, then the chunks of each
@@ -77,8 +77,7 @@ class DeployVision(nn.Module):
     def __init__(self, vision_config, chunks: Sequence[int] | None = None):
         super().__init__()
         c = vision_config
-        self.patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
-        self.head_dim = c.hidden_size // c.num_heads
+        self._set_shapes(c, c.hidden_size, c.out_hidden_size, chunks)
         self.patch_embed = nn.Linear(self.patch_dim, c.hidden_size)
         self.pos_embed = nn.Embedding(c.num_position_embeddings, c.hidden_size)
         self.blocks = nn.ModuleList(VisionBlock(c.hidden_size, c.num_heads, c.intermediate_size, c.hidden_act)
@@ -88,9 +87,6 @@ class DeployVision(nn.Module):
         self.deepstack_merger_list = nn.ModuleList(
             PatchMerger(c.out_hidden_size, c.hidden_size, c.spatial_merge_size, post_norm=True)
             for _ in self.deepstack_visual_indexes)
-        self.chunks = list(chunks) if chunks else [c.out_hidden_size]
-        if sum(self.chunks) != c.out_hidden_size:
-            raise ValueError(f"output chunks {self.chunks} do not add up to the hidden size {c.out_hidden_size}")
 
     def example_inputs(self, budget: int) -> dict[str, torch.Tensor]:
         inputs = visual_example_inputs(self.INPUTS[:4], budget, self.patch_dim, self.head_dim)
