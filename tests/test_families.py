@@ -186,3 +186,23 @@ def test_serve_answers_like_generate(family_artifacts, family_images):
         assert out.usage.prompt_tokens == ref["prompt_tokens"]
     finally:
         stop_server(proc)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_encode_writes_every_output_group(family_checkpoint, family_artifacts, family_images, tmp_path, arch):
+    """`vlmc encode`: the embeddings in --out, each other output group next to it, all within 1e-4 of the
+    transformers tower."""
+    from PIL import Image
+
+    visual, _ = family_artifacts(arch, "tiny")
+    out = tmp_path / "emb.npy"
+    vlmc("encode", "--vit_model", visual, "--image", family_images[1], "--out", out)
+    reference, ck = _reference(arch), family_checkpoint(arch, "tiny")
+    ref = reference.reference_inputs(ck, [Image.open(family_images[1])], "x")
+    want = reference.vision_outputs(reference.load_model(ck), ref["pixel_values"], ref["image_grid_thw"])
+    for group, theirs in want.items():
+        ours = np.load(out if group == "embeddings" else tmp_path / f"emb.{group}.npy")
+        assert ours.shape == theirs.shape
+        assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max(), group
+    assert sorted(p.name for p in tmp_path.glob("emb*.npy")) == sorted(
+        "emb.npy" if g == "embeddings" else f"emb.{g}.npy" for g in want)
