@@ -1,6 +1,6 @@
 """The other Qwen families end to end through the same CLI: host ops against transformers' processor and
 get_rope_index, compiled artifacts against transformers (vlmc eval parity: every visual output group, prefill and
-decode logits, 32 greedy tokens) at tp 1 and 2, and the refusals that keep families apart."""
+decode logits, 32 greedy tokens) at tp 1, generate at tp 2 and 4, serve, encode, and the refusals that keep families apart."""
 
 import json
 
@@ -61,21 +61,23 @@ def _reference(arch):
 @pytest.mark.parametrize("num_images", [0, 1, 2])
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_preprocess_matches_the_reference(family_checkpoint, family_images, tmp_path, arch, preset, num_images):
+def test_preprocess_matches_the_reference(family_checkpoint, family_images, arch, preset, num_images):
+    """vlmc's host steps (what `vlmc preprocess` writes; run in-process: the CLI is tested on Qwen2.5-VL)."""
     from PIL import Image
+    from transformers import AutoTokenizer
+    from vlmc.build_in.source_code import get_architecture
+    from vlmc.runtime.cpu_ops.pipeline import prepare_prompt
 
-    ck, images = family_checkpoint(arch, preset), family_images[:num_images]
-    out = tmp_path / "pre.npz"
-    vlmc("preprocess", "--checkpoint", ck, *[a for p in images for a in ("--image", p)], "--prompt", "Describe.",
-         "--out", out)
-    got, ref = np.load(out), _reference(arch).reference_inputs(ck, [Image.open(p) for p in images], "Describe.")
+    ck, images = family_checkpoint(arch, preset), [Image.open(p) for p in family_images[:num_images]]
+    got = prepare_prompt(AutoTokenizer.from_pretrained(ck), get_architecture(arch).host_spec(ck), images, "Describe.")
+    ref = _reference(arch).reference_inputs(ck, images, "Describe.")
     as_numpy = _reference(arch).as_numpy
-    np.testing.assert_array_equal(got["input_ids"], as_numpy(ref["input_ids"])[0])
-    np.testing.assert_array_equal(got["position_ids"], as_numpy(ref["position_ids"])[:, 0])
-    assert int(got["rope_deltas"]) == int(ref["rope_deltas"][0])
+    np.testing.assert_array_equal(got.input_ids, as_numpy(ref["input_ids"])[0])
+    np.testing.assert_array_equal(got.position_ids, as_numpy(ref["position_ids"])[:, 0])
+    assert got.rope_deltas == int(ref["rope_deltas"][0])
     if images:
-        np.testing.assert_array_equal(got["image_grid_thw"], as_numpy(ref["image_grid_thw"]))
-        assert np.abs(got["pixel_values"] - as_numpy(ref["pixel_values"])).max() <= 1e-5
+        np.testing.assert_array_equal(got.image_grid_thw, as_numpy(ref["image_grid_thw"]))
+        assert np.abs(got.pixel_values - as_numpy(ref["pixel_values"])).max() <= 1e-5
 
 
 @pytest.mark.parametrize("num_images", [0, 1, 2])
@@ -83,24 +85,26 @@ def test_preprocess_matches_the_reference(family_checkpoint, family_images, tmp_
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_parity_with_transformers(family_checkpoint, family_artifacts, family_images, tmp_path, arch, preset,
                                   num_images):
+    """`vlmc eval parity`'s checks, in-process (one transformers import for all cases; the command itself is tested
+    below and on Qwen2.5-VL)."""
+    from vlmc.eval.parity import failures, run_parity
+
     visual, llm = family_artifacts(arch, preset)
-    images = [a for p in family_images[:num_images] for a in ("--image", p)]
-    proc = vlmc("eval", "parity", "--checkpoint", family_checkpoint(arch, preset), "--model", llm, "--vit_model",
-                visual, *images, "--max-new-tokens", 32, "--report", tmp_path, check=False)
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    report = json.loads((tmp_path / "parity.json").read_text())
-    assert proc.returncode == 0 and summary["pass"], summary["failures"]
+    images = [str(p) for p in family_images[:num_images]]
+    report = run_parity(family_checkpoint(arch, preset), str(llm), str(visual), images, "Describe the image.", 32)
+    assert not failures(report), failures(report)
     assert report["greedy"]["identical_tokens"] == 32
     assert len(report.get("image_embedding_rel_error", [])) == num_images
     assert all(e <= 1e-4 for e in report.get("image_embedding_rel_error", []))
 
 
-# tp 2 on both tiny presets, and on Qwen3-VL's small one (explicit head_dim, per-head q/k norms on each rank)
-@pytest.mark.parametrize("arch,preset", [("qwen2_vl", "tiny"), ("qwen3_vl", "tiny"), ("qwen3_vl", "small")])
-def test_generate_at_tp2_equals_transformers(family_checkpoint, family_artifacts, family_images, arch, preset):
+# tp 2 on every preset; tp 4 where the heads divide (tiny: 4 query heads over 2 KV heads, replicated per rank)
+@pytest.mark.parametrize("arch,preset,tp", [(a, p, 2) for a in FAMILIES for p in PRESETS] + [("qwen3_vl", "tiny", 4)])
+def test_generate_with_tensor_parallelism_equals_transformers(family_checkpoint, family_artifacts, family_images,
+                                                              arch, preset, tp):
     from PIL import Image
 
-    visual, llm = family_artifacts(arch, preset, tp=2)
+    visual, llm = family_artifacts(arch, preset, tp=tp)
     ck = family_checkpoint(arch, preset)
     out = generate_json("--model", llm, "--vit_model", visual, "--image", family_images[0], "--prompt", "Describe.",
                         "--max-new-tokens", 32)
