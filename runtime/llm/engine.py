@@ -3,7 +3,8 @@
 A step function has the deploy graph's signature
     step(inputs_embeds [B,S,H], cos [B,S,D], sin [B,S,D], mask [B,1,S,T+S], *k_cache[l], *v_cache[l] [B,kv,T,D])
       -> logits [B, vocab], new_k, new_v [L,B,kv,S,D]
-(prefill steps: B = 1, no caches, and int32 key ranges [S, 2] in place of the mask)
+(prefill steps: B = 1, no caches, int32 key ranges [S, 2] in place of the mask, then the artifact's declared
+per-token extras [count, 1, S, H], e.g. deepstack features)
 and never writes the cache: the engine copies the S new rows into place, so a decode step moves O(layers * kv * D)
 bytes of cache, not the cache. Prompts are left-padded to the smallest compiled prefill length that fits.
 """
