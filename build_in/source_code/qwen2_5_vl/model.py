@@ -95,10 +95,12 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    def __init__(self, out_dim: int, dim: int, merge_size: int):
+    """Norm, 2x2 merge, Linear-GELU-Linear; `norm` builds the norm (RMSNorm here, LayerNorm in Qwen2-VL)."""
+
+    def __init__(self, out_dim: int, dim: int, merge_size: int, norm: Callable = lambda d: RMSNorm(d, 1e-6)):
         super().__init__()
         self.merged_dim = dim * merge_size * merge_size
-        self.ln_q = RMSNorm(dim, 1e-6)
+        self.ln_q = norm(dim)
         self.mlp = nn.Sequential(nn.Linear(self.merged_dim, self.merged_dim), nn.GELU(),
                                  nn.Linear(self.merged_dim, out_dim))
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from ....compile.quantize import Scheme
-from ..qwen2_5_vl.model import (SHARDING, DeployLanguageModel, VisionAttention, VisionTower, embedding_table,
-                                iter_weights, load_language_model, load_streaming, shard_plan)
+from ..qwen2_5_vl.model import (SHARDING, DeployLanguageModel, PatchMerger, VisionAttention, VisionTower,
+                                embedding_table, iter_weights, load_language_model, load_streaming, shard_plan)
 
 
 class VisionMLP(nn.Module):
@@ -33,28 +33,18 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, act: str):
+    """LayerNorm, attention, LayerNorm, `mlp` (Qwen2-VL's fc1/fc2, Qwen3-VL's linear_fc1/linear_fc2)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp: nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = VisionAttention(dim, num_heads)
-        self.mlp = VisionMLP(dim, mlp_hidden, act)
+        self.mlp = mlp
 
     def forward(self, x, ranges, cos, sin):
         x = x + self.attn(self.norm1(x), ranges, cos, sin)
         return x + self.mlp(self.norm2(x))
-
-
-class PatchMerger(nn.Module):
-    def __init__(self, out_dim: int, dim: int, merge_size: int):
-        super().__init__()
-        self.merged_dim = dim * merge_size * merge_size
-        self.ln_q = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(self.merged_dim, self.merged_dim), nn.GELU(),
-                                 nn.Linear(self.merged_dim, out_dim))
-
-    def forward(self, x):
-        return self.mlp(self.ln_q(x).reshape(-1, self.merged_dim))
 
 
 class DeployVision(VisionTower):
@@ -69,9 +59,11 @@ class DeployVision(VisionTower):
         c = vision_config
         self._set_shapes(c, c.embed_dim, c.hidden_size, chunks)
         self.patch_embed = nn.Linear(self.patch_dim, c.embed_dim, bias=False)
-        self.blocks = nn.ModuleList(VisionBlock(c.embed_dim, c.num_heads, int(c.embed_dim * c.mlp_ratio), c.hidden_act)
+        self.blocks = nn.ModuleList(VisionBlock(c.embed_dim, c.num_heads,
+                                                VisionMLP(c.embed_dim, int(c.embed_dim * c.mlp_ratio), c.hidden_act))
                                     for _ in range(c.depth))
-        self.merger = PatchMerger(c.hidden_size, c.embed_dim, c.spatial_merge_size)
+        self.merger = PatchMerger(c.hidden_size, c.embed_dim, c.spatial_merge_size,
+                                  norm=lambda d: nn.LayerNorm(d, eps=1e-6))
 
     def forward(self, pixel_values, full_ranges, cos, sin):
         x = self.patch_embed(pixel_values)

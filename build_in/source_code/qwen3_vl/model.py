@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 
 from ....compile.quantize import Scheme
-from ..qwen2_5_vl.model import (SHARDING, VisionAttention, VisionTower, embedding_table, iter_weights,
-                                load_streaming, shard_plan, visual_example_inputs)
+from ..qwen2_5_vl.model import (SHARDING, VisionTower, embedding_table, iter_weights, load_streaming, shard_plan,
+                                visual_example_inputs)
+from ..qwen2_vl.model import VisionBlock
 from ..qwen2_5_vl.model import DeployLanguageModel, TextOptions
 from ..qwen2_5_vl.model import load_language_model as _load_decoder
 
@@ -34,19 +35,6 @@ class VisionMLP(nn.Module):
 
     def forward(self, x):
         return self.linear_fc2(self.act(self.linear_fc1(x)))
-
-
-class VisionBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, intermediate: int, act: str):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = VisionAttention(dim, num_heads)
-        self.mlp = VisionMLP(dim, intermediate, act)
-
-    def forward(self, x, ranges, cos, sin):
-        x = x + self.attn(self.norm1(x), ranges, cos, sin)
-        return x + self.mlp(self.norm2(x))
 
 
 class PatchMerger(nn.Module):
@@ -80,7 +68,8 @@ class DeployVision(VisionTower):
         self._set_shapes(c, c.hidden_size, c.out_hidden_size, chunks)
         self.patch_embed = nn.Linear(self.patch_dim, c.hidden_size)
         self.pos_embed = nn.Embedding(c.num_position_embeddings, c.hidden_size)
-        self.blocks = nn.ModuleList(VisionBlock(c.hidden_size, c.num_heads, c.intermediate_size, c.hidden_act)
+        self.blocks = nn.ModuleList(VisionBlock(c.hidden_size, c.num_heads,
+                                                VisionMLP(c.hidden_size, c.intermediate_size, c.hidden_act))
                                     for _ in range(c.depth))
         self.merger = PatchMerger(c.out_hidden_size, c.hidden_size, c.spatial_merge_size, post_norm=False)
         self.deepstack_visual_indexes = list(c.deepstack_visual_indexes)
