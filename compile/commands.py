@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if the artifact is up to date")
     v = p.add_argument_group("visual graph")
     v.add_argument("--max-patches", type=int, help="patch budget N, a multiple of 16 (frontend.max_patches)")
+    v.add_argument("--max-tiles", type=int,
+                   help="tiling models (internvl): the most tiles an image is cut into, its thumbnail not counted "
+                        "(frontend.max_tiles)")
     v.add_argument("--onnx", action="store_true", default=None,
                    help="also export model.onnx, checked with onnxruntime (frontend.onnx: true)")
     llm = p.add_argument_group("LLM graph")
@@ -70,14 +73,18 @@ def run_compile(args) -> int:
         for flag in ("tp", "max_prefill", "max_context", "batch_size", "kv_cache"):
             if getattr(args, flag) is not None:
                 raise VlmcError(f"--{flag.replace('_', '-')} applies to LLM configs; {path} is a visual config")
+        if args.max_tiles is not None and args.max_patches is not None:
+            raise VlmcError("--max-tiles and --max-patches are two kinds of budget; give the one the model takes")
         cfg = apply_overrides(cfg, path, **common, **{"frontend.max_patches": args.max_patches,
+                                                      "frontend.max_tiles": args.max_tiles,
                                                       "frontend.onnx": args.onnx})
         if args.max_patches is not None and cfg.frontend.shape is not None:
             cfg = apply_overrides(cfg, path, **{"frontend.shape": None, "frontend.max_patches": args.max_patches})
         build = "visual"
     else:
-        if args.max_patches is not None or args.onnx:
-            flag = "--max-patches" if args.max_patches is not None else "--onnx"
+        if args.max_patches is not None or args.max_tiles is not None or args.onnx:
+            flag = ("--max-patches" if args.max_patches is not None else
+                    "--max-tiles" if args.max_tiles is not None else "--onnx")
             raise VlmcError(f"{flag} applies to visual configs; {path} is an LLM config")
         shape = cfg.frontend.shape.input_ids
         overrides = dict(common)

@@ -52,11 +52,32 @@ class VisualFrontend(_Strict):
     type: Literal["huggingface"] = "huggingface"
     max_patches: int | None = Field(default=None, gt=0)
     patch_buckets: list[int] | None = None  # smaller budgets compiled too (default: a quarter, half, three quarters)
+    # Tiling models (the budget is in tiles): the most grid tiles an image is cut into (its thumbnail / global
+    # tile not counted), the tiles one graph call runs (default max_tiles + 1: one call per image) and smaller
+    # tile counts compiled too (default: 1)
+    max_tiles: int | None = Field(default=None, gt=0)
+    tiles_per_call: int | None = Field(default=None, gt=0)
+    tile_buckets: list[int] | None = None
     shape: VisualShape | None = None
     onnx: bool = False  # also export ONNX and check it with onnxruntime
 
+    @property
+    def tiled(self) -> bool:
+        return self.max_tiles is not None
+
     @model_validator(mode="after")
     def _budget(self):
+        if self.tiled:
+            if self.max_patches is not None or self.shape is not None or self.patch_buckets is not None:
+                raise ValueError("max_tiles sets a tiling model's budget; max_patches, patch_buckets and shape do not "
+                                 "apply with it")
+            per_call = self.tiles_per_call or self.max_tiles + (1 if self.max_tiles > 1 else 0)
+            for b in self.tile_buckets or []:
+                if not 0 < b <= per_call:
+                    raise ValueError(f"tile bucket {b} must be between 1 and tiles_per_call {per_call}")
+            return self
+        if self.tiles_per_call is not None or self.tile_buckets is not None:
+            raise ValueError("tiles_per_call and tile_buckets apply to a tiling model's config (set max_tiles)")
         if self.max_patches is None and self.shape is None:
             self.max_patches = 1024
         if self.shape is not None:
@@ -73,8 +94,11 @@ class VisualFrontend(_Strict):
         return self
 
     def buckets(self) -> list[int]:
-        """Every compiled patch budget, ascending; the largest is max_patches. An image runs in the smallest that
-        holds it, so small images do not pay for the whole budget."""
+        """Every compiled patch budget (or tile count), ascending; the largest is max_patches (tiles_per_call). An
+        image runs in the smallest that holds it, so small images do not pay for the whole budget."""
+        if self.tiled:
+            per_call = self.tiles_per_call or self.max_tiles + (1 if self.max_tiles > 1 else 0)
+            return sorted(set(self.tile_buckets if self.tile_buckets is not None else [1]) | {per_call})
         n = self.max_patches
         default = [-(-n * k // 4) // 16 * 16 for k in (1, 2, 3)]  # quarters, rounded up to multiples of 16
         chosen = self.patch_buckets if self.patch_buckets is not None else [b for b in default if b >= 64]

@@ -35,8 +35,8 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
     if cfg.frontend.onnx and scheme.quantizes_weights:
         raise VlmcError(f"{config_path}: frontend.onnx exports fp32 graphs only; drop it or use quantize.weights: fp32")
     stages = Stages(["load", "export", "import into TVM", "optimize", "build", "save"])
-    budget = cfg.frontend.max_patches
     buckets = cfg.frontend.buckets()
+    budget = buckets[-1]  # patches, or tiles per call
     with stages.stage("load", f"{checkpoint}, weights {scheme.weights}"):
         arch_name = detect_architecture(checkpoint)
         arch = get_architecture(arch_name)
@@ -46,18 +46,23 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
         out_hidden = model_config.text_config.hidden_size  # image embeddings take the place of token embeddings
         chunks = resolve_chunks(cfg.backend, out_hidden)
         try:
-            module = arch.load_vision(checkpoint, vision, chunks, scheme)
+            module = arch.load_vision(checkpoint, model_config, chunks, scheme)
         except QuantizationError as exc:
             raise VlmcError(f"cannot store the vision tower of {checkpoint} as {scheme.weights}: {exc}") from None
+        if spec.tiled != cfg.frontend.tiled:
+            raise VlmcError(f"{config_path}: {checkpoint} is a {arch_name} checkpoint, whose budget is "
+                            + ("frontend.max_tiles (--max-tiles), not a patch budget" if spec.tiled else
+                               "frontend.max_patches (--max-patches), not tiles"))
         if cfg.frontend.shape is not None:
             _check_shape(cfg, module.patch_dim, spec.vision.head_dim, config_path)
-        if any(b % spec.vision.merge_unit for b in buckets):
+        if not spec.tiled and any(b % spec.vision.merge_unit for b in buckets):
             raise VlmcError(f"patch budgets {buckets} must be multiples of {spec.vision.merge_unit}")
     # The architecture declares its graph's inputs (names, shapes, dtypes) and output groups; the host computes
     # the inputs by name (runtime/cpu_ops/vision.py) and the runtime splits the outputs by the groups.
     inputs = {b: module.example_inputs(b) for b in buckets}
     target = tvm_backend.host_target(cfg.backend.target)
-    with stages.stage("export", f"torch.export, {len(buckets)} graphs: " + ", ".join(f"{b} patches" for b in buckets)):
+    unit = "tiles" if cfg.frontend.tiled else "patches"
+    with stages.stage("export", f"torch.export, {len(buckets)} graphs: " + ", ".join(f"{b} {unit}" for b in buckets)):
         if cfg.frontend.onnx:
             ops.use_host_kernels(module, False)  # ONNX has no vlmc kernel: standard ops
             onnx_bytes, onnx_diff = _export_onnx(module, inputs[budget])
@@ -79,9 +84,13 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
         tvm_backend.save_params([state[n] for n in names], names, tmp / "params.safetensors")
         if cfg.frontend.onnx:
             (tmp / "model.onnx").write_bytes(onnx_bytes)
+        # Native grids: a patch budget and the per-budget graphs; tiles: the cap on an image's grid tiles and the
+        # tile counts of the graphs (the largest is one call's)
+        layout = ({"max_tiles": cfg.frontend.max_tiles, "tiles_per_call": budget, "tile_buckets": buckets,
+                   "tokens_per_tile": spec.image.tokens_per_tile} if spec.tiled else
+                  {"patch_budget": budget, "patch_buckets": buckets, "merge_unit": spec.vision.merge_unit})
         manifest = {
-            "kind": "visual", "name": cfg.name, "arch": arch_name, "checkpoint": str(checkpoint),
-            "patch_budget": budget, "patch_buckets": buckets, "merge_unit": spec.vision.merge_unit,
+            "kind": "visual", "name": cfg.name, "arch": arch_name, "checkpoint": str(checkpoint), **layout,
             "patch_dim": module.patch_dim,
             "hidden_size": out_hidden, "output_chunks": chunks, "output_groups": module.output_groups,
             "dtype": cfg.backend.dtype,

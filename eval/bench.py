@@ -314,7 +314,8 @@ def run_bench(args: dict) -> dict:
     compile_seconds = {}
     for name, kind in ((args["vit_model"], "visual"), (args["model"], "llm")):
         manifest = read_manifest(name, kind=kind, verify=False)
-        graphs = len(manifest["graphs"] if kind == "llm" else manifest["patch_buckets"])
+        graphs = len(manifest["graphs"] if kind == "llm" else
+                     manifest["tile_buckets"] if "tile_buckets" in manifest else manifest["patch_buckets"])
         compile_seconds[kind] = {"graphs": graphs, **manifest["compile_seconds"]}
     bandwidth = statistics.median(bandwidths)
     floor = results["vlmc"]["weight_bytes_per_token"] / bandwidth

@@ -57,11 +57,15 @@ def onnx_embeddings(path: Path, visual, images: list[str]) -> list[np.ndarray]:
     from ..runtime.cpu_ops.vision import build_visual_inputs
     from ..runtime.visual.runtime import split_output_groups
 
+    if visual.tiled:
+        from ..errors import VlmcError
+
+        raise VlmcError("--backend onnxruntime checks native-resolution visual graphs only, not tiling ones")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}  # the exporter drops inputs the graph does not use
     out = []
     for source in images:
-        pixels, grid, _ = visual.patches(source, visual.image_config())
+        pixels, grid, _ = visual.prepare(source, visual.image_config())
         inputs = build_visual_inputs(pixels, grid, visual.spec.vision, visual.budget)
         feeds = {n: a for n, a in zip(visual.input_names, inputs.as_args(visual.input_names)) if n in wanted}
         groups = split_output_groups(session.run(None, feeds), visual.output_groups, inputs.num_tokens,
@@ -95,7 +99,9 @@ def run_parity(checkpoint: str, model: str, vit_model: str | None, images: list[
     hf_a = reference.load_model(checkpoint, vision_scheme, text_scheme).to(device) if quantized else hf  # tier A
     try:
         spec = pipe.spec
-        ref = reference.reference_inputs(checkpoint, [Image.open(p) for p in images], prompt, model=hf)
+        # A tiling artifact caps the tiles per image: the reference's processor gets the same cap
+        limits = {"max_tiles": pipe.visual.budget} if pipe.visual is not None and pipe.visual.tiled else {}
+        ref = reference.reference_inputs(checkpoint, [Image.open(p) for p in images], prompt, model=hf, **limits)
         report: dict = {"inputs": {"images": images, "prompt": prompt, "max_new_tokens": max_new_tokens},
                         "dtype": pipe.llm.manifest["dtype"], "device": device,
                         "quantize": {"visual": vision_scheme.to_dict(kv_cache=False), "llm": text_scheme.to_dict()},

@@ -13,10 +13,11 @@ from ..errors import VlmcError
 def register(sub) -> None:
     p = sub.add_parser(
         "preprocess", help="run the host ops on images and a prompt and save what the graphs would get",
-        description="Run vlmc's host ops (image loading, smart_resize, normalisation, patches, chat template, "
-                    "image token expansion, M-RoPE positions) and write pixel_values, image_grid_thw, input_ids, "
-                    "position_ids [3, seq] and rope_deltas to an .npz file. Uses only the checkpoint's tokenizer "
-                    "and configs, never transformers' processor.")
+        description="Run vlmc's host ops (image loading, resize, normalisation, patches or tiles, chat template, "
+                    "image token expansion, positions) and write pixel_values (patches [n, patch_dim], or tiles "
+                    "[n, 3, S, S] for tiling models), image_grid_thw (each image's layout: (t, h, w) patches, or "
+                    "(tiles, rows, columns)), input_ids, position_ids [3, seq] and rope_deltas to an .npz file. Uses "
+                    "only the checkpoint's tokenizer and configs, never transformers' processor.")
     p.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
     p.add_argument("--image", action="append", default=[],
                    help="image path, file:// URL or data: URI; repeat for several images (in prompt order)")
@@ -24,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output .npz path")
     p.add_argument("--min-pixels", type=int, help="lower bound on resized pixels (default: the checkpoint's)")
     p.add_argument("--max-pixels", type=int, help="upper bound on resized pixels (default: the checkpoint's)")
+    p.add_argument("--max-tiles", type=int, help="tiling models: the most tiles an image is cut into, its thumbnail "
+                                                 "not counted (default: the checkpoint's)")
     p.set_defaults(func=run_preprocess)
     register_inference(sub)
 
@@ -38,15 +41,21 @@ def run_preprocess(args) -> int:
     spec = arch.host_spec(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     image_cfg = spec.image.with_pixels(args.min_pixels, args.max_pixels)
-    prepared = prepare_prompt(tokenizer, spec, args.image, args.prompt, image_config=image_cfg)
+    if args.max_tiles is not None and not spec.tiled:
+        raise VlmcError("--max-tiles applies to models that cut images into tiles; use --max-pixels")
+    if args.max_tiles is not None and args.max_tiles <= 0:
+        raise VlmcError("--max-tiles must be positive")
+    prepared = prepare_prompt(tokenizer, spec, args.image, args.prompt, image_config=image_cfg,
+                              budget=args.max_tiles)
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise VlmcError(f"output folder {out.parent} does not exist")
     np.savez(out, pixel_values=prepared.pixel_values, image_grid_thw=prepared.image_grid_thw,
              input_ids=prepared.input_ids, position_ids=prepared.position_ids,
              rope_deltas=np.asarray(prepared.rope_deltas, dtype=np.int64))
+    unit = "tiles" if spec.tiled else "patches"
     print(f"{len(args.image)} image(s), {prepared.num_tokens} tokens, "
-          f"{prepared.pixel_values.shape[0]} patches -> {out}")
+          f"{prepared.pixel_values.shape[0]} {unit} -> {out}")
     return 0
 
 
@@ -56,7 +65,8 @@ def register_inference(sub) -> None:
         description="Run one image through the compiled visual graph and write its embeddings [visual tokens, "
                     "hidden] as float32 .npy, in the order transformers produces them. A graph with more output "
                     "groups (e.g. Qwen3-VL's deepstack features, [layers, visual tokens, hidden]) writes each next "
-                    "to --out as OUT.<group>.npy. An image over the compiled patch budget is resized to fit.")
+                    "to --out as OUT.<group>.npy. An image over the compiled patch budget is resized to fit; a tiling model cuts it "
+                    "into at most the compiled number of tiles.")
     p.add_argument("--vit_model", "--vit-model", dest="vit_model", required=True, help="visual artifact folder")
     p.add_argument("--image", required=True, help="image path, file:// URL or data: URI")
     p.add_argument("--out", required=True, help="output .npy path")
@@ -100,8 +110,14 @@ def run_encode(args) -> int:
     for group, array in encoded.extras.items():
         np.save(f"{stem}.{group}.npy", array)
     h, w = encoded.resized_to
-    note = " (resized to fit the compiled patch budget)" if encoded.fitted else ""
-    print(f"image resized to {w}x{h}{note}, grid {list(encoded.grid_thw)}, "
+    if runtime.tiled:
+        tiles, rows, cols = encoded.grid_thw
+        note = f" (capped at the compiled {runtime.budget} tiles)" if encoded.fitted else ""
+        shape = f"{rows}x{cols} tiles{' + thumbnail' if tiles > rows * cols else ''}{note}"
+    else:
+        note = " (resized to fit the compiled patch budget)" if encoded.fitted else ""
+        shape = f"grid {list(encoded.grid_thw)}{note}"
+    print(f"image resized to {w}x{h}, {shape}, "
           f"{encoded.embeddings.shape[0]} visual tokens x {encoded.embeddings.shape[1]} -> {args.out}")
     return 0
 

@@ -11,7 +11,7 @@ def _encode_images(arch, checkpoint, spec, prepared, extra_padding=0):
     from vlmc.runtime.cpu_ops.vision import build_visual_inputs
     from vlmc.runtime.llm.torch_step import TorchStep
 
-    module = arch.load_vision(checkpoint, arch.load_config(checkpoint).vision_config)
+    module = arch.load_vision(checkpoint, arch.load_config(checkpoint))
     vision = TorchStep(module)
     out, offset = [], 0
     for grid in prepared.image_grid_thw:

@@ -75,12 +75,12 @@ def test_preprocess_cli_matches_reference(checkpoints, tmp_path):
 @pytest.mark.parametrize("size", [(10, 10), (1, 40), (3, 500)])
 def test_images_smaller_than_a_patch_are_scaled_up_as_the_reference_does(checkpoints, size):
     """transformers 5.x's smart_resize scales an image below one patch up to min_pixels (10x10 -> 56x56)."""
-    from vlmc.runtime.cpu_ops.image import ImageConfig, preprocess_images
+    from vlmc.runtime.cpu_ops.image import ImageConfig, image_to_patches
 
     image = random_image(*size)
     ref = reference_inputs(checkpoints["tiny"], [image], "x")
-    pixels, grid = preprocess_images([image], ImageConfig.from_checkpoint(checkpoints["tiny"]))
-    np.testing.assert_array_equal(grid, as_numpy(ref["image_grid_thw"]))
+    pixels, grid = image_to_patches(image, ImageConfig.from_checkpoint(checkpoints["tiny"]))
+    np.testing.assert_array_equal([grid], as_numpy(ref["image_grid_thw"]))
     assert np.abs(pixels - as_numpy(ref["pixel_values"])).max() <= 1e-5
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 ARCHITECTURES = {"qwen2_5_vl": "vlmc.build_in.source_code.qwen2_5_vl",
                  "qwen2_vl": "vlmc.build_in.source_code.qwen2_vl",
-                 "qwen3_vl": "vlmc.build_in.source_code.qwen3_vl"}
+                 "qwen3_vl": "vlmc.build_in.source_code.qwen3_vl",
+                 "internvl": "vlmc.build_in.source_code.internvl"}
 
 
 def get_architecture(name: str):

@@ -188,13 +188,24 @@ def _normalized_values(rescale_factor: float, mean: tuple, std: tuple) -> np.nda
     return np.ascontiguousarray((levels[None, :] - mean32[:, None]) / std32[:, None])
 
 
-def preprocess_images(sources, cfg: ImageConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Load and patchify several images; returns pixel_values [sum N_i, patch_dim] and image_grid_thw [n, 3]."""
-    all_patches, grids = [], []
-    for source in sources:
-        patches, grid = image_to_patches(load_image(source), cfg, f"image {_describe(source)!r}")
-        all_patches.append(patches)
-        grids.append(grid)
-    if not all_patches:
-        return np.zeros((0, cfg.patch_dim), np.float32), np.zeros((0, 3), np.int64)
-    return np.concatenate(all_patches, axis=0), np.asarray(grids, dtype=np.int64)
+def fit_to_budget(cfg: ImageConfig, budget: int) -> ImageConfig:
+    """Lower max_pixels so that no image can produce more than `budget` patches."""
+    max_pixels = budget * cfg.patch_size * cfg.patch_size
+    if cfg.max_pixels <= max_pixels:
+        return cfg
+    return cfg.with_pixels(min(cfg.min_pixels, max_pixels), max_pixels)
+
+
+def fit_patches(image: Image.Image, cfg: ImageConfig, budget: int | None = None,
+                name: str = "image") -> tuple[np.ndarray, tuple[int, int, int], bool]:
+    """Patches and grid of an image (see image_to_patches), shrunk until they fit `budget` patches (None: no
+    limit); the flag says whether it had to be shrunk."""
+    pixel_values, grid = image_to_patches(image, cfg, name)
+    fitted, limit = False, budget
+    while budget is not None and pixel_values.shape[0] > budget:  # smart_resize's rounding can overshoot
+        fitted = True
+        pixel_values, grid = image_to_patches(image, fit_to_budget(cfg, limit), name)
+        limit = limit * 9 // 10
+        if limit < cfg.merge_size ** 2:
+            raise ImageInputError(f"{name} cannot be resized into {budget} patches")
+    return pixel_values, grid, fitted

@@ -10,13 +10,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .image import ImageConfig, preprocess_images
-from .prompt import tokenize_prompt
+from .image import ImageConfig, fit_patches, load_image
+from .prompt import render_chat, tokenize_prompt, user_turn
 from .rope import get_rope_index, mrope_cos_sin
+from .tiles import TileConfig
 from .vision import VisionSpec
 
 
-ROPE_KINDS = ("mrope", "mrope_interleaved")
+ROPE_KINDS = ("mrope", "mrope_interleaved", "rope")
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,9 @@ class TextSpec:
     vocab_size: int
     image_token_id: int
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
-    rope: str = "mrope"  # "mrope": (t, h, w) sections in blocks; "mrope_interleaved": h and w every third frequency
+    # "mrope": (t, h, w) sections in blocks; "mrope_interleaved": h and w every third frequency; "rope": 1-D (the
+    # three position rows are equal, the rope delta 0, and mrope_section is (head_dim / 2, 0, 0))
+    rope: str = "mrope"
 
     def __post_init__(self):
         if self.rope not in ROPE_KINDS:
@@ -43,36 +46,66 @@ class TextSpec:
 
 @dataclass(frozen=True)
 class HostSpec:
-    image: ImageConfig
-    vision: VisionSpec
+    """`image`: an ImageConfig (native resolution: resized to a patch grid, layout (t, h, w) in patches) or a
+    TileConfig (fixed tiles, layout (tiles, rows, columns)); `vision`: how a native grid's patches are laid out for
+    the tower (None for tiles, whose graph takes the tiles' patches as they come)."""
+
+    image: ImageConfig | TileConfig
+    vision: VisionSpec | None
     text: TextSpec
 
+    @property
+    def tiled(self) -> bool:
+        return isinstance(self.image, TileConfig)
+
     def to_dict(self) -> dict:
-        return {"image": self.image.to_dict(), "vision": asdict(self.vision), "text": asdict(self.text)}
+        return {"image": self.image.to_dict(), "vision": asdict(self.vision) if self.vision else None,
+                "text": asdict(self.text)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "HostSpec":
         text = dict(d["text"])
         text["mrope_section"] = tuple(text["mrope_section"])
         text["eos_token_ids"] = tuple(text.get("eos_token_ids", ()))
-        return cls(ImageConfig.from_dict(d["image"]), VisionSpec(**d["vision"]), TextSpec(**text))
+        image = (TileConfig.from_dict(d["image"]) if d["image"].get("kind") == TileConfig.kind
+                 else ImageConfig.from_dict(d["image"]))
+        return cls(image, VisionSpec(**d["vision"]) if d.get("vision") else None, TextSpec(**text))
 
-    def prompt_ids(self, tokenizer, text: str, image_grid_thw, messages: list[dict] | None = None) -> np.ndarray:
+    def prompt_ids(self, tokenizer, text: str, layouts, messages: list[dict] | None = None) -> np.ndarray:
         """Token ids of one user turn [images..., text] (or of `messages`), each image placeholder expanded to the
-        tokens its grid produces."""
-        return tokenize_prompt(tokenizer, text, image_grid_thw, self.text.image_token_id, self.image.merge_size,
-                               messages)
+        tokens its layout produces (a native grid (t, h, w), or tiles (tiles, rows, columns))."""
+        layouts = np.asarray(layouts, dtype=np.int64).reshape(-1, 3)
+        if not self.tiled:
+            return tokenize_prompt(tokenizer, text, layouts, self.text.image_token_id, self.image.merge_size,
+                                   messages)
+        messages = messages if messages is not None else user_turn(len(layouts), text)
+        prompt = self.image.expand_prompt(render_chat(tokenizer, messages), layouts)
+        return np.asarray(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
-    def positions(self, input_ids, image_grid_thw) -> tuple[np.ndarray, int]:
+    def positions(self, input_ids, layouts) -> tuple[np.ndarray, int]:
         """Position ids [3, seq] of a prompt and its rope delta (decode position = cache length + delta)."""
-        grids = None if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+        if self.text.rope == "rope":  # 1-D: every token one step on, images included
+            n = len(np.asarray(input_ids).reshape(-1))
+            return np.tile(np.arange(n, dtype=np.int64), (3, 1)), 0
+        grids = None if layouts is None else np.asarray(layouts, np.int64).reshape(-1, 3)
         return get_rope_index(input_ids, grids, self.text.image_token_id, self.image.merge_size)
+
+    def prepare_image(self, image, cfg, budget: int | None = None) -> tuple[np.ndarray, tuple[int, int, int], bool]:
+        """A loaded image -> what the visual graph is fed (patches [n, patch_dim], or tiles [n, 3, S, S]), its
+        layout, and whether it was made smaller to fit `budget` (a patch budget, or a cap on the grid tiles);
+        None: as the processor's settings say."""
+        if not self.tiled:
+            return fit_patches(image, cfg, budget)
+        capped = cfg if budget is None else cfg.with_max_tiles(min(cfg.max_tiles, budget))
+        tiles, layout = capped.tiles(image)
+        width, height = image.size
+        return tiles, layout, capped.layout(height, width) != cfg.layout(height, width)
 
 
 @dataclass
 class PreparedPrompt:
-    pixel_values: np.ndarray  # [sum of patches, patch_dim]
-    image_grid_thw: np.ndarray  # [images, 3]
+    pixel_values: np.ndarray  # [sum of patches, patch_dim] (native grids) or [sum of tiles, 3, S, S] (tiles)
+    image_grid_thw: np.ndarray  # [images, 3]: each image's layout
     input_ids: np.ndarray  # [seq]
     position_ids: np.ndarray  # [3, seq]
     rope_deltas: int
@@ -83,9 +116,18 @@ class PreparedPrompt:
 
 
 def prepare_prompt(tokenizer, spec: HostSpec, images, text: str, messages: list[dict] | None = None,
-                   image_config: ImageConfig | None = None) -> PreparedPrompt:
-    """Images (paths, URLs, data URIs or PIL images) and a prompt -> patches, token ids and M-RoPE positions."""
-    pixel_values, grids = preprocess_images(list(images), image_config or spec.image)
+                   image_config=None, budget: int | None = None) -> PreparedPrompt:
+    """Images (paths, URLs, data URIs or PIL images) and a prompt -> patches or tiles, token ids and positions;
+    `budget`: a visual artifact's patch budget or grid tile cap (None: the processor's own settings)."""
+    cfg = image_config or spec.image
+    values, grids = [], []
+    for source in images:
+        pixels, layout, _ = spec.prepare_image(load_image(source), cfg, budget)
+        values.append(pixels)
+        grids.append(layout)
+    empty = (0, 3, cfg.tile_size, cfg.tile_size) if spec.tiled else (0, cfg.patch_dim)
+    pixel_values = np.concatenate(values, axis=0) if values else np.zeros(empty, np.float32)
+    grids = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
     input_ids = spec.prompt_ids(tokenizer, text, grids, messages)
     position_ids, delta = spec.positions(input_ids, grids)
     return PreparedPrompt(pixel_values, grids, input_ids, position_ids, delta)

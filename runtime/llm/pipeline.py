@@ -81,12 +81,14 @@ class Pipeline:
         self.last_image_extras = []  # the other visual output groups of each image (see prompt_extras)
         for source in images:
             cfg = self.visual.image_config(min_pixels, max_pixels)
-            pixels, grid, fitted = self.visual.patches(source, cfg)
+            pixels, grid, fitted = self.visual.prepare(source, cfg)
             outputs = self.visual.encode_outputs(pixels, grid)
             embeds.append(outputs.pop("embeddings"))
             self.last_image_extras.append(outputs)
             grids.append(grid)
-            info.append({"grid_thw": [int(g) for g in grid], "fitted_to_budget": fitted})
+            layout = ({"tiles": int(grid[0]), "tile_grid": [int(grid[1]), int(grid[2])]} if self.visual.tiled
+                      else {"grid_thw": [int(g) for g in grid]})
+            info.append({**layout, "fitted_to_budget": fitted})
         return embeds, np.asarray(grids, dtype=np.int64).reshape(-1, 3), info
 
     def prompt_extras(self, input_ids, image_extras: list[dict]) -> dict[str, np.ndarray]:

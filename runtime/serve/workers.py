@@ -111,7 +111,7 @@ def visual_main(vit_model: str, requests_addr: str, llm_addr: str, results_addr:
                 key = EmbeddingCache.key(image, settings)
                 cached = cache.get(key)
                 if cached is None:
-                    pixels, grid, _ = visual.patches(image, cfg)
+                    pixels, grid, _ = visual.prepare(image, cfg)
                     cached = (visual.encode_outputs(pixels, grid), [int(g) for g in grid])
                     cache.put(key, *cached)
                 else:

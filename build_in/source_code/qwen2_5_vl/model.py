@@ -217,6 +217,24 @@ class TextOptions:
     deepstack_layers: int = 0
 
 
+def decoder_options(text_config, deepstack_layers: int = 0) -> TextOptions:
+    """The shared decoder's switches for a plain text model by its model_type: Qwen2 (qkv bias), Qwen3 (q/k norm,
+    the config's head_dim, bias by attention_bias) or Llama (bias by attention_bias, the config's head_dim)."""
+    kind = text_config.model_type
+    head_dim = getattr(text_config, "head_dim", None)
+    if kind in ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text"):
+        return TextOptions(qkv_bias=True, head_dim=head_dim, deepstack_layers=deepstack_layers)
+    if kind in ("qwen3", "qwen3_vl_text"):
+        return TextOptions(qkv_bias=bool(text_config.attention_bias), qk_norm=True, head_dim=head_dim,
+                           deepstack_layers=deepstack_layers)
+    if kind == "llama":
+        if getattr(text_config, "mlp_bias", False):
+            raise ValueError("a Llama text model with mlp_bias is not supported")
+        return TextOptions(qkv_bias=bool(text_config.attention_bias), head_dim=head_dim,
+                           deepstack_layers=deepstack_layers)
+    raise ValueError(f"text model_type {kind!r} is not supported; supported: qwen2, qwen3, llama")
+
+
 class Attention(nn.Module):
     def __init__(self, hidden: int, head_dim: int, plan: ShardPlan, options: TextOptions = TextOptions(),
                  eps: float = 1e-6):
@@ -400,9 +418,9 @@ FUSED = {
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
 
-_PREFIXES = {  # checkpoint prefix -> deploy module (original Qwen layout and transformers 5's layout)
-    "vision": ("visual.", "model.visual."),
-    "text": ("model.language_model.", "model."),
+PREFIXES = {  # checkpoint prefix -> deploy prefix, per part (original Qwen layout and transformers 5's layout)
+    "vision": (("visual.", ""), ("model.visual.", "")),
+    "text": (("model.language_model.", ""), ("model.", ""), ("lm_head.", "lm_head.")),
 }
 
 
@@ -413,32 +431,33 @@ def _weight_files(checkpoint_dir: str | Path) -> list[Path]:
     return files
 
 
-def iter_weights(checkpoint_dir: str | Path, part: str, keys: set[str] | None = None):
-    """(name, tensor) of the vision tower ("vision") or the language model ("text", with lm_head), prefix removed,
-    one tensor at a time, read straight from the files (a multi-GB checkpoint is never held twice); `keys`: only
-    these names."""
+def iter_weights(checkpoint_dir: str | Path, part: str, keys: set[str] | None = None, prefixes: dict = PREFIXES):
+    """(name, tensor) of the vision tower ("vision") or the language model ("text", with lm_head), renamed by
+    `prefixes`, one tensor at a time, read straight from the files (a multi-GB checkpoint is never held twice);
+    `keys`: only these names."""
     from ....runtime.safetensors_io import iter_tensors, read_header
 
     for file in _weight_files(checkpoint_dir):
-        names = {key: _strip_prefix(key, part) for key in read_header(file)[0]}
+        names = {key: deploy_name(key, part, prefixes) for key in read_header(file)[0]}
         chosen = [k for k, n in names.items() if n is not None and (keys is None or n in keys)]
         for key, tensor in iter_tensors(file, chosen):
             yield names[key], tensor
 
 
-def _strip_prefix(key: str, part: str) -> str | None:
-    if part == "text" and key == "lm_head.weight":
-        return key
-    for prefix in _PREFIXES[part]:
-        if key.startswith(prefix) and not (part == "text" and key.startswith("model.visual.")):
-            return key[len(prefix):]
-    return None
+def deploy_name(key: str, part: str, prefixes: dict = PREFIXES) -> str | None:
+    """A checkpoint tensor's name in `part`'s deploy model, or None when it is not part of it: the longest prefix
+    of any part decides (so model.visual.* is the tower's, not the text model's under model.*)."""
+    best = max(((len(p), owner, p, new) for owner, pairs in prefixes.items() for p, new in pairs if key.startswith(p)),
+               default=None)
+    if best is None or best[1] != part:
+        return None
+    return best[3] + key[len(best[2]):]
 
 
-def checkpoint_names(checkpoint_dir: str | Path, part: str) -> set[str]:
+def checkpoint_names(checkpoint_dir: str | Path, part: str, prefixes: dict = PREFIXES) -> set[str]:
     from ....runtime.safetensors_io import read_header
 
-    names = (_strip_prefix(k, part) for file in _weight_files(checkpoint_dir) for k in read_header(file)[0])
+    names = (deploy_name(k, part, prefixes) for file in _weight_files(checkpoint_dir) for k in read_header(file)[0])
     return {n for n in names if n is not None}
 
 
@@ -469,7 +488,7 @@ def load_streaming(model: nn.Module, weights, scheme: Scheme, shard=None) -> nn.
             if scale is not None:
                 state[f"{layer}.scale"] = scale
         else:
-            state[f"{layer}.{kind}"] = value.float().contiguous()
+            state[f"{layer}.{kind}" if layer else kind] = value.float().contiguous()
 
     for key, tensor in weights:
         layer, _, kind = key.rpartition(".")
@@ -496,9 +515,9 @@ def load_streaming(model: nn.Module, weights, scheme: Scheme, shard=None) -> nn.
     return model.eval()
 
 
-def load_vision(checkpoint_dir: str | Path, vision_config, chunks=None, scheme: Scheme | None = None) -> DeployVision:
+def load_vision(checkpoint_dir: str | Path, config, chunks=None, scheme: Scheme | None = None) -> DeployVision:
     with torch.device("meta"):
-        model = DeployVision(vision_config, chunks)
+        model = DeployVision(config.vision_config, chunks)
     # Conv3d with stride == kernel is a matmul: its weight flattened to [out, in * t * p * p]
     weights = ((("patch_embed.weight", t.reshape(t.shape[0], -1)) if k == "patch_embed.proj.weight" else (k, t))
                for k, t in iter_weights(checkpoint_dir, "vision"))
@@ -525,17 +544,18 @@ def _shard(name: str, tensor, plan: ShardPlan, head_dim: int):
 
 def load_language_model(checkpoint_dir: str | Path, text_config, tp: int = 1, rank: int = 0,
                         all_reduce: Callable | None = None, scheme: Scheme | None = None,
-                        options: TextOptions = TextOptions()) -> DeployLanguageModel:
+                        options: TextOptions = TextOptions(), prefixes: dict = PREFIXES) -> DeployLanguageModel:
     with torch.device("meta"):
         model = DeployLanguageModel(text_config, tp, rank, all_reduce or _identity, options)
-    names = checkpoint_names(checkpoint_dir, "text") - {"embed_tokens.weight"}  # the lookup runs on the host
-    weights = iter_weights(checkpoint_dir, "text", names)
+    names = checkpoint_names(checkpoint_dir, "text", prefixes) - {"embed_tokens.weight"}  # looked up on the host
+    weights = iter_weights(checkpoint_dir, "text", names, prefixes)
     if "lm_head.weight" not in names:  # tied embeddings (e.g. the 3B model)
-        tied = (("lm_head.weight", t) for _, t in iter_weights(checkpoint_dir, "text", {"embed_tokens.weight"}))
+        tied = (("lm_head.weight", t)
+                for _, t in iter_weights(checkpoint_dir, "text", {"embed_tokens.weight"}, prefixes))
         weights = itertools.chain(weights, tied)
     return load_streaming(model, weights, scheme or Scheme(),
                            shard=lambda name, t: _shard(name, t, model.plan, model.head_dim))
 
 
-def embedding_table(checkpoint_dir: str | Path) -> torch.Tensor:
-    return next(iter_weights(checkpoint_dir, "text", {"embed_tokens.weight"}))[1]
+def embedding_table(checkpoint_dir: str | Path, prefixes: dict = PREFIXES) -> torch.Tensor:
+    return next(iter_weights(checkpoint_dir, "text", {"embed_tokens.weight"}, prefixes))[1]

@@ -66,16 +66,17 @@ def as_numpy(x):
     return np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
 
 
-def load_model(checkpoint_dir, vision_scheme=None, text_scheme=None):
+def load_model(checkpoint_dir, vision_scheme=None, text_scheme=None, quantizer=None):
     """transformers' model; with schemes, its weights replaced by the effective (fake-quant) weights vlmc's
-    artifacts compute with: the tier-A reference of a reduced-precision artifact."""
+    artifacts compute with (by `quantizer`, default the Qwen VL layout's): the tier-A reference of a
+    reduced-precision artifact."""
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise in a parity report
     model = AutoModelForImageTextToText.from_pretrained(str(checkpoint_dir)).eval()
     if vision_scheme is not None or text_scheme is not None:
-        fake_quantize(model, vision_scheme, text_scheme)
+        (quantizer or fake_quantize)(model, vision_scheme, text_scheme)
     return model
 
 
@@ -94,30 +95,37 @@ def _deploy_name(name: str) -> tuple[str, tuple[str, ...]]:
     return name, ()
 
 
-@torch.no_grad()
 def fake_quantize(model, vision_scheme=None, text_scheme=None) -> None:
     """Put the effective weights of `vision_scheme` / `text_scheme` (vlmc.compile.quantize) into a transformers
     Qwen VL model, in place: every linear (and the patch embedding) the deploy model quantizes, and the bf16
     token embedding table of a reduced-precision LLM artifact."""
+    fake_quantize_modules({"": model.model.visual}, model.model.language_model, model.lm_head, vision_scheme,
+                          text_scheme, _deploy_name)
+
+
+@torch.no_grad()
+def fake_quantize_modules(vision: dict, text, lm_head, vision_scheme, text_scheme, deploy_name) -> None:
+    """The effective weights in place: `vision` maps a deploy-name prefix to a transformers module of the visual
+    artifact, `text` is the text model (its embedding table stored bf16 when quantized) and `deploy_name` maps a
+    module name to (deploy layer, checkpoint layers fused into it)."""
     import torch.nn as nn
 
     from ....compile.quantize import effective_weight
 
-    lm_head = model.lm_head
-    text = model.model.language_model
     if text_scheme is not None and text_scheme.quantizes_weights:
         embed = text.embed_tokens.weight
         if lm_head.weight is embed:  # tied: the head is quantized, the table stored bf16; untie them
             lm_head.weight = nn.Parameter(embed.detach().clone())
         embed.copy_(embed.to(torch.bfloat16).float())
-    parts = [(model.model.visual, vision_scheme), (text, text_scheme), ({"lm_head": lm_head}, text_scheme)]
-    for root, scheme in parts:
+    parts = [(prefix, root, vision_scheme) for prefix, root in vision.items()]
+    parts += [("", text, text_scheme), ("", {"lm_head": lm_head}, text_scheme)]
+    for prefix, root, scheme in parts:
         if scheme is None or not scheme.quantizes_weights:
             continue
         modules = root.items() if isinstance(root, dict) else root.named_modules()
         for name, module in modules:
-            if not isinstance(module, (nn.Linear, nn.Conv3d)):
+            if not isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
                 continue
-            deploy, fused = _deploy_name(name)
+            deploy, fused = deploy_name(prefix + name)
             if not scheme.skips(deploy, fused):
                 module.weight.copy_(effective_weight(module.weight, scheme, deploy))

@@ -73,9 +73,9 @@ class DeployVision(VisionTower):
         return tuple(torch.split(self.merger(x), self.chunks, dim=-1))
 
 
-def load_vision(checkpoint_dir, vision_config, chunks=None, scheme: Scheme | None = None) -> DeployVision:
+def load_vision(checkpoint_dir, config, chunks=None, scheme: Scheme | None = None) -> DeployVision:
     with torch.device("meta"):
-        model = DeployVision(vision_config, chunks)
+        model = DeployVision(config.vision_config, chunks)
     # Conv3d with stride == kernel is a matmul: its weight flattened to [out, in * t * p * p]
     weights = ((("patch_embed.weight", t.reshape(t.shape[0], -1)) if k == "patch_embed.proj.weight" else (k, t))
                for k, t in iter_weights(checkpoint_dir, "vision"))

@@ -20,7 +20,7 @@ from ....compile.quantize import Scheme
 from ..qwen2_5_vl.model import (SHARDING, VisionTower, embedding_table, iter_weights, load_streaming, shard_plan,
                                 visual_example_inputs)
 from ..qwen2_vl.model import VisionBlock
-from ..qwen2_5_vl.model import DeployLanguageModel, TextOptions
+from ..qwen2_5_vl.model import DeployLanguageModel, decoder_options
 from ..qwen2_5_vl.model import load_language_model as _load_decoder
 
 
@@ -103,15 +103,9 @@ class DeployVision(VisionTower):
         return tuple(part for y in (merged, *outputs) for part in torch.split(y, self.chunks, dim=-1))
 
 
-def text_options(text_config, vision_config=None) -> TextOptions:
-    deepstack = len(vision_config.deepstack_visual_indexes) if vision_config is not None else 0
-    return TextOptions(qkv_bias=bool(text_config.attention_bias), qk_norm=True, head_dim=text_config.head_dim,
-                       deepstack_layers=deepstack)
-
-
-def load_vision(checkpoint_dir, vision_config, chunks=None, scheme: Scheme | None = None) -> DeployVision:
+def load_vision(checkpoint_dir, config, chunks=None, scheme: Scheme | None = None) -> DeployVision:
     with torch.device("meta"):
-        model = DeployVision(vision_config, chunks)
+        model = DeployVision(config.vision_config, chunks)
 
     def weights():
         for key, tensor in iter_weights(checkpoint_dir, "vision"):
@@ -127,7 +121,7 @@ def load_language_model(checkpoint_dir, text_config, tp: int = 1, rank: int = 0,
     from transformers import AutoConfig
 
     vision = AutoConfig.from_pretrained(str(checkpoint_dir)).vision_config
-    return _load_decoder(checkpoint_dir, text_config, tp, rank, all_reduce, scheme, text_options(text_config, vision))
+    return _load_decoder(checkpoint_dir, text_config, tp, rank, all_reduce, scheme, decoder_options(text_config, len(vision.deepstack_visual_indexes)))
 
 
 __all__ = ["SHARDING", "DeployLanguageModel", "DeployVision", "embedding_table", "load_language_model", "load_vision",
