@@ -34,6 +34,8 @@ def _add_checkpoint(sub) -> None:
                            "and vocabulary at reduced depth, for benchmarks (2.3 GB); 7b: Qwen2.5-VL-7B's real "
                            "shapes, depth and vocabulary in bf16, written a tensor at a time (16.6 GB; compile it "
                            "at int8 to run it on a 24 GB host) (default: tiny)")
+    tiny.add_argument("--text", help="language model of families that take several (internvl: qwen2, the default, "
+                                     "or qwen3)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     tiny.add_argument("--init-std", type=float,
                       help="standard deviation of the random weights (the config's initializer_range; default 0.1, "
@@ -50,7 +52,12 @@ def _run_checkpoint(args) -> int:
         raise VlmcError(f"unknown preset {args.preset!r} for {args.arch}; choose one of {', '.join(arch.PRESETS)}")
     if args.init_std is not None and not args.init_std > 0:
         raise VlmcError(f"--init-std must be positive, got {args.init_std}")
-    out = arch.write_checkpoint(args.out_dir, preset=args.preset, seed=args.seed, init_std=args.init_std)
+    choices = getattr(arch, "TEXT_MODELS", ())
+    if args.text is not None and args.text not in choices:
+        raise VlmcError(f"--text {args.text!r} is not available for {args.arch}; "
+                        + (f"choose one of {', '.join(choices)}" if choices else "it has one language model"))
+    text = {"text": args.text} if args.text is not None else {}
+    out = arch.write_checkpoint(args.out_dir, preset=args.preset, seed=args.seed, init_std=args.init_std, **text)
     print(out)
     return 0
 

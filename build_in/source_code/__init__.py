@@ -15,7 +15,9 @@ from pathlib import Path
 ARCHITECTURES = {"qwen2_5_vl": "vlmc.build_in.source_code.qwen2_5_vl",
                  "qwen2_vl": "vlmc.build_in.source_code.qwen2_vl",
                  "qwen3_vl": "vlmc.build_in.source_code.qwen3_vl",
-                 "internvl": "vlmc.build_in.source_code.internvl"}
+                 "internvl": "vlmc.build_in.source_code.internvl",
+                 "smolvlm": "vlmc.build_in.source_code.smolvlm",
+                 "idefics3": "vlmc.build_in.source_code.idefics3"}
 
 
 def get_architecture(name: str):

@@ -99,18 +99,16 @@ class TileConfig:
         if self.tiling == "aspect_ratio":
             cols, rows = optimal_tiled_canvas(height, width, s, self.min_tiles, self.max_tiles)
             return rows, cols, (rows * s, cols * s)
-        h, w = longest_edge_size(height, width, self.edge_for(height, width))
-        if h > s or w > s:  # resized up to whole tiles
-            h, w = math.ceil(h / s) * s, math.ceil(w / s) * s
-        return math.ceil(h / s), math.ceil(w / s), (h, w)
+        h, w = whole_tiles_size(*longest_edge_size(height, width, self.edge_for(height, width)), s)
+        return h // s, w // s, (h, w)
 
     def edge_for(self, height: int, width: int) -> int:
         """"longest_edge": the resize target, lowered in whole tiles until the grid has at most max_tiles tiles (as
         a smaller `size.longest_edge` does in transformers)."""
         s, edge = self.tile_size, int(self.longest_edge)
         while edge > s:
-            h, w = longest_edge_size(height, width, edge)
-            if math.ceil(h / s) * math.ceil(w / s) <= self.max_tiles:
+            h, w = whole_tiles_size(*longest_edge_size(height, width, edge), s)
+            if (h // s) * (w // s) <= self.max_tiles:
                 break
             edge = (math.ceil(edge / s) - 1) * s
         return edge
@@ -128,9 +126,7 @@ class TileConfig:
         s = self.tile_size
         if self.tiling == "longest_edge":  # two resizes, as the processor: the longest edge, then whole tiles
             eh, ew = longest_edge_size(height, width, self.edge_for(height, width))
-            resized = image.resize((ew, eh), resample=self.resample)
-            if (h, w) != (eh, ew):
-                resized = resized.resize((w, h), resample=self.resample)
+            resized = image.resize((ew, eh), resample=self.resample).resize((w, h), resample=self.resample)
             whole = resized
         else:
             resized, whole = image.resize((w, h), resample=self.resample), image
@@ -176,9 +172,12 @@ class TileConfig:
         return "".join(out)
 
 
+MAX_IMAGE_SIZE = 4096  # Idefics3's absolute cap on a resized side
+
+
 def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
-    """Idefics3's resize_output_size_rescale_to_max_len: the longest edge to `longest_edge`, the other kept in
-    ratio, both even (at least 1)."""
+    """Idefics3's first resize: the longest edge to `longest_edge` and the other in ratio, made even, then both
+    scaled below MAX_IMAGE_SIZE."""
     ratio = width / height
     if width >= height:
         width = longest_edge
@@ -190,7 +189,26 @@ def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, 
         width = int(height * ratio)
         if width % 2 != 0:
             width += 1
+    height, width = max(height, 1), max(width, 1)
+    ratio = width / height
+    if width >= height and width > MAX_IMAGE_SIZE:
+        width, height = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE / ratio)
+    elif height > width and height > MAX_IMAGE_SIZE:
+        height, width = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE * ratio)
     return max(height, 1), max(width, 1)
+
+
+def whole_tiles_size(height: int, width: int, tile: int) -> tuple[int, int]:
+    """Idefics3's resize_for_vision_encoder: the longer side up to whole tiles, the other from the ratio, then up
+    to whole tiles."""
+    ratio = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = max(math.ceil(int(width / ratio) / tile) * tile, tile)  # (transformers fails below one tile)
+    else:
+        height = math.ceil(height / tile) * tile
+        width = max(math.ceil(int(height * ratio) / tile) * tile, tile)
+    return height, width
 
 
 @functools.lru_cache(maxsize=64)

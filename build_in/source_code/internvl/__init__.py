@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlmc.runtime.cpu_ops.pipeline import HostSpec, TextSpec
+from vlmc.runtime.cpu_ops.pipeline import HostSpec
 from vlmc.runtime.cpu_ops.tiles import TileConfig
 
-from ..qwen2_5_vl import _eos_token_ids, load_config
+from ..qwen2_5_vl import load_config, rope_text_spec
 from . import reference
 from .checkpoint import PRESETS, TEXT_MODELS, write_checkpoint
 from .model import (SHARDING, DeployLanguageModel, DeployVision, embedding_table, load_language_model, load_vision,
@@ -46,22 +46,10 @@ def tile_config(checkpoint_dir, config) -> TileConfig:
                 "start": tokens.get("start_image_token", "<img>"), "end": tokens.get("end_image_token", "</img>")})
 
 
-def text_spec(checkpoint_dir, config, image_token_id: int) -> TextSpec:
-    """A plain text model with 1-D RoPE (default rope type only)."""
-    t = config.text_config
-    params = t.rope_parameters or {}
-    if params.get("rope_type", "default") != "default":
-        raise ValueError(f"{checkpoint_dir}: rope_type {params['rope_type']!r} is not supported (default only)")
-    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-    return TextSpec(hidden_size=t.hidden_size, head_dim=head_dim, rope_theta=float(params.get("rope_theta", 10000.0)),
-                    mrope_section=(head_dim // 2, 0, 0), vocab_size=t.vocab_size, image_token_id=image_token_id,
-                    eos_token_ids=_eos_token_ids(checkpoint_dir, t), rope="rope")
-
-
 def host_spec(checkpoint_dir, config=None) -> HostSpec:
     config = config or load_config(checkpoint_dir)
     return HostSpec(image=tile_config(checkpoint_dir, config), vision=None,
-                    text=text_spec(checkpoint_dir, config, config.image_token_id))
+                    text=rope_text_spec(checkpoint_dir, config, config.image_token_id))
 
 
 __all__ = ["MODEL_TYPES", "PRESETS", "SHARDING", "TEXT_MODELS", "DeployLanguageModel", "DeployVision",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from ..qwen2_5_vl.reference import _deploy_name as _qwen_deploy_name
 from ..qwen2_5_vl.reference import as_numpy, fake_quantize_modules
 from ..qwen2_5_vl.reference import load_model as _load_model
 
@@ -83,9 +82,9 @@ def fake_quantize(model, vision_scheme=None, text_scheme=None) -> None:
 
 
 def _deploy_name(name: str) -> tuple[str, tuple[str, ...]]:
-    """A transformers module name -> the deploy layer (see model.PREFIXES) and the layers fused into it."""
+    """A tower module's transformers name -> its deploy layer (see model.PREFIXES); nothing is fused."""
     if name == "embeddings.patch_embeddings.projection":
         return "patch_embed", ()
     if name.startswith("encoder.layer."):
         return "layers." + name[len("encoder.layer."):], ()
-    return _qwen_deploy_name(name)
+    return name, ()

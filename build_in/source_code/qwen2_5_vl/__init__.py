@@ -48,6 +48,19 @@ def qwen_host_spec(checkpoint_dir, config, vision_head_dim: int, window_size: in
     )
 
 
+def rope_text_spec(checkpoint_dir, config, image_token_id: int) -> TextSpec:
+    """The text side of a family whose language model is a plain one with 1-D RoPE (default rope type only):
+    three equal position rows, delta 0."""
+    t = config.text_config
+    params = t.rope_parameters or {}
+    if params.get("rope_type", "default") != "default":
+        raise ValueError(f"{checkpoint_dir}: rope_type {params['rope_type']!r} is not supported (default only)")
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    return TextSpec(hidden_size=t.hidden_size, head_dim=head_dim, rope_theta=float(params.get("rope_theta", 10000.0)),
+                    mrope_section=(head_dim // 2, 0, 0), vocab_size=t.vocab_size, image_token_id=image_token_id,
+                    eos_token_ids=_eos_token_ids(checkpoint_dir, t), rope="rope")
+
+
 def _eos_token_ids(checkpoint_dir, text_config) -> tuple[int, ...]:
     import json
 

@@ -100,14 +100,14 @@ def fake_quantize(model, vision_scheme=None, text_scheme=None) -> None:
     Qwen VL model, in place: every linear (and the patch embedding) the deploy model quantizes, and the bf16
     token embedding table of a reduced-precision LLM artifact."""
     fake_quantize_modules({"": model.model.visual}, model.model.language_model, model.lm_head, vision_scheme,
-                          text_scheme, _deploy_name)
+                          text_scheme)
 
 
 @torch.no_grad()
-def fake_quantize_modules(vision: dict, text, lm_head, vision_scheme, text_scheme, deploy_name) -> None:
+def fake_quantize_modules(vision: dict, text, lm_head, vision_scheme, text_scheme, vision_name=None) -> None:
     """The effective weights in place: `vision` maps a deploy-name prefix to a transformers module of the visual
-    artifact, `text` is the text model (its embedding table stored bf16 when quantized) and `deploy_name` maps a
-    module name to (deploy layer, checkpoint layers fused into it)."""
+    artifact, `text` is the text model (its embedding table stored bf16 when quantized; the shared decoder's
+    names) and `vision_name` maps a tower module's name to (deploy layer, checkpoint layers fused into it)."""
     import torch.nn as nn
 
     from ....compile.quantize import effective_weight
@@ -117,9 +117,9 @@ def fake_quantize_modules(vision: dict, text, lm_head, vision_scheme, text_schem
         if lm_head.weight is embed:  # tied: the head is quantized, the table stored bf16; untie them
             lm_head.weight = nn.Parameter(embed.detach().clone())
         embed.copy_(embed.to(torch.bfloat16).float())
-    parts = [(prefix, root, vision_scheme) for prefix, root in vision.items()]
-    parts += [("", text, text_scheme), ("", {"lm_head": lm_head}, text_scheme)]
-    for prefix, root, scheme in parts:
+    parts = [(prefix, root, vision_scheme, vision_name or _deploy_name) for prefix, root in vision.items()]
+    parts += [("", text, text_scheme, _deploy_name), ("", {"lm_head": lm_head}, text_scheme, _deploy_name)]
+    for prefix, root, scheme, deploy_name in parts:
         if scheme is None or not scheme.quantizes_weights:
             continue
         modules = root.items() if isinstance(root, dict) else root.named_modules()
