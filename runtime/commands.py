@@ -113,7 +113,7 @@ def run_encode(args) -> int:
     if runtime.tiled:
         tiles, rows, cols = encoded.grid_thw
         note = f" (capped at the compiled {runtime.budget} tiles)" if encoded.fitted else ""
-        shape = f"{rows}x{cols} tiles{' + thumbnail' if tiles > rows * cols else ''}{note}"
+        shape = f"{rows}x{cols} tiles{' + the whole image as one' if tiles > rows * cols else ''}{note}"
     else:
         note = " (resized to fit the compiled patch budget)" if encoded.fitted else ""
         shape = f"grid {list(encoded.grid_thw)}{note}"

@@ -589,7 +589,11 @@ def serve(args) -> int:
     if vit_devices is not None:
         check_devices(None, vit_devices, 1)
     llm = LLMArtifact(args.model)
-    llm.check_visual(read_manifest(Path(args.vit_model), kind="visual"), args.vit_model)
+    visual = read_manifest(Path(args.vit_model), kind="visual")
+    llm.check_visual(visual, args.vit_model)
+    if "max_tiles" in visual and (args.min_pixels is not None or args.max_pixels is not None):
+        raise VlmcError(f"--min_pixels / --max_pixels do not apply: {args.vit_model} cuts images into at most "
+                        f"{visual['max_tiles']} tiles (set when it was compiled, --max-tiles)")
     compiled = int(llm.manifest["batch_size"])
     if args.batch_size is not None and not 1 <= args.batch_size <= compiled:
         raise VlmcError(f"--batch_size must be between 1 and the LLM artifact's compiled batch of {compiled}")

@@ -89,7 +89,7 @@ def visual_main(vit_model: str, requests_addr: str, llm_addr: str, results_addr:
     parent = os.getppid()
     visual = VisualRuntime(vit_model, verify=False)  # the HTTP process checked the artifact's hashes
     cfg = visual.image_config(min_pixels, max_pixels)
-    settings = (cfg.min_pixels, cfg.max_pixels, visual.budget)  # what the resize depends on besides the pixels
+    settings = (repr(cfg.to_dict()), visual.budget)  # what the resize depends on besides the pixels
     cache = EmbeddingCache(int(cache_mb) * 2**20)
     ctx = zmq.Context()
     inbox = _socket(ctx, zmq.PULL, requests_addr)

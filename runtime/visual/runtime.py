@@ -73,6 +73,8 @@ class VisualRuntime:
         self.tiled = self.spec.tiled
         # Native grids: a patch budget and per-budget graphs; tiles: a cap on the grid tiles and per-tile-count graphs
         self.budget = int(self.manifest["max_tiles" if self.tiled else "patch_budget"])
+        if self.tiled:  # the processor's own cap when it is lower than the compiled one
+            self.budget = min(self.budget, self.spec.image.max_tiles)
         self.buckets = sorted(int(b) for b in self.manifest["tile_buckets" if self.tiled else "patch_buckets"])
         self.hidden_size = int(self.manifest["hidden_size"])
         # What the architecture declared: the graph's inputs by name, its outputs as groups of chunked tensors
