@@ -31,7 +31,7 @@ def register(sub) -> None:
     v = p.add_argument_group("visual graph")
     v.add_argument("--max-patches", type=int, help="patch budget N, a multiple of 16 (frontend.max_patches)")
     v.add_argument("--max-tiles", type=int,
-                   help="tiling models (internvl): the most tiles an image is cut into, its thumbnail not counted "
+                   help="tiling models: the most tiles an image is cut into, its thumbnail not counted "
                         "(frontend.max_tiles)")
     v.add_argument("--onnx", action="store_true", default=None,
                    help="also export model.onnx, checked with onnxruntime (frontend.onnx: true)")

@@ -1,11 +1,11 @@
 """Host-side ops of the tiling families: cut an image into fixed square tiles and expand its prompt placeholder.
 
 Two ways of choosing the tiles, both as transformers' PIL image processors do them (bit for bit on the resizes):
-- "aspect_ratio" (GotOcr2's `crop_to_patches`, used by InternVL): the (columns, rows) grid of min..max tiles whose
+- "aspect_ratio" (transformers' `crop_to_patches`): the (columns, rows) grid of min..max tiles whose
   aspect ratio is closest to the image's (ties go to the larger grid while the image covers more than half of
   it), one resize to that grid, row-major crops, plus a thumbnail of the whole image when there is more than one
   tile.
-- "longest_edge" (Idefics3 / SmolVLM): resize the longest edge to `longest_edge` (even sides), resize both sides
+- "longest_edge": resize the longest edge to `longest_edge` (even sides), resize both sides
   up to multiples of the tile, crop row-major, plus the whole image resized to one tile ("global") when there is
   more than one tile.
 
@@ -172,11 +172,11 @@ class TileConfig:
         return "".join(out)
 
 
-MAX_IMAGE_SIZE = 4096  # Idefics3's absolute cap on a resized side
+MAX_IMAGE_SIZE = 4096  # the processor's absolute cap on a resized side
 
 
 def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
-    """Idefics3's first resize: the longest edge to `longest_edge` and the other in ratio, made even, then both
+    """The "longest_edge" processor's first resize: the longest edge to `longest_edge` and the other in ratio, made even, then both
     scaled below MAX_IMAGE_SIZE."""
     ratio = width / height
     if width >= height:
@@ -199,7 +199,7 @@ def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, 
 
 
 def whole_tiles_size(height: int, width: int, tile: int) -> tuple[int, int]:
-    """Idefics3's resize_for_vision_encoder: the longer side up to whole tiles, the other from the ratio, then up
+    """The "longest_edge" processor's resize_for_vision_encoder: the longer side up to whole tiles, the other from the ratio, then up
     to whole tiles."""
     ratio = width / height
     if width >= height:
@@ -220,7 +220,7 @@ def _arrangements(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
 
 def optimal_tiled_canvas(height: int, width: int, tile: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
     """(columns, rows) whose aspect ratio is closest to the image's; on a tie the later (larger) grid wins while the
-    image's area is over half the grid's (GotOcr2's get_optimal_tiled_canvas)."""
+    image's area is over half the grid's (transformers' get_optimal_tiled_canvas)."""
     aspect, area = width / height, width * height
     best_diff, best = float("inf"), (1, 1)
     for grid in _arrangements(min_tiles, max_tiles):

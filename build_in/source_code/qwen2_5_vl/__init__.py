@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from vlmc.runtime.cpu_ops.image import ImageConfig
@@ -61,11 +62,20 @@ def rope_text_spec(checkpoint_dir, config, image_token_id: int) -> TextSpec:
                     eos_token_ids=_eos_token_ids(checkpoint_dir, t), rope="rope")
 
 
-def _eos_token_ids(checkpoint_dir, text_config) -> tuple[int, ...]:
-    import json
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
-    path = Path(checkpoint_dir) / "generation_config.json"
-    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+
+def special_tokens(checkpoint_dir: Path) -> dict:
+    """The tokenizer's named special tokens: top-level keys of tokenizer_config.json, or its
+    `extra_special_tokens` (where transformers 5 writes them)."""
+    config = read_json(checkpoint_dir / "tokenizer_config.json")
+    extra = config.get("extra_special_tokens")
+    return {**config, **(extra if isinstance(extra, dict) else {})}
+
+
+def _eos_token_ids(checkpoint_dir, text_config) -> tuple[int, ...]:
+    eos = read_json(Path(checkpoint_dir) / "generation_config.json").get("eos_token_id")
     eos = text_config.eos_token_id if eos is None else eos
     return tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ()
 

@@ -4,13 +4,12 @@ language model with 1-D RoPE."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vlmc.runtime.cpu_ops.pipeline import HostSpec
 from vlmc.runtime.cpu_ops.tiles import TileConfig
 
-from ..qwen2_5_vl import load_config, rope_text_spec
+from ..qwen2_5_vl import load_config, read_json, rope_text_spec, special_tokens
 from . import reference
 from .checkpoint import PRESETS, TEXT_MODELS, write_checkpoint
 from .model import (SHARDING, DeployLanguageModel, DeployVision, embedding_table, load_language_model, load_vision,
@@ -19,16 +18,12 @@ from .model import (SHARDING, DeployLanguageModel, DeployVision, embedding_table
 MODEL_TYPES = ("smolvlm",)
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def tile_config(checkpoint_dir, config) -> TileConfig:
     """The Idefics3/SmolVLM processor's settings and prompt tokens (from the tokenizer's config where it names
     them)."""
     checkpoint_dir = Path(checkpoint_dir)
-    pre = _read_json(checkpoint_dir / "preprocessor_config.json")
-    tokens = _read_json(checkpoint_dir / "tokenizer_config.json")
+    pre = read_json(checkpoint_dir / "preprocessor_config.json")
+    tokens = special_tokens(checkpoint_dir)
     v = config.vision_config
     tile = int((pre.get("max_image_size") or {}).get("longest_edge", v.image_size))
     if tile != v.image_size:
