@@ -1,6 +1,6 @@
 """The other Qwen families end to end through the same CLI: host ops against transformers' processor and
 get_rope_index, compiled artifacts against transformers (vlmc eval parity: every visual output group, prefill and
-decode logits, 32 greedy tokens) at tp 1, generate at tp 2 and 4, serve, encode, and the refusals that keep families apart."""
+decode logits, 32 greedy tokens) at tp 1, generate at tp 2, serve, encode, and the refusals that keep families apart."""
 
 import json
 
@@ -58,7 +58,7 @@ def _reference(arch):
     return get_architecture(arch).reference
 
 
-@pytest.mark.parametrize("num_images", [0, 1, 2])
+@pytest.mark.parametrize("num_images", [0, 2])
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_preprocess_matches_the_reference(family_checkpoint, family_images, arch, preset, num_images):
@@ -80,7 +80,7 @@ def test_preprocess_matches_the_reference(family_checkpoint, family_images, arch
         assert np.abs(got.pixel_values - as_numpy(ref["pixel_values"])).max() <= 1e-5
 
 
-@pytest.mark.parametrize("num_images", [0, 1, 2])
+@pytest.mark.parametrize("num_images", [0, 2])
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_parity_with_transformers(family_checkpoint, family_artifacts, family_images, tmp_path, arch, preset,
@@ -98,8 +98,9 @@ def test_parity_with_transformers(family_checkpoint, family_artifacts, family_im
     assert all(e <= 1e-4 for e in report.get("image_embedding_rel_error", []))
 
 
-# tp 2 on every preset; tp 4 where the heads divide (tiny: 4 query heads over 2 KV heads, replicated per rank)
-@pytest.mark.parametrize("arch,preset,tp", [(a, p, 2) for a in FAMILIES for p in PRESETS] + [("qwen3_vl", "tiny", 4)])
+# tp 2 on both families' tiny presets and on Qwen3-VL's small one (tp 4 and the other presets run the same engine
+# and sharding plan, tested on Qwen2.5-VL in test_generate.py)
+@pytest.mark.parametrize("arch,preset,tp", [(a, "tiny", 2) for a in FAMILIES] + [("qwen3_vl", "small", 2)])
 def test_generate_with_tensor_parallelism_equals_transformers(family_checkpoint, family_artifacts, family_images,
                                                               arch, preset, tp):
     from PIL import Image

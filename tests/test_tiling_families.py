@@ -67,7 +67,8 @@ def _arch(name):
     return get_architecture(name)
 
 
-@pytest.mark.parametrize("arch,text,preset", CASES)
+# one case per family and preset: the host steps do not depend on the text model
+@pytest.mark.parametrize("arch,text,preset", [c for c in CASES if c[:2] != ("internvl", "qwen3")])
 def test_tiling_and_prompt_match_the_processor(tiled_checkpoint, tiled_images, arch, text, preset):
     """Host tiles, layouts, ids and positions for 0, 1 and 2 images of every shape, with and without a tile cap,
     against transformers' PIL processor and the processor's expansion (run in-process; the CLI below)."""

@@ -82,7 +82,7 @@ class ImageConfig:
         return ImageConfig(**d)
 
 
-def _describe(source) -> str:
+def describe(source) -> str:
     if isinstance(source, Image.Image):
         return f"PIL image {source.size[0]}x{source.size[1]}"
     text = str(source)
@@ -94,7 +94,7 @@ def load_image(source) -> Image.Image:
 
     Transparency is composited onto white, as the reference processor does.
     """
-    name = _describe(source)
+    name = describe(source)
     if isinstance(source, Image.Image):
         image = source
     else:

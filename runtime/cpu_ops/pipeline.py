@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .image import ImageConfig, fit_patches, load_image
+from .image import ImageConfig, ImageInputError, describe, fit_patches, load_image
 from .prompt import render_chat, tokenize_prompt, user_turn
 from .rope import get_rope_index, mrope_cos_sin
 from .tiles import TileConfig
@@ -90,14 +90,18 @@ class HostSpec:
         grids = None if layouts is None else np.asarray(layouts, np.int64).reshape(-1, 3)
         return get_rope_index(input_ids, grids, self.text.image_token_id, self.image.merge_size)
 
-    def prepare_image(self, image, cfg, budget: int | None = None) -> tuple[np.ndarray, tuple[int, int, int], bool]:
+    def prepare_image(self, image, cfg, budget: int | None = None,
+                      name: str = "image") -> tuple[np.ndarray, tuple[int, int, int], bool]:
         """A loaded image -> what the visual graph is fed (patches [n, patch_dim], or tiles [n, 3, S, S]), its
         layout, and whether it was made smaller to fit `budget` (a patch budget, or a cap on the grid tiles);
-        None: as the processor's settings say."""
+        None: as the processor's settings say. `name` heads an error about the image."""
         if not self.tiled:
-            return fit_patches(image, cfg, budget)
+            return fit_patches(image, cfg, budget, name)
         capped = cfg if budget is None else cfg.with_max_tiles(min(cfg.max_tiles, budget))
-        tiles, layout = capped.tiles(image)
+        try:
+            tiles, layout = capped.tiles(image)
+        except ImageInputError as exc:
+            raise ImageInputError(f"{name}: {exc}") from None
         width, height = image.size
         return tiles, layout, capped.layout(height, width) != cfg.layout(height, width)
 
@@ -122,7 +126,7 @@ def prepare_prompt(tokenizer, spec: HostSpec, images, text: str, messages: list[
     cfg = image_config or spec.image
     values, grids = [], []
     for source in images:
-        pixels, layout, _ = spec.prepare_image(load_image(source), cfg, budget)
+        pixels, layout, _ = spec.prepare_image(load_image(source), cfg, budget, f"image {describe(source)!r}")
         values.append(pixels)
         grids.append(layout)
     empty = (0, 3, cfg.tile_size, cfg.tile_size) if spec.tiled else (0, cfg.patch_dim)

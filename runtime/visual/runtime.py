@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import aligned_zeros, check_device, load_library, load_params, read_manifest, visual_graph_file
-from ..cpu_ops.image import load_image
+from ..cpu_ops.image import describe, load_image
 from ..cpu_ops.pipeline import HostSpec
 from ..cpu_ops.tiles import tiles_to_patches
 from ..cpu_ops.vision import build_visual_inputs
@@ -96,7 +96,7 @@ class VisualRuntime:
     def prepare(self, source, cfg):
         """What the graph takes for `source` (patches, or tiles), its layout, and whether it was made smaller to
         fit the compiled budget."""
-        return self.spec.prepare_image(load_image(source), cfg, self.budget)
+        return self.spec.prepare_image(load_image(source), cfg, self.budget, f"image {describe(source)!r}")
 
     def _buffer(self, bucket: int, shape) -> np.ndarray:
         buffer = self._inputs.get(bucket)
