@@ -65,13 +65,17 @@ class VisualFrontend(_Strict):
     def tiled(self) -> bool:
         return self.max_tiles is not None
 
+    def per_call(self) -> int:
+        """Tiles one graph call runs: tiles_per_call, or an image's most tiles with its thumbnail."""
+        return self.tiles_per_call or self.max_tiles + (1 if self.max_tiles > 1 else 0)
+
     @model_validator(mode="after")
     def _budget(self):
         if self.tiled:
             if self.max_patches is not None or self.shape is not None or self.patch_buckets is not None:
                 raise ValueError("max_tiles sets a tiling model's budget; max_patches, patch_buckets and shape do not "
                                  "apply with it")
-            per_call = self.tiles_per_call or self.max_tiles + (1 if self.max_tiles > 1 else 0)
+            per_call = self.per_call()
             for b in self.tile_buckets or []:
                 if not 0 < b <= per_call:
                     raise ValueError(f"tile bucket {b} must be between 1 and tiles_per_call {per_call}")
@@ -97,8 +101,7 @@ class VisualFrontend(_Strict):
         """Every compiled patch budget (or tile count), ascending; the largest is max_patches (tiles_per_call). An
         image runs in the smallest that holds it, so small images do not pay for the whole budget."""
         if self.tiled:
-            per_call = self.tiles_per_call or self.max_tiles + (1 if self.max_tiles > 1 else 0)
-            return sorted(set(self.tile_buckets if self.tile_buckets is not None else [1]) | {per_call})
+            return sorted(set(self.tile_buckets if self.tile_buckets is not None else [1]) | {self.per_call()})
         n = self.max_patches
         default = [-(-n * k // 4) // 16 * 16 for k in (1, 2, 3)]  # quarters, rounded up to multiples of 16
         chosen = self.patch_buckets if self.patch_buckets is not None else [b for b in default if b >= 64]

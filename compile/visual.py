@@ -42,17 +42,16 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
         arch = get_architecture(arch_name)
         model_config = arch.load_config(checkpoint)
         spec = arch.host_spec(checkpoint, model_config)
-        vision = model_config.vision_config
+        if spec.tiled != cfg.frontend.tiled:
+            raise VlmcError(f"{config_path}: {checkpoint} is a {arch_name} checkpoint, whose budget is "
+                            + ("frontend.max_tiles (--max-tiles), not a patch budget" if spec.tiled else
+                               "frontend.max_patches (--max-patches), not tiles"))
         out_hidden = model_config.text_config.hidden_size  # image embeddings take the place of token embeddings
         chunks = resolve_chunks(cfg.backend, out_hidden)
         try:
             module = arch.load_vision(checkpoint, model_config, chunks, scheme)
         except QuantizationError as exc:
             raise VlmcError(f"cannot store the vision tower of {checkpoint} as {scheme.weights}: {exc}") from None
-        if spec.tiled != cfg.frontend.tiled:
-            raise VlmcError(f"{config_path}: {checkpoint} is a {arch_name} checkpoint, whose budget is "
-                            + ("frontend.max_tiles (--max-tiles), not a patch budget" if spec.tiled else
-                               "frontend.max_patches (--max-patches), not tiles"))
         if cfg.frontend.shape is not None:
             _check_shape(cfg, module.patch_dim, spec.vision.head_dim, config_path)
         if not spec.tiled and any(b % spec.vision.merge_unit for b in buckets):

@@ -150,7 +150,7 @@ def test_generate_with_tensor_parallelism_equals_transformers(tiled_checkpoint, 
 
 def test_parity_command_and_encode(tiled_checkpoint, tiled_artifacts, tiled_images, tmp_path):
     """The CLI: `vlmc eval parity` passes on SmolVLM; `vlmc encode` writes InternVL's embeddings within 1e-4 of
-    get_image_features and says how the image was cut."""
+    get_image_features and says how the image was cut, with the tiles in one graph call or in several."""
     from PIL import Image
 
     ck = tiled_checkpoint("smolvlm", "qwen3", "tiny")
@@ -159,16 +159,22 @@ def test_parity_command_and_encode(tiled_checkpoint, tiled_artifacts, tiled_imag
                 tiled_images[0], "--max-new-tokens", 8, "--report", tmp_path / "report")
     assert json.loads(proc.stdout.strip().splitlines()[-1])["pass"]
 
+    # the 7 tiles of a 6x1 image (and its thumbnail) in one call, and in calls of 2, 2, 2 and 1 tiles
     ck = tiled_checkpoint("internvl", "qwen2", "tiny")
     visual, _ = tiled_artifacts("internvl", "qwen2", "tiny")
-    out = tmp_path / "emb.npy"
-    proc = vlmc("encode", "--vit_model", visual, "--image", tiled_images[1], "--out", out)
-    assert "6x1 tiles" in proc.stdout
+    yaml = tmp_path / "two_per_call.yaml"
+    yaml.write_text((BUILD / "internvl_visual.yaml").read_text().replace("tiles_per_call: null", "tiles_per_call: 2"))
+    by_two = compile_artifact(yaml, ck, tmp_path / "ws")
+    assert json.loads((by_two / "manifest.json").read_text())["tile_buckets"] == [1, 2]
     reference = _arch("internvl").reference
     ref = reference.reference_inputs(ck, [Image.open(tiled_images[1])], "x")
     theirs = reference.vision_outputs(reference.load_model(ck), ref["pixel_values"])["embeddings"]
-    ours = np.load(out)
-    assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+    for artifact in (visual, by_two):
+        out = tmp_path / "emb.npy"
+        proc = vlmc("encode", "--vit_model", artifact, "--image", tiled_images[1], "--out", out)
+        assert "6x1 tiles" in proc.stdout
+        ours = np.load(out)
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
 
 
 def test_serve_answers_like_generate(tiled_artifacts, tiled_images):
