@@ -65,8 +65,8 @@ def register_inference(sub) -> None:
         description="Run one image through the compiled visual graph and write its embeddings [visual tokens, "
                     "hidden] as float32 .npy, in the order transformers produces them. A graph with more output "
                     "groups (e.g. Qwen3-VL's deepstack features, [layers, visual tokens, hidden]) writes each next "
-                    "to --out as OUT.<group>.npy. An image over the compiled patch budget is resized to fit; a tiling model cuts it "
-                    "into at most the compiled number of tiles.")
+                    "to --out as OUT.<group>.npy. An image over the compiled patch budget is resized to fit; a "
+                    "tiling model cuts it into at most the compiled number of tiles.")
     p.add_argument("--vit_model", "--vit-model", dest="vit_model", required=True, help="visual artifact folder")
     p.add_argument("--image", required=True, help="image path, file:// URL or data: URI")
     p.add_argument("--out", required=True, help="output .npy path")

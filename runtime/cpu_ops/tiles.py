@@ -176,8 +176,8 @@ MAX_IMAGE_SIZE = 4096  # the processor's absolute cap on a resized side
 
 
 def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
-    """The "longest_edge" processor's first resize: the longest edge to `longest_edge` and the other in ratio, made even, then both
-    scaled below MAX_IMAGE_SIZE."""
+    """The "longest_edge" processor's first resize: the longest edge to `longest_edge` and the other in ratio,
+    made even, then both scaled below MAX_IMAGE_SIZE."""
     ratio = width / height
     if width >= height:
         width = longest_edge
@@ -199,8 +199,8 @@ def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, 
 
 
 def whole_tiles_size(height: int, width: int, tile: int) -> tuple[int, int]:
-    """The "longest_edge" processor's resize_for_vision_encoder: the longer side up to whole tiles, the other from the ratio, then up
-    to whole tiles."""
+    """The "longest_edge" processor's resize_for_vision_encoder: the longer side up to whole tiles, the other from
+    the ratio, then up to whole tiles."""
     ratio = width / height
     if width >= height:
         width = math.ceil(width / tile) * tile

@@ -22,6 +22,7 @@ from ....compile.quantize import Scheme
 from ..qwen2_5_vl.model import (SHARDING, DeployLanguageModel, RMSNorm, decoder_options, iter_weights,
                                 load_language_model as _load_decoder, load_streaming, shard_plan)
 from ..qwen2_5_vl.model import embedding_table as _embedding_table
+from ..qwen2_vl.model import VisionMLP
 
 PREFIXES = {  # checkpoint prefix -> deploy prefix, per part (transformers 5 saves InternVL's legacy layout)
     "vision": (("vision_tower.embeddings.patch_embeddings.projection.", "patch_embed."),
@@ -63,24 +64,11 @@ class VisionAttention(nn.Module):
         return self.projection_layer(attention_op(self.fused)(q, k, v, ranges).reshape(n, -1))
 
 
-class VisionMLP(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        from transformers.activations import ACT2FN
-
-        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.act = ACT2FN[c.hidden_act]
-        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class VisionLayer(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.attention = VisionAttention(c)
-        self.mlp = VisionMLP(c)
+        self.mlp = VisionMLP(c.hidden_size, c.intermediate_size, c.hidden_act)
         self.layernorm_before = _norm(c.norm_type, c.hidden_size, c.layer_norm_eps)
         self.layernorm_after = _norm(c.norm_type, c.hidden_size, c.layer_norm_eps)
         self.lambda_1 = nn.Parameter(torch.ones(c.hidden_size))

@@ -41,12 +41,14 @@ def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=N
             "mm_token_type_ids": mm_type, "position_ids": position_ids, "rope_deltas": deltas}
 
 
-def generate_reference(model, ref, max_new_tokens, with_logits=False):
-    """Greedy tokens from transformers' generate (and, with_logits, the logits of every step)."""
-    kwargs = dict(input_ids=ref["input_ids"], attention_mask=torch.ones_like(ref["input_ids"]),
-                  mm_token_type_ids=ref["mm_token_type_ids"])
+def generate_reference(model, ref, max_new_tokens, with_logits=False, image_inputs=("pixel_values", "image_grid_thw")):
+    """Greedy tokens from transformers' generate (and, with_logits, the logits of every step); `image_inputs`: the
+    entries of `ref` the model takes with images (mm_token_type_ids too, where the family has them)."""
+    kwargs = dict(input_ids=ref["input_ids"], attention_mask=torch.ones_like(ref["input_ids"]))
+    if "mm_token_type_ids" in ref:
+        kwargs["mm_token_type_ids"] = ref["mm_token_type_ids"]
     if ref["pixel_values"] is not None:
-        kwargs.update(pixel_values=ref["pixel_values"], image_grid_thw=ref["image_grid_thw"])
+        kwargs.update({name: ref[name] for name in image_inputs})
     kwargs = {k: v.to(model.device) for k, v in kwargs.items()}
     with torch.no_grad():
         out = model.generate(**kwargs, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,

@@ -121,7 +121,8 @@ def load_language_model(checkpoint_dir, text_config, tp: int = 1, rank: int = 0,
     from transformers import AutoConfig
 
     vision = AutoConfig.from_pretrained(str(checkpoint_dir)).vision_config
-    return _load_decoder(checkpoint_dir, text_config, tp, rank, all_reduce, scheme, decoder_options(text_config, len(vision.deepstack_visual_indexes)))
+    options = decoder_options(text_config, len(vision.deepstack_visual_indexes))
+    return _load_decoder(checkpoint_dir, text_config, tp, rank, all_reduce, scheme, options)
 
 
 __all__ = ["SHARDING", "DeployLanguageModel", "DeployVision", "embedding_table", "load_language_model", "load_vision",

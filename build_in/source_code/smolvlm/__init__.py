@@ -37,7 +37,8 @@ def tile_config(checkpoint_dir, config) -> TileConfig:
     return TileConfig(
         tile_size=tile, patch_size=v.patch_size, tokens_per_tile=tokens_per_tile, tiling="longest_edge",
         max_tiles=per_side * per_side, longest_edge=edge, resample=int(pre.get("resample", 1)),
-        image_mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))), image_std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
+        image_mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))),
+        image_std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
         rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
         prompt={"format": "tile_grid", "placeholder": image, "image": image,
                 "fake": tokens.get("fake_image_token", "<fake_token_around_image>"),

@@ -21,6 +21,7 @@ from ....compile.quantize import Scheme
 from ..qwen2_5_vl.model import (SHARDING, DeployLanguageModel, decoder_options, iter_weights,
                                 load_language_model as _load_decoder, load_streaming, shard_plan)
 from ..qwen2_5_vl.model import embedding_table as _embedding_table
+from ..qwen2_vl.model import VisionMLP
 
 PREFIXES = {  # checkpoint prefix -> deploy prefix, per part
     "vision": (("model.vision_model.embeddings.patch_embedding.", "patch_embed."),
@@ -54,26 +55,13 @@ class VisionAttention(nn.Module):
         return self.out_proj(attention_op(self.fused)(q, k, v, ranges).reshape(n, -1))
 
 
-class VisionMLP(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        from transformers.activations import ACT2FN
-
-        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.act = ACT2FN[c.hidden_act]
-        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class EncoderLayer(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.self_attn = VisionAttention(c)
         self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.mlp = VisionMLP(c)
+        self.mlp = VisionMLP(c.hidden_size, c.intermediate_size, c.hidden_act)
 
     def forward(self, x, ranges):
         x = x + self.self_attn(self.layer_norm1(x), ranges)

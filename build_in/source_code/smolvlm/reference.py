@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..qwen2_5_vl.reference import as_numpy, fake_quantize_modules
+from ..qwen2_5_vl.reference import generate_reference as _generate
 from ..qwen2_5_vl.reference import load_model as _load_model
 
 __all__ = ["as_numpy", "fake_quantize", "generate_reference", "load_model", "reference_inputs", "vision_outputs"]
@@ -53,7 +54,8 @@ def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=N
                                                    "<global-img>"))
         pixel_values, layouts = torch.cat(pixels)[None], torch.tensor(layouts)
         parts = prompt.split("<image>")
-        prompt = parts[0] + "".join(s.replace("<image>", "<|placeholder|>") + rest for s, rest in zip(strings, parts[1:]))
+        prompt = parts[0] + "".join(s.replace("<image>", "<|placeholder|>") + rest
+                                    for s, rest in zip(strings, parts[1:]))
         prompt = prompt.replace("<|placeholder|>", "<image>")
     input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     positions = torch.arange(input_ids.shape[1])[None, None].expand(3, 1, -1)  # 1-D RoPE
@@ -62,15 +64,8 @@ def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=N
 
 
 def generate_reference(model, ref, max_new_tokens, with_logits=False):
-    kwargs = dict(input_ids=ref["input_ids"], attention_mask=torch.ones_like(ref["input_ids"]))
-    if ref["pixel_values"] is not None:
-        kwargs["pixel_values"] = ref["pixel_values"]
-    kwargs = {k: v.to(model.device) for k, v in kwargs.items()}
-    with torch.no_grad():
-        out = model.generate(**kwargs, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                             output_logits=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, ref["input_ids"].shape[1]:].tolist()
-    return (tokens, [as_numpy(step[0]) for step in out.logits]) if with_logits else tokens
+    """Greedy tokens from transformers' generate; the tiles are the only image input (the layout is vlmc's)."""
+    return _generate(model, ref, max_new_tokens, with_logits, image_inputs=("pixel_values",))
 
 
 @torch.no_grad()
