@@ -174,23 +174,10 @@ def test_parity_names_a_dropped_deepstack(family_checkpoint, family_artifacts, f
 
 def test_serve_answers_like_generate(family_artifacts, family_images):
     """`vlmc serve` on a Qwen3-VL pair answers the openai client with `vlmc generate`'s greedy text."""
-    from PIL import Image
-    from test_serve import client, data_uri, start_server, stop_server
+    from test_serve import assert_serves_like_generate
 
     visual, llm = family_artifacts("qwen3_vl", "tiny")
-    ref = generate_json("--model", llm, "--vit_model", visual, "--image", family_images[1], "--prompt", "Describe.",
-                        "--max-new-tokens", 12)
-    base, proc = start_server(llm, visual)
-    try:
-        messages = [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_uri(Image.open(family_images[1]))}},
-            {"type": "text", "text": "Describe."}]}]
-        out = client(base, key="unused").chat.completions.create(model="m", messages=messages, max_tokens=12,
-                                                                        temperature=0)
-        assert out.choices[0].message.content == ref["text"]
-        assert out.usage.prompt_tokens == ref["prompt_tokens"]
-    finally:
-        stop_server(proc)
+    assert_serves_like_generate(llm, visual, family_images[1])
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

@@ -94,6 +94,25 @@ def client(base, key="k"):
     return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
 
 
+def assert_serves_like_generate(llm, visual, image_path, max_tokens=12):
+    """`vlmc serve` on (llm, visual) answers the openai client with `vlmc generate`'s greedy text for one image."""
+    from PIL import Image
+
+    ref = generate_json("--model", llm, "--vit_model", visual, "--image", image_path, "--prompt", "Describe.",
+                        "--max-new-tokens", max_tokens)
+    base, proc = start_server(llm, visual)
+    try:
+        messages = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_uri(Image.open(image_path))}},
+            {"type": "text", "text": "Describe."}]}]
+        out = client(base, key="unused").chat.completions.create(model="m", messages=messages,
+                                                                 max_tokens=max_tokens, temperature=0)
+        assert out.choices[0].message.content == ref["text"]
+        assert out.usage.prompt_tokens == ref["prompt_tokens"]
+    finally:
+        stop_server(proc)
+
+
 def test_greedy_text_matches_generate(server, artifacts):
     image = random_image(56, 84, seed=1)
     path = artifacts["ws"] / "img.png"

@@ -179,23 +179,10 @@ def test_parity_command_and_encode(tiled_checkpoint, tiled_artifacts, tiled_imag
 
 def test_serve_answers_like_generate(tiled_artifacts, tiled_images):
     """`vlmc serve` on an InternVL pair answers the openai client with `vlmc generate`'s greedy text."""
-    from PIL import Image
-    from test_serve import client, data_uri, start_server, stop_server
+    from test_serve import assert_serves_like_generate
 
     visual, llm = tiled_artifacts("internvl", "qwen3", "tiny")
-    ref = generate_json("--model", llm, "--vit_model", visual, "--image", tiled_images[0], "--prompt", "Describe.",
-                        "--max-new-tokens", 12)
-    base, proc = start_server(llm, visual)
-    try:
-        messages = [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_uri(Image.open(tiled_images[0]))}},
-            {"type": "text", "text": "Describe."}]}]
-        out = client(base, key="unused").chat.completions.create(model="m", messages=messages, max_tokens=12,
-                                                                        temperature=0)
-        assert out.choices[0].message.content == ref["text"]
-        assert out.usage.prompt_tokens == ref["prompt_tokens"]
-    finally:
-        stop_server(proc)
+    assert_serves_like_generate(llm, visual, tiled_images[0])
 
 
 def test_budgets_of_the_other_kind_are_refused(tiled_checkpoint, tiled_artifacts, tmp_path):

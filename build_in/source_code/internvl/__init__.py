@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmc.runtime.cpu_ops.pipeline import HostSpec
 from vlmc.runtime.cpu_ops.tiles import TileConfig
 
-from ..qwen2_5_vl import load_config, read_json, rope_text_spec, special_tokens
+from ..qwen2_5_vl import load_config, read_json, special_tokens, tiled_host_spec
 from . import reference
 from .checkpoint import PRESETS, TEXT_MODELS, write_checkpoint
 from .model import (SHARDING, DeployLanguageModel, DeployVision, embedding_table, load_language_model, load_vision,
@@ -41,10 +40,7 @@ def tile_config(checkpoint_dir, config) -> TileConfig:
                 "start": tokens.get("start_image_token", "<img>"), "end": tokens.get("end_image_token", "</img>")})
 
 
-def host_spec(checkpoint_dir, config=None) -> HostSpec:
-    config = config or load_config(checkpoint_dir)
-    return HostSpec(image=tile_config(checkpoint_dir, config), vision=None,
-                    text=rope_text_spec(checkpoint_dir, config, config.image_token_id))
+host_spec = tiled_host_spec(tile_config)
 
 
 __all__ = ["MODEL_TYPES", "PRESETS", "SHARDING", "TEXT_MODELS", "DeployLanguageModel", "DeployVision",

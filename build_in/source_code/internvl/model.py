@@ -12,16 +12,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from ....compile.ops import attention_op
 from ....compile.quantize import Scheme
-from ..qwen2_5_vl.model import (SHARDING, DeployLanguageModel, RMSNorm, decoder_options, iter_weights,
-                                load_language_model as _load_decoder, load_streaming, shard_plan)
-from ..qwen2_5_vl.model import embedding_table as _embedding_table
+from ..qwen2_5_vl.model import (SHARDING, DeployLanguageModel, RMSNorm, iter_weights,
+                                load_streaming, shard_plan, text_loaders)
 from ..qwen2_vl.model import VisionMLP
 
 PREFIXES = {  # checkpoint prefix -> deploy prefix, per part (transformers 5 saves InternVL's legacy layout)
@@ -177,14 +176,7 @@ def load_vision(checkpoint_dir, config, chunks=None, scheme: Scheme | None = Non
     return load_streaming(model, weights(), scheme or Scheme())
 
 
-def load_language_model(checkpoint_dir, text_config, tp: int = 1, rank: int = 0, all_reduce: Callable | None = None,
-                        scheme: Scheme | None = None) -> DeployLanguageModel:
-    return _load_decoder(checkpoint_dir, text_config, tp, rank, all_reduce, scheme, decoder_options(text_config),
-                         prefixes=PREFIXES)
-
-
-def embedding_table(checkpoint_dir) -> torch.Tensor:
-    return _embedding_table(checkpoint_dir, prefixes=PREFIXES)
+load_language_model, embedding_table = text_loaders(PREFIXES)
 
 
 __all__ = ["PREFIXES", "SHARDING", "DeployLanguageModel", "DeployVision", "embedding_table", "load_language_model",

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ..qwen2_5_vl.reference import as_numpy, fake_quantize_modules
-from ..qwen2_5_vl.reference import generate_reference as _generate
+from ..qwen2_5_vl.reference import as_numpy, fake_quantize_modules, tiled_reference_inputs
+from ..qwen2_5_vl.reference import generate_tiled_reference as generate_reference
 from ..qwen2_5_vl.reference import load_model as _load_model
 
 __all__ = ["as_numpy", "fake_quantize", "generate_reference", "load_model", "reference_inputs", "vision_outputs"]
@@ -45,15 +45,7 @@ def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=N
         prompt = parts[0] + "".join(f"{start}{'<|placeholder|>' * (seq * n)}{end}{rest}"
                                     for n, rest in zip(counts, parts[1:]))
         prompt = prompt.replace("<|placeholder|>", context)
-    input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    positions = torch.arange(input_ids.shape[1])[None, None].expand(3, 1, -1)  # InternVL's text model: 1-D RoPE
-    return {"pixel_values": pixel_values, "image_grid_thw": layouts, "input_ids": input_ids,
-            "position_ids": positions, "rope_deltas": torch.zeros(1, dtype=torch.long)}
-
-
-def generate_reference(model, ref, max_new_tokens, with_logits=False):
-    """Greedy tokens from transformers' generate; the tiles are the only image input (the layout is vlmc's)."""
-    return _generate(model, ref, max_new_tokens, with_logits, image_inputs=("pixel_values",))
+    return tiled_reference_inputs(tokenizer, prompt, pixel_values, layouts)
 
 
 @torch.no_grad()

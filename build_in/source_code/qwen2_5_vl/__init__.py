@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from vlmc.runtime.cpu_ops.image import ImageConfig
@@ -60,6 +61,16 @@ def rope_text_spec(checkpoint_dir, config, image_token_id: int) -> TextSpec:
     return TextSpec(hidden_size=t.hidden_size, head_dim=head_dim, rope_theta=float(params.get("rope_theta", 10000.0)),
                     mrope_section=(head_dim // 2, 0, 0), vocab_size=t.vocab_size, image_token_id=image_token_id,
                     eos_token_ids=_eos_token_ids(checkpoint_dir, t), rope="rope")
+
+
+def tiled_host_spec(tile_config: Callable) -> Callable:
+    """`host_spec` of a tiling family: `tile_config(checkpoint_dir, config)` for the image side, plain 1-D RoPE
+    for the text side."""
+    def host_spec(checkpoint_dir, config=None) -> HostSpec:
+        config = config or load_config(checkpoint_dir)
+        return HostSpec(image=tile_config(checkpoint_dir, config), vision=None,
+                        text=rope_text_spec(checkpoint_dir, config, config.image_token_id))
+    return host_spec
 
 
 def read_json(path: Path) -> dict:

@@ -559,3 +559,16 @@ def load_language_model(checkpoint_dir: str | Path, text_config, tp: int = 1, ra
 
 def embedding_table(checkpoint_dir: str | Path, prefixes: dict = PREFIXES) -> torch.Tensor:
     return next(iter_weights(checkpoint_dir, "text", {"embed_tokens.weight"}, prefixes))[1]
+
+
+def text_loaders(prefixes: dict) -> tuple[Callable, Callable]:
+    """`load_language_model` and `embedding_table` for a family whose language model is a plain decoder (switches
+    from its `model_type`) stored under its own checkpoint prefixes."""
+    def load(checkpoint_dir, text_config, tp: int = 1, rank: int = 0, all_reduce: Callable | None = None,
+             scheme: Scheme | None = None) -> DeployLanguageModel:
+        return load_language_model(checkpoint_dir, text_config, tp, rank, all_reduce, scheme,
+                                   decoder_options(text_config), prefixes)
+
+    def table(checkpoint_dir) -> torch.Tensor:
+        return embedding_table(checkpoint_dir, prefixes)
+    return load, table

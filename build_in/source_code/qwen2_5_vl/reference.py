@@ -57,6 +57,20 @@ def generate_reference(model, ref, max_new_tokens, with_logits=False, image_inpu
     return (tokens, [as_numpy(step[0]) for step in out.logits]) if with_logits else tokens
 
 
+def tiled_reference_inputs(tokenizer, prompt: str, pixel_values, layouts) -> dict:
+    """The reference inputs of a tiling family from its expanded prompt: 1-D RoPE positions (three equal rows, delta
+    0) and the layouts (tiles, rows, columns) per image in place of a grid."""
+    input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    positions = torch.arange(input_ids.shape[1])[None, None].expand(3, 1, -1)
+    return {"pixel_values": pixel_values, "image_grid_thw": layouts, "input_ids": input_ids,
+            "position_ids": positions, "rope_deltas": torch.zeros(1, dtype=torch.long)}
+
+
+def generate_tiled_reference(model, ref, max_new_tokens, with_logits=False):
+    """generate_reference for a tiling family: the tiles are the only image input (the layout is vlmc's)."""
+    return generate_reference(model, ref, max_new_tokens, with_logits, image_inputs=("pixel_values",))
+
+
 @torch.no_grad()
 def vision_outputs(model, pixel_values, image_grid_thw) -> dict:
     """The vision tower's outputs for the images of one prompt, by output group, as numpy."""
