@@ -19,12 +19,18 @@ from .. import __version__
 from ..errors import VlmcError
 from ..runtime.artifact import FORMAT_VERSION, MANIFEST, file_sha256, read_manifest
 
+
+def kernels_digest() -> str:
+    """The native kernels' source (compiled into every graph library): a changed kernel rebuilds the artifact."""
+    return hashlib.sha256((Path(__file__).parent / "kernels" / "kernels.c").read_bytes()).hexdigest()[:16]
+
+
 def library_versions() -> dict[str, str]:
     import tvm
     import torch
     import transformers
 
-    return {"vlmc": __version__, "tvm": tvm.__version__, "torch": torch.__version__,
+    return {"vlmc": __version__, "kernels": kernels_digest(), "tvm": tvm.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__}
 
 
@@ -87,7 +93,8 @@ def is_up_to_date(folder: Path, config_digest: str, weights_digest: str) -> bool
     except VlmcError:
         return False
     return (manifest.get("config_hash") == config_digest and manifest.get("weights_fingerprint") == weights_digest
-            and manifest.get("versions", {}).get("vlmc") == __version__)
+            and manifest.get("versions", {}).get("vlmc") == __version__
+            and manifest.get("versions", {}).get("kernels") == kernels_digest())
 
 
 class Stages:

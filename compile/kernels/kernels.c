@@ -702,6 +702,79 @@ static void qgemv_permute(const float* x, int64_t M, int64_t K, float* xp) {
   }
 }
 
+/* int4 with one row of x and groups of 64k weights: 32 bytes (two 32-weight blocks) per load, each 32-bit lane
+ * holding 8 nibbles. Nibble p of every lane is taken by a mask alone (u << 4p, exact in fp32) and x is permuted and
+ * scaled by 2^-4p to match (qgemv_i4_prepare), so a weight costs an AND, a convert and an FMA: no widening
+ * shuffles, no shifts, no -8 (sum (u - 8) x = sum u x - 8 sum x, with sum x per group computed once per call). */
+#define I4F_CHUNK 64 /* weights per 32-byte load */
+/* xp[c * 64 + p * 8 + L] = x[64c + 32(L / 4) + 16(p % 2) + 4(L % 4) + p / 2] * 2^-4p (p < 7; p = 7 is shifted
+ * down, scale 1); xsum[g] = the sum of x over group g */
+static void qgemv_i4_prepare(const float* x, int64_t K, int64_t group, float* xp, float* xsum) {
+  for (int64_t c = 0; c < K / I4F_CHUNK; ++c)
+    for (int p = 0; p < 8; ++p)
+      for (int L = 0; L < 8; ++L)
+        xp[c * 64 + p * 8 + L] = x[c * 64 + 32 * (L / 4) + 16 * (p % 2) + 4 * (L % 4) + p / 2] *
+                                 (p < 7 ? 1.f / (float)(1 << 4 * p) : 1.f);
+  for (int64_t g = 0; g < K / group; ++g) {
+    double s = 0; /* one per group per call: cheap, and keeps the -8 correction accurate */
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) s += x[k];
+    xsum[g] = (float)s;
+  }
+}
+
+#define I4F_NR 4
+static void qgemv_i4_fold(const QMat* q, const float* xp, const float* xsum, float* out, int64_t n0, int64_t n1) {
+  const int64_t K = q->K, G = q->G, chunks = q->group / I4F_CHUNK, rowb = K / 2;
+  for (int64_t n = n0; n < n1; n += I4F_NR) {
+    const int64_t nr = n1 - n < I4F_NR ? n1 - n : I4F_NR;
+    const uint8_t* row[I4F_NR];
+    const float* srow[I4F_NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < I4F_NR; ++r) {
+      const int64_t rr = n + (r < nr ? r : nr - 1);
+      row[r] = (const uint8_t*)q->w + rr * rowb;
+      srow[r] = q->scale + rr * G;
+    }
+    const int64_t ahead = I4F_NR * rowb;
+    qv acc[I4F_NR];
+    float corr[I4F_NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < I4F_NR; ++r) { acc[r] = qsplat(0.f); corr[r] = 0.f; }
+    for (int64_t g = 0; g < G; ++g) {
+      qv part[I4F_NR];
+#pragma GCC unroll 4
+      for (int r = 0; r < I4F_NR; ++r) part[r] = qsplat(0.f);
+      for (int64_t c = g * chunks; c < (g + 1) * chunks; ++c) {
+        const float* xc = xp + c * 64;
+        qvi v[I4F_NR];
+#pragma GCC unroll 4
+        for (int r = 0; r < I4F_NR; ++r) {
+          if (c % 2 == 0) __builtin_prefetch(row[r] + c * 32 + ahead, 0, 2);
+          memcpy(&v[r], row[r] + c * 32, sizeof v[r]);
+        }
+#pragma GCC unroll 8
+        for (int p = 0; p < 8; ++p) {
+          const qv xv = qload(xc + p * 8);
+#pragma GCC unroll 4
+          for (int r = 0; r < I4F_NR; ++r) {
+            const qvi u = p < 7 ? v[r] & (int32_t)(15u << 4 * p) : (qvi)((qvu)v[r] >> 28);
+            part[r] = qfma(__builtin_convertvector(u, qv), xv, part[r]);
+          }
+        }
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < I4F_NR; ++r) {
+        const float sg = srow[r][g];
+        acc[r] = qfma(part[r], qsplat(sg), acc[r]);
+        corr[r] += sg * xsum[g];
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < I4F_NR; ++r)
+      if (r < nr) out[n + r] = qsum(acc[r]) - 8.f * corr[r];
+  }
+}
+
 /* all M (<= 16) rows of x against weight rows [n0, n1) */
 static void qgemv_range(const QMat* q, const float* x, float* out, int64_t n0, int64_t n1) {
   const qgemv_fn* fns = q->kind == QW_BF16 ? qgemv_bf16 : q->kind == QW_F16 ? qgemv_f16
@@ -830,9 +903,11 @@ static int run_qmatmul(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
   const float* x = (const float*)data_of(X);
   if (M > 16) return qmatmul_blocks(&q, x, out) ? fail("vlmc_qmatmul: out of memory") : 0;
   float* xp = 0;
-  if (kind == QW_BF16) {
-    if (!(xp = (float*)malloc(sizeof(float) * M * K))) return fail("vlmc_qmatmul: out of memory");
-    qgemv_permute(x, M, K, xp);
+  const int i4_fold = kind == QW_I4 && M == 1 && q.group % I4F_CHUNK == 0;
+  if (kind == QW_BF16 || i4_fold) {
+    if (!(xp = (float*)malloc(sizeof(float) * (M * K + (i4_fold ? G : 0))))) return fail("vlmc_qmatmul: out of memory");
+    if (i4_fold) qgemv_i4_prepare(x, K, q.group, xp, xp + K);
+    else qgemv_permute(x, M, K, xp);
     x = xp;
   }
   const int threads = omp_get_max_threads();
@@ -842,7 +917,9 @@ static int run_qmatmul(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
     const int64_t lo = (N * part / threads + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
     int64_t hi = part == threads - 1 ? N : (N * (part + 1) / threads + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
     hi = hi < N ? hi : N;
-    if (lo < hi) qgemv_range(&q, x, out, lo, hi);
+    if (lo >= hi) continue;
+    if (i4_fold) qgemv_i4_fold(&q, x, x + K, out, lo, hi);
+    else qgemv_range(&q, x, out, lo, hi);
   }
   free(xp);
   return 0;
