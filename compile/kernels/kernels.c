@@ -584,7 +584,7 @@ static inline __attribute__((always_inline)) void qgemv_rows(const int kind, con
 #pragma GCC unroll 8
           for (int r = 0; r < NR; ++r) {
             qvu u;
-            __builtin_prefetch((const char*)((const uint16_t*)row[r] + k) + ahead, 0, 2);
+            if (k % 32 == 0) __builtin_prefetch((const char*)((const uint16_t*)row[r] + k) + ahead, 0, 2);
             memcpy(&u, (const uint16_t*)row[r] + k, sizeof u);
             ev[r] = (qv)(u << 16);
             od[r] = (qv)(u & 0xffff0000u);
@@ -635,7 +635,8 @@ static inline __attribute__((always_inline)) void qgemv_rows(const int kind, con
           qv wv[QNR_MAX];
 #pragma GCC unroll 8
           for (int r = 0; r < NR; ++r) {
-            if (k % 16 == 0) __builtin_prefetch((const char*)row[r] + (kind == QW_I8 ? k : 2 * k) + ahead, 0, 2);
+            if (k % (kind == QW_I8 ? 64 : 32) == 0) /* once per cache line */
+              __builtin_prefetch((const char*)row[r] + (kind == QW_I8 ? k : 2 * k) + ahead, 0, 2);
             wv[r] = qw_vec(kind, row[r], k);
             if (kind == QW_I8 && !fold) wv[r] *= s[r];
           }
