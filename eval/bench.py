@@ -130,7 +130,7 @@ def _timers_hf(args: dict):
         position_ids = torch.full((3, 1, 1), length, device=device)
 
         def step():
-            model(input_ids=token, past_key_values=cache, attention_mask=mask, position_ids=position_ids,
+            model(input_ids=token, cache=cache, attention_mask=mask, position_ids=position_ids,
                   use_cache=True)
             cache.crop(-1)  # drop the token again so every step sees `length` cached positions
             sync()
