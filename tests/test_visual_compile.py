@@ -39,6 +39,21 @@ def test_recompile_reuses_artifact(checkpoints, visual_artifacts):
     assert manifest["host"]["image"]["patch_size"] == 14
 
 
+def test_changed_kernels_are_not_reused(visual_artifacts, tmp_path):
+    """The native kernels are compiled into every graph library: an artifact built from other kernel sources is
+    stale even when config, weights and vlmc version match."""
+    from vlmc.compile.artifact import is_up_to_date, kernels_digest
+
+    copy = shutil.copytree(visual_artifacts["tiny"], tmp_path / "artifact")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["versions"]["kernels"] == kernels_digest()
+    digests = manifest["config_hash"], manifest["weights_fingerprint"]
+    assert is_up_to_date(copy, *digests)
+    manifest["versions"]["kernels"] = "0" * 16
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert not is_up_to_date(copy, *digests)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_encode_matches_transformers(checkpoints, visual_artifacts, tmp_path, preset):
     from transformers import Qwen2_5_VLForConditionalGeneration
