@@ -538,6 +538,17 @@ static inline const void* qw_row(const QMat* q, int64_t n) {
   if (q->kind == QW_I8) return (const int8_t*)q->w + n * q->K;
   return (const uint16_t*)q->w + n * q->K;
 }
+/* the weight rows (and scale rows, if any) of a step of NR rows from n, nr of them real: a short step repeats its
+ * last row */
+static inline __attribute__((always_inline)) void qw_step_rows(const QMat* q, const int NR, int64_t n, int64_t nr,
+                                                               const void** row, const float** srow) {
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) {
+    const int64_t rr = n + (r < nr ? r : nr - 1);
+    row[r] = qw_row(q, rr);
+    srow[r] = q->scale ? q->scale + rr * q->G : 0;
+  }
+}
 
 /* out[m, n] for mr <= MR rows of x (row stride K; out row stride N) and weight rows [n0, n1), NR weight rows per step.
  * A short step repeats the last weight row, a short pass the last row of x, and drops their results. bf16: x is
@@ -556,11 +567,7 @@ static inline __attribute__((always_inline)) void qgemv_rows(const int kind, con
     const int64_t nr = n1 - n < NR ? n1 - n : NR;
     const void* row[QNR_MAX];
     const float* srow[QNR_MAX];
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      row[r] = qw_row(q, n + (r < nr ? r : nr - 1));
-      srow[r] = q->scale ? q->scale + (n + (r < nr ? r : nr - 1)) * groups : 0;
-    }
+    qw_step_rows(q, NR, n, nr, row, srow);
     /* Software prefetch of the next step's rows, into L2, as the current ones are read: each row is a new stream the
      * hardware prefetchers (which stop at 4 KB pages) would only pick up after some misses (measured: bf16 1.6x
      * -> 1.9x, int8 2.0x -> 2.7x the speed of fp32 BLAS at 1 x 2048 x 11008). */
@@ -728,14 +735,9 @@ static void qgemv_i4_fold(const QMat* q, const float* xp, const float* xsum, flo
   const int64_t K = q->K, G = q->G, chunks = q->group / I4F_CHUNK, rowb = K / 2;
   for (int64_t n = n0; n < n1; n += I4F_NR) {
     const int64_t nr = n1 - n < I4F_NR ? n1 - n : I4F_NR;
-    const uint8_t* row[I4F_NR];
+    const void* row[I4F_NR];
     const float* srow[I4F_NR];
-#pragma GCC unroll 4
-    for (int r = 0; r < I4F_NR; ++r) {
-      const int64_t rr = n + (r < nr ? r : nr - 1);
-      row[r] = (const uint8_t*)q->w + rr * rowb;
-      srow[r] = q->scale + rr * G;
-    }
+    qw_step_rows(q, I4F_NR, n, nr, row, srow);
     const int64_t ahead = I4F_NR * rowb;
     qv acc[I4F_NR];
     float corr[I4F_NR];
@@ -750,8 +752,8 @@ static void qgemv_i4_fold(const QMat* q, const float* xp, const float* xsum, flo
         qvi v[I4F_NR];
 #pragma GCC unroll 4
         for (int r = 0; r < I4F_NR; ++r) {
-          if (c % 2 == 0) __builtin_prefetch(row[r] + c * 32 + ahead, 0, 2);
-          memcpy(&v[r], row[r] + c * 32, sizeof v[r]);
+          if (c % 2 == 0) __builtin_prefetch((const uint8_t*)row[r] + c * 32 + ahead, 0, 2);
+          memcpy(&v[r], (const uint8_t*)row[r] + c * 32, sizeof v[r]);
         }
 #pragma GCC unroll 8
         for (int p = 0; p < 8; ++p) {
