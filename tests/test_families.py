@@ -14,35 +14,6 @@ PRESETS = ["tiny", "small"]
 
 
 @pytest.fixture(scope="session")
-def family_checkpoint(tmp_path_factory):
-    root, made = tmp_path_factory.mktemp("family_checkpoints"), {}
-
-    def get(arch, preset):
-        if (arch, preset) not in made:
-            out = root / f"{arch}_{preset}"
-            vlmc("checkpoint", "tiny", "--arch", arch, out, "--preset", preset)
-            made[arch, preset] = str(out)
-        return made[arch, preset]
-    return get
-
-
-@pytest.fixture(scope="session")
-def family_artifacts(family_checkpoint, tmp_path_factory):
-    """Compiled once per (family, preset, tp): a visual artifact and the LLM artifacts."""
-    root, built = tmp_path_factory.mktemp("family_ws"), {}
-
-    def get(arch, preset, tp=1):
-        ck, ws = family_checkpoint(arch, preset), root / f"{arch}_{preset}"
-        if (arch, preset, "visual") not in built:
-            built[arch, preset, "visual"] = compile_artifact(f"{arch}_visual.yaml", ck, ws, "--max-patches", 512)
-        if (arch, preset, tp) not in built:
-            built[arch, preset, tp] = compile_artifact(f"{arch}_llm.yaml", ck, ws / f"tp{tp}", "--tp", tp,
-                                                       "--max-prefill", 256, "--max-context", 320)
-        return built[arch, preset, "visual"], built[arch, preset, tp]
-    return get
-
-
-@pytest.fixture(scope="session")
 def family_images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("family_images")
     paths = []

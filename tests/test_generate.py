@@ -11,19 +11,6 @@ PROMPT = "Describe the image."
 
 
 @pytest.fixture(scope="session")
-def artifacts(checkpoints, tmp_path_factory):
-    ws = tmp_path_factory.mktemp("llm_ws")
-    out = {}
-    for preset in ("tiny", "small"):
-        out[preset, "visual"] = compile_artifact("qwen2_5_vl_visual.yaml", checkpoints[preset], ws / preset,
-                                                 "--max-patches", 512)
-        for tp in ((1, 2, 4) if preset == "tiny" else (1, 2)):
-            out[preset, tp] = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints[preset], ws / preset / f"tp{tp}",
-                                               "--tp", tp, "--max-prefill", 256, "--max-context", 320)
-    return out
-
-
-@pytest.fixture(scope="session")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
     paths = []
@@ -38,11 +25,11 @@ CASES = [("tiny", 1, 0), ("tiny", 1, 1), ("tiny", 1, 2), ("tiny", 2, 1), ("tiny"
 
 
 @pytest.mark.parametrize("preset,tp,num_images", CASES)
-def test_greedy_tokens_equal_transformers(checkpoints, artifacts, images, preset, tp, num_images):
+def test_greedy_tokens_equal_transformers(checkpoints, qwen_artifacts, images, preset, tp, num_images):
     from PIL import Image
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    args = ["--model", artifacts[preset, tp], "--vit_model", artifacts[preset, "visual"], "--prompt", PROMPT,
+    args = ["--model", qwen_artifacts[preset, tp], "--vit_model", qwen_artifacts[preset, "visual"], "--prompt", PROMPT,
             "--max-new-tokens", 32]
     for path in images[:num_images]:
         args += ["--image", path]
@@ -64,13 +51,13 @@ def test_greedy_tokens_equal_transformers(checkpoints, artifacts, images, preset
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
-def test_prefill_logits_match_transformers(checkpoints, artifacts, images, preset):
+def test_prefill_logits_match_transformers(checkpoints, qwen_artifacts, images, preset):
     from PIL import Image
     from transformers import Qwen2_5_VLForConditionalGeneration
     from vlmc.runtime.llm.engine import Sequence, splice_image_embeddings
     from vlmc.runtime.llm.pipeline import Pipeline
 
-    pipeline = Pipeline(str(artifacts[preset, 1]), str(artifacts[preset, "visual"]))
+    pipeline = Pipeline(str(qwen_artifacts[preset, 1]), str(qwen_artifacts[preset, "visual"]))
     try:
         image_embeds, grids, _ = pipeline.encode_images([str(images[0])])
         spec = pipeline.spec
@@ -89,14 +76,14 @@ def test_prefill_logits_match_transformers(checkpoints, artifacts, images, prese
     assert np.abs(logits - ref_logits[0]).max() <= 1e-3
 
 
-def test_budget_errors_and_mismatched_artifacts(artifacts, images):
+def test_budget_errors_and_mismatched_artifacts(qwen_artifacts, images):
     long_prompt = "word " * 400
-    proc = vlmc("generate", "--model", artifacts["tiny", 1], "--prompt", long_prompt, "--max-new-tokens", 4,
+    proc = vlmc("generate", "--model", qwen_artifacts["tiny", 1], "--prompt", long_prompt, "--max-new-tokens", 4,
                 check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "prefill length of 256" in proc.stderr and "tokens" in proc.stderr
-    proc = vlmc("generate", "--model", artifacts["tiny", 1], "--prompt", "Hi", "--max-new-tokens", 300, check=False)
+    proc = vlmc("generate", "--model", qwen_artifacts["tiny", 1], "--prompt", "Hi", "--max-new-tokens", 300, check=False)
     assert proc.returncode != 0 and "context of 320" in proc.stderr
-    proc = vlmc("generate", "--model", artifacts["tiny", 1], "--vit_model", artifacts["small", "visual"],
+    proc = vlmc("generate", "--model", qwen_artifacts["tiny", 1], "--vit_model", qwen_artifacts["small", "visual"],
                 "--image", images[0], "--prompt", "Hi", "--max-new-tokens", 4, check=False)
     assert proc.returncode != 0 and "does not belong" in proc.stderr and "hidden size" in proc.stderr

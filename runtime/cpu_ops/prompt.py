@@ -1,5 +1,5 @@
-"""Prompt formatting on the host: one user turn [images..., text] through the checkpoint's chat template, with
-each image placeholder expanded to the number of visual tokens its grid produces."""
+"""Prompt formatting on the host: one user turn [images..., videos..., text] through the checkpoint's chat template,
+with each image (and video) placeholder expanded to the number of visual tokens its grid produces."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import numpy as np
 IMAGE_PAD = "<|image_pad|>"
 
 
-def user_turn(num_images: int, text: str) -> list[dict]:
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+def user_turn(num_images: int, text: str, num_videos: int = 0) -> list[dict]:
+    """One user turn: the images, then the videos, then the text."""
+    content = ([{"type": "image"} for _ in range(num_images)] + [{"type": "video"} for _ in range(num_videos)]
+               + [{"type": "text", "text": text}])
     return [{"role": "user", "content": content}]
 
 
@@ -18,23 +20,32 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def expand_image_tokens(input_ids, image_token_id: int, tokens_per_image) -> np.ndarray:
-    """Replace the i-th image placeholder token by tokens_per_image[i] copies of it."""
+def expand_media_tokens(input_ids, placeholders: dict[str, tuple[int, list[int]]]) -> np.ndarray:
+    """Replace the i-th placeholder token of each kind ({"image": (token id, tokens per image), "video": ...}) by
+    as many copies of it as its item produces."""
     ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
-    positions = np.flatnonzero(ids == image_token_id)
-    counts = list(tokens_per_image)
-    if len(positions) != len(counts):
-        raise ValueError(f"the prompt has {len(positions)} image placeholders but {len(counts)} images were given")
     repeats = np.ones(len(ids), dtype=np.int64)
-    repeats[positions] = counts
+    for kind, (token_id, per_item) in placeholders.items():
+        positions = np.flatnonzero(ids == token_id)
+        if len(positions) != len(per_item):
+            raise ValueError(f"the prompt has {len(positions)} {kind} placeholders but {len(per_item)} {kind}s "
+                             "were given")
+        repeats[positions] = list(per_item)
     return np.repeat(ids, repeats)
 
 
 def tokenize_prompt(tokenizer, text: str, image_grid_thw, image_token_id: int, merge_size: int,
-                    messages: list[dict] | None = None) -> np.ndarray:
-    """Token ids of a prompt whose images have the given grids (t, h, w) after patching."""
+                    messages: list[dict] | None = None, video_grid_thw=None,
+                    video_token_id: int | None = None) -> np.ndarray:
+    """Token ids of a prompt whose images (and videos) have the given grids (t, h, w) after patching."""
     grids = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
-    messages = messages if messages is not None else user_turn(len(grids), text)
+    videos = np.asarray(video_grid_thw if video_grid_thw is not None else [], dtype=np.int64).reshape(-1, 3)
+    messages = messages if messages is not None else user_turn(len(grids), text, len(videos))
     ids = tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
-    per_image = [int(t * h * w) // (merge_size * merge_size) for t, h, w in grids]
-    return expand_image_tokens(ids, image_token_id, per_image)
+    unit = merge_size * merge_size
+    placeholders = {"image": (image_token_id, [int(t * h * w) // unit for t, h, w in grids])}
+    if video_token_id is not None:
+        placeholders["video"] = (video_token_id, [int(t * h * w) // unit for t, h, w in videos])
+    elif len(videos):
+        raise ValueError("this model does not take videos")
+    return expand_media_tokens(ids, placeholders)

@@ -11,33 +11,47 @@ def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
 
-def get_rope_index(input_ids, image_grid_thw, image_token_id: int, spatial_merge_size: int):
-    """M-RoPE position ids [3, seq] and rope_delta for one prompt of text and any number of images.
+def get_rope_index(input_ids, image_grid_thw, image_token_id: int, spatial_merge_size: int,
+                   video_grid_thw=None, video_token_id: int | None = None, second_per_grid_ts=None,
+                   tokens_per_second: float | None = None):
+    """M-RoPE position ids [3, seq] and rope_delta for one prompt of text, images and videos.
 
-    Text tokens share t = h = w and count up by one; each run of image pad tokens takes t, h, w from its
-    (merged) grid, offset by the position reached so far; the next modality starts at max + 1.
+    Text tokens share t = h = w and count up by one; each run of image (or video) pad tokens takes t, h, w from its
+    (merged) grid, offset by the position reached so far; the next modality starts at the largest spatial index + 1.
+    A video's temporal index is spaced by `tokens_per_second * second_per_grid_t` (Qwen2.5-VL: absolute time; None:
+    one per temporal patch, Qwen2-VL), computed in float32 and truncated as the reference does.
     rope_delta = max position + 1 - seq_len, so decode position of token i is i + rope_delta.
     """
     ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
-    grids = iter(np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)) if image_grid_thw is not None else iter(())
-    is_image = ids == image_token_id
+    kinds = np.zeros(len(ids), dtype=np.int8)  # 0 text, 1 image, 2 video: the processor's mm_token_type_ids
+    kinds[ids == image_token_id] = 1
+    if video_token_id is not None:
+        kinds[ids == video_token_id] = 2
+    grids = {1: iter(np.asarray(image_grid_thw if image_grid_thw is not None else [], np.int64).reshape(-1, 3)),
+             2: iter(np.asarray(video_grid_thw if video_grid_thw is not None else [], np.int64).reshape(-1, 3))}
+    seconds = iter(np.asarray(second_per_grid_ts if second_per_grid_ts is not None else [], np.float32).reshape(-1))
     chunks, current, i = [], 0, 0
     while i < len(ids):
         j = i
-        while j < len(ids) and is_image[j] == is_image[i]:
+        while j < len(ids) and kinds[j] == kinds[i]:
             j += 1
-        if not is_image[i]:
+        if kinds[i] == 0:
             chunks.append(np.broadcast_to(np.arange(j - i, dtype=np.int64) + current, (3, j - i)))
             current += j - i
         else:
+            name = "image" if kinds[i] == 1 else "video"
             try:
-                t, h, w = next(grids)
+                t, h, w = next(grids[kinds[i]])
             except StopIteration:
-                raise ValueError("more image placeholder runs in the prompt than images") from None
+                raise ValueError(f"more {name} placeholder runs in the prompt than {name}s") from None
             gt, gh, gw = int(t), int(h) // spatial_merge_size, int(w) // spatial_merge_size
             if gt * gh * gw != j - i:
-                raise ValueError(f"image placeholder run of {j - i} tokens does not match grid {gt}x{gh}x{gw}")
-            tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+                raise ValueError(f"{name} placeholder run of {j - i} tokens does not match grid {gt}x{gh}x{gw}")
+            temporal = np.arange(gt, dtype=np.int64)
+            if kinds[i] == 2 and tokens_per_second is not None:
+                interval = np.float32(tokens_per_second) * next(seconds, np.float32(1))
+                temporal = (temporal.astype(np.float32) * interval).astype(np.int64)
+            tt, hh, ww = np.meshgrid(temporal, np.arange(gh), np.arange(gw), indexing="ij")
             chunks.append(np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + current)
             current += max(int(h), int(w)) // spatial_merge_size
         i = j

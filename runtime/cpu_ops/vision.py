@@ -115,7 +115,8 @@ def _grid_position_taps(grid: tuple[int, int, int], side: int, merge_size: int):
 
 def build_visual_inputs(pixel_values: np.ndarray, grid_thw, spec: VisionSpec, budget: int,
                         dtype=np.float32, out: np.ndarray | None = None) -> VisualGraphInputs:
-    """Lay out one image's patches [n, patch_dim] for a graph compiled for `budget` patches (n <= budget).
+    """Lay out one image's (or video's, grid t > 1) patches [n, patch_dim] for a graph compiled for `budget` patches
+    (n <= budget).
 
     `out` ([budget, patch_dim]) receives the laid-out patches when given: a buffer kept between images saves
     faulting in fresh pages for every image (megabytes per image, about a millisecond)."""
@@ -136,10 +137,13 @@ def build_visual_inputs(pixel_values: np.ndarray, grid_thw, spec: VisionSpec, bu
     cos[:n], sin[:n] = c[patch_order], s[patch_order]
 
     # Windows are contiguous in window order, so each patch's keys are one range. Padding rows get the empty range
-    # (zeros out, no work); real patches never see padding.
+    # (zeros out, no work); real patches never see padding. Full attention spans one frame (a temporal patch of a
+    # video: frames stay contiguous in window order), as the reference's cu_seqlens do.
     ends = np.cumsum(seqlens)
     full_ranges = np.zeros((budget, 2), dtype=np.int32)
-    full_ranges[:n, 1] = n
+    frame = n // max(int(grid[0]), 1)
+    full_ranges[:n, 0] = np.arange(n) // frame * frame
+    full_ranges[:n, 1] = full_ranges[:n, 0] + frame
     arrays = {"pixel_values": padded, "full_ranges": full_ranges, "cos": cos.astype(dtype), "sin": sin.astype(dtype)}
     if spec.position_grid:  # pos_index int32 [budget, 4], pos_weight [budget, 4]: padding rows weigh nothing
         index, weight = _grid_position_taps(grid, spec.position_grid, spec.merge_size)

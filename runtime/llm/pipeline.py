@@ -1,5 +1,5 @@
-"""A whole image + text request: host ops -> visual runtime -> embeddings spliced at the image pads -> M-RoPE ->
-prefill -> decode until EOS or the token limit."""
+"""A whole image/video + text request: host ops -> visual runtime -> embeddings spliced at the image and video
+pads -> M-RoPE -> prefill -> decode until EOS or the token limit."""
 
 from __future__ import annotations
 
@@ -21,12 +21,14 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS) or "length"
     timings: dict = field(default_factory=dict)
     images: list[dict] = field(default_factory=list)
+    videos: list[dict] = field(default_factory=list)  # per video: grid, sampled frames and timestamps, graph calls
     precision: dict = field(default_factory=dict)  # weight format, KV cache format and its bytes per token
 
     def as_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": len(self.token_ids), "finish_reason": self.finish_reason,
-                "timings": self.timings, "images": self.images, "precision": self.precision}
+                "timings": self.timings, "images": self.images, "videos": self.videos,
+                "precision": self.precision}
 
 
 def prompt_extras(declared: list[dict], input_ids, image_token_id: int, image_extras: list[dict],
@@ -91,24 +93,47 @@ class Pipeline:
             info.append({**layout, "fitted_to_budget": fitted})
         return embeds, np.asarray(grids, dtype=np.int64).reshape(-1, 3), info
 
+    def encode_videos(self, videos, request=None) -> tuple[list[np.ndarray], list, list[dict]]:
+        """Each video's embeddings, its PreparedVideo (grid, timing) and what the response reports about it."""
+        if videos and self.visual is None:
+            from ...errors import VlmcError
+
+            raise VlmcError("the request has videos but no visual artifact was given (--vit_model)")
+        embeds, prepared, info = [], [], []
+        for source in videos:
+            video = self.visual.prepare_video(source, request)
+            outputs, calls = self.visual.encode_video(video)
+            embeds.append(outputs["embeddings"])
+            prepared.append(video)
+            info.append({**video.describe(), "graph_calls": calls})
+        return embeds, prepared, info
+
     def prompt_extras(self, input_ids, image_extras: list[dict]) -> dict[str, np.ndarray]:
         """The prompt graphs' per-token inputs, from the images' visual output groups of the same names."""
         return prompt_extras(self.engine.prefill_extras, input_ids, self.spec.text.image_token_id, image_extras,
                              self.spec.text.hidden_size)
 
     def generate(self, images, prompt: str, max_new_tokens: int, sampling: SamplingParams | None = None,
-                 messages: list[dict] | None = None, min_pixels=None, max_pixels=None) -> GenerationResult:
+                 messages: list[dict] | None = None, min_pixels=None, max_pixels=None, videos=(),
+                 video_request=None) -> GenerationResult:
+        """`videos` come after the images in the user turn (or where `messages` puts their {"type": "video"}
+        parts); `video_request`: a VideoRequest (fps or frame count, pixel bounds) for all of them."""
         sampling = sampling or SamplingParams()
         if not sampling.eos_token_ids:
             sampling.eos_token_ids = self.spec.text.eos_token_ids
         t0 = time.perf_counter()
         image_embeds, grids, info = self.encode_images(list(images), min_pixels, max_pixels)
+        video_embeds, prepared, video_info = self.encode_videos(list(videos), video_request)
         t_visual = time.perf_counter() - t0
-        image_id = self.spec.text.image_token_id
-        input_ids = self.spec.prompt_ids(self.tokenizer, prompt, grids, messages)
+        video_grids = np.asarray([v.grid_thw for v in prepared], np.int64).reshape(-1, 3)
+        input_ids = self.spec.prompt_ids(self.tokenizer, prompt, grids, messages, video_grids)
         self.engine.check_budget(len(input_ids), max_new_tokens)
-        position_ids, delta = self.spec.positions(input_ids, grids)
-        embeds = splice_image_embeddings(self.engine.embed.lookup(input_ids), input_ids, image_id, image_embeds)
+        position_ids, delta = self.spec.positions(input_ids, grids, video_grids,
+                                                  [v.second_per_grid_t for v in prepared])
+        embeds = splice_image_embeddings(self.engine.embed.lookup(input_ids), input_ids,
+                                         self.spec.text.image_token_id, image_embeds)
+        if prepared:
+            embeds = splice_image_embeddings(embeds, input_ids, self.spec.text.video_token_id, video_embeds)
         extras = self.prompt_extras(input_ids, self.last_image_extras)
         seq = Sequence(0, delta)
         sampler = Sampler(sampling)
@@ -137,7 +162,8 @@ class Pipeline:
                    "decode_s": round(t_end - t_first, 6) if t_first else 0.0,  # first new token -> last
                    "total_s": round(t_end - t0, 6)}
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return GenerationResult(text, tokens, int(len(input_ids)), finish, timings, info, self.precision())
+        return GenerationResult(text, tokens, int(len(input_ids)), finish, timings, info, video_info,
+                                self.precision())
 
     def precision(self) -> dict:
         quant = self.llm.manifest.get("quantize", {})

@@ -2,6 +2,9 @@
 
 Native-resolution towers: host ops -> window order and padding to the patch budget -> the graph -> chunks joined
 -> window order undone. An image whose patch count exceeds the budget is resized (max_pixels lowered) until it fits.
+A video runs as whole temporal patches, as many per call as the budget holds; the tower attends within one temporal
+patch (windows, and full attention over the frame), so splitting a video between calls changes nothing. Its frames
+are made smaller only when one temporal patch alone would exceed the budget.
 Tiling towers: the image is cut into at most the compiled number of grid tiles (plus its thumbnail / global tile),
 and the tiles run through the graph in as few calls of its fixed tile count as they can.
 """
@@ -115,6 +118,26 @@ class VisualRuntime:
             inputs = build_visual_inputs(pixel_values, grid, self.spec.vision, bucket, out=buffer)
             outputs = self.graphs[bucket](*inputs.as_args(self.input_names))
         return split_output_groups(outputs, self.output_groups, inputs.num_tokens, inputs.reverse_index)
+
+    def prepare_video(self, source, request=None):
+        """A video's temporal patches and timing (see HostSpec.prepare_video), frames small enough for one temporal
+        patch to fit the compiled budget."""
+        return self.spec.prepare_video(source, request, None if self.tiled else self.budget)
+
+    def encode_video(self, video) -> tuple[dict[str, np.ndarray], int]:
+        """A PreparedVideo through the graph in chunks of whole temporal patches: its output groups (as
+        encode_outputs) and the number of graph calls."""
+        t, h, w = video.grid_thw
+        per_frame = h * w
+        frames_per_call = max(1, self.buckets[-1] // per_frame)
+        parts = []
+        for start in range(0, t, frames_per_call):
+            count = min(frames_per_call, t - start)
+            rows = video.pixel_values[start * per_frame:(start + count) * per_frame]
+            parts.append(self.encode_outputs(rows, (count, h, w)))
+        out = {g["name"]: np.concatenate([p[g["name"]] for p in parts], axis=0 if g["count"] == 1 else 1)
+               for g in self.output_groups}
+        return out, len(parts)
 
     def _encode_tiles(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         """Tiles [n, 3, S, S] through graphs of fixed tile counts. The graph's rows per tile (patches, and any

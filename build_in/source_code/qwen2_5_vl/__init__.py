@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vlmc.runtime.cpu_ops.image import ImageConfig
 from vlmc.runtime.cpu_ops.pipeline import HostSpec, TextSpec
+from vlmc.runtime.cpu_ops.video import VideoConfig
 from vlmc.runtime.cpu_ops.vision import VisionSpec
 
 from . import reference  # transformers as the reference, for parity checks
@@ -31,10 +32,12 @@ def host_spec(checkpoint_dir: str | Path, config=None) -> HostSpec:
 
 
 def qwen_host_spec(checkpoint_dir, config, vision_head_dim: int, window_size: int | None,
-                   rope: str = "mrope") -> HostSpec:
-    """The host steps of a Qwen VL family: the Qwen2-VL image processor, the tower's 2-D rotary (and windows),
-    placeholder expansion by grid and M-RoPE positions (`rope`: the text rotary scheme)."""
+                   rope: str = "mrope", videos: bool = True) -> HostSpec:
+    """The host steps of a Qwen VL family: the Qwen2-VL image (and, `videos`, video) processor, the tower's 2-D
+    rotary (and windows), placeholder expansion by grid and M-RoPE positions (`rope`: the text rotary scheme; a
+    vision config with `tokens_per_second` spaces a video's temporal positions by absolute time)."""
     v, t = config.vision_config, config.text_config
+    videos = videos and getattr(config, "video_token_id", None) is not None
     params = t.rope_parameters or {}
     return HostSpec(
         image=ImageConfig.from_checkpoint(checkpoint_dir),
@@ -46,7 +49,10 @@ def qwen_host_spec(checkpoint_dir, config, vision_head_dim: int, window_size: in
                       rope_theta=float(params.get("rope_theta", 1000000.0)),
                       mrope_section=tuple(params.get("mrope_section", (16, 24, 24))),
                       vocab_size=t.vocab_size, image_token_id=config.image_token_id,
-                      eos_token_ids=_eos_token_ids(checkpoint_dir, t), rope=rope),
+                      eos_token_ids=_eos_token_ids(checkpoint_dir, t), rope=rope,
+                      video_token_id=config.video_token_id if videos else None,
+                      tokens_per_second=getattr(v, "tokens_per_second", None) if videos else None),
+        video=VideoConfig.from_checkpoint(checkpoint_dir) if videos else None,
     )
 
 

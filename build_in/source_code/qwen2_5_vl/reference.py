@@ -4,13 +4,18 @@ comes from the checkpoint's config)."""
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 
 
-def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=None, model=None, messages=None):
-    """Inputs for one user turn [images..., text], or for a whole conversation `messages` (chat-template messages
-    whose image parts are {"type": "image"}, in the order of `images`)."""
+def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=None, model=None, messages=None,
+                     videos=None):
+    """Inputs for one user turn [images..., videos..., text], or for a whole conversation `messages` (chat-template
+    messages whose image and video parts are {"type": "image"} / {"type": "video"}, in the order of `images` and
+    `videos`). `videos`: already processed videos, {"pixel_values_videos", "video_grid_thw",
+    "second_per_grid_ts"} (transformers' video processor needs torchvision, which this host lacks)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
@@ -18,37 +23,63 @@ def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=N
     # The PIL processor is what the host ops reproduce; with torchvision installed (GPU machines) transformers would
     # pick its torchvision one, whose resize differs slightly.
     processor = AutoImageProcessor.from_pretrained(checkpoint_dir, backend="pil", **kwargs)
+    video_grid = None if videos is None else torch.as_tensor(np.asarray(videos["video_grid_thw"])).reshape(-1, 3)
     if messages is None:
-        messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}]
+        num_videos = 0 if video_grid is None else len(video_grid)
+        content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in range(num_videos)]
+        messages = [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    merge = processor.merge_size ** 2
     if images:
         out = processor(images=images, return_tensors="pt")
         pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
-        merge = processor.merge_size ** 2
-        for t, h, w in grid.tolist():  # as the processor expands <|image_pad|>
-            prompt = prompt.replace("<|image_pad|>", "<|placeholder|>" * (t * h * w // merge), 1)
-        prompt = prompt.replace("<|placeholder|>", "<|image_pad|>")
+        prompt = _expand(prompt, "<|image_pad|>", grid, merge)
     else:
         pixel_values, grid = None, None
+    if video_grid is not None:
+        prompt = _expand(prompt, "<|video_pad|>", video_grid, merge)
     input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     model = model or load_model(checkpoint_dir)
-    mm_type = (input_ids == model.config.image_token_id).int()
+    mm_type = (input_ids == model.config.image_token_id).int()  # the processor's mm_token_type_ids
+    extra = {}
+    if video_grid is not None:
+        mm_type[input_ids == model.config.video_token_id] = 2
+        extra = {"pixel_values_videos": torch.as_tensor(np.asarray(videos["pixel_values_videos"])),
+                 "video_grid_thw": video_grid,
+                 # as the processor returns them: a list of floats made a tensor (float32)
+                 "second_per_grid_ts": torch.tensor([float(x) for x in videos["second_per_grid_ts"]])}
     dev = model.device  # get_rope_index runs where the model is (a GPU model too); results come back to the host
-    position_ids, deltas = model.model.get_rope_index(input_ids.to(dev), mm_type.to(dev),
-                                                      image_grid_thw=None if grid is None else grid.to(dev))
+    rope_kwargs = {"image_grid_thw": None if grid is None else grid.to(dev)}
+    if video_grid is not None:
+        rope_kwargs["video_grid_thw"] = video_grid.to(dev)
+        if "second_per_grid_ts" in inspect.signature(model.model.get_rope_index).parameters:
+            rope_kwargs["second_per_grid_ts"] = extra["second_per_grid_ts"].to(dev)
+    position_ids, deltas = model.model.get_rope_index(input_ids.to(dev), mm_type.to(dev), **rope_kwargs)
     position_ids, deltas = position_ids.cpu(), deltas.cpu()
     return {"pixel_values": pixel_values, "image_grid_thw": grid, "input_ids": input_ids,
-            "mm_token_type_ids": mm_type, "position_ids": position_ids, "rope_deltas": deltas}
+            "mm_token_type_ids": mm_type, "position_ids": position_ids, "rope_deltas": deltas, **extra}
+
+
+def _expand(prompt: str, pad: str, grids, merge: int) -> str:
+    """Each `pad` of the prompt expanded to its grid's tokens, as the processor does."""
+    for t, h, w in grids.tolist():
+        prompt = prompt.replace(pad, "<|placeholder|>" * (t * h * w // merge), 1)
+    return prompt.replace("<|placeholder|>", pad)
 
 
 def generate_reference(model, ref, max_new_tokens, with_logits=False, image_inputs=("pixel_values", "image_grid_thw")):
     """Greedy tokens from transformers' generate (and, with_logits, the logits of every step); `image_inputs`: the
-    entries of `ref` the model takes with images (mm_token_type_ids too, where the family has them)."""
+    entries of `ref` the model takes with images (mm_token_type_ids too, where the family has them, and the video
+    inputs where `ref` has a video)."""
     kwargs = dict(input_ids=ref["input_ids"], attention_mask=torch.ones_like(ref["input_ids"]))
     if "mm_token_type_ids" in ref:
         kwargs["mm_token_type_ids"] = ref["mm_token_type_ids"]
     if ref["pixel_values"] is not None:
         kwargs.update({name: ref[name] for name in image_inputs})
+    if "pixel_values_videos" in ref:
+        kwargs.update(pixel_values_videos=ref["pixel_values_videos"], video_grid_thw=ref["video_grid_thw"])
+        if "second_per_grid_ts" in inspect.signature(model.forward).parameters:  # Qwen2.5-VL's absolute time
+            kwargs["second_per_grid_ts"] = ref["second_per_grid_ts"]
     kwargs = {k: v.to(model.device) for k, v in kwargs.items()}
     with torch.no_grad():
         out = model.generate(**kwargs, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,

@@ -19,8 +19,9 @@ def host_spec(checkpoint_dir: str | Path, config=None):
 
     config = config or load_config(checkpoint_dir)
     v = config.vision_config
+    # Videos: Qwen3-VL writes a timestamp before each frame and keeps temporal positions flat; not built yet
     spec = qwen_host_spec(checkpoint_dir, config, v.hidden_size // v.num_heads, window_size=None,
-                          rope="mrope_interleaved")
+                          rope="mrope_interleaved", videos=False)
     return replace(spec, vision=replace(spec.vision, position_grid=int(v.num_position_embeddings ** 0.5)))
 
 

@@ -1,0 +1,294 @@
+"""Host-side video ops: decoding (PyAV), frame sampling, per-frame resize and normalisation, temporal patches.
+
+Sampling follows transformers' Qwen2-VL video processor (`sample_frames`): `fps` frames per second of the source,
+at least `min_frames` and at most `max_frames`, or a fixed `num_frames`, the count floored (fps) or rounded
+(num_frames) to the temporal patch size. Each sampled frame is resized and normalised exactly as the image path
+does an image (PIL bicubic, then a lookup table), at one size for the whole video chosen by smart_resize from the
+video's pixel bounds and a `total_pixels` budget shared by all frames (qwen-vl-utils' rule, which transformers
+applies with `cap_pixels_per_frame=True`). Frames are then grouped into temporal patches in the processor's order;
+a count that is not a multiple of the temporal patch size is filled with copies of the last frame.
+
+Frames are resized as they are decoded, so memory holds the sampled frames at their model size, never the source.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import urllib.parse
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .image import ImageConfig, ImageInputError, smart_resize
+
+
+class VideoInputError(ImageInputError):
+    """A video that cannot be used; the message names the input and the reason."""
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    """The video processor's settings: frame sampling, per-frame pixel bounds and the budget over all frames.
+    Patch size, temporal patch size, merge size, mean/std and resampling are the image processor's."""
+
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 768
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 768 * 28 * 28
+    # qwen-vl-utils' VIDEO_TOTAL_PIXELS: 90% of max_video_tokens tokens' worth of pixels over the whole video
+    max_video_tokens: int = 128000
+    max_seconds: float = 600.0
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path) -> "VideoConfig":
+        """video_preprocessor_config.json where the checkpoint has one (its `size` holds the pixel bounds), else
+        the Qwen2-VL video processor's defaults."""
+        path = Path(checkpoint_dir) / "video_preprocessor_config.json"
+        cfg = json.loads(path.read_text()) if path.is_file() else {}
+        size = cfg.get("size") or {}
+        return cls(fps=float(cfg.get("fps") or cls.fps), min_frames=int(cfg.get("min_frames") or cls.min_frames),
+                   max_frames=int(cfg.get("max_frames") or cls.max_frames),
+                   min_pixels=int(cfg.get("min_pixels") or size.get("shortest_edge") or cls.min_pixels),
+                   max_pixels=int(cfg.get("max_pixels") or size.get("longest_edge") or cls.max_pixels),
+                   max_video_tokens=int(cfg.get("max_video_tokens") or cls.max_video_tokens))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VideoConfig":
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VideoRequest:
+    """How one video is sampled: `fps` (default the processor's) or `num_frames`, at most `max_frames`, and
+    bounds on the frame size (None: the processor's)."""
+
+    fps: float | None = None
+    num_frames: int | None = None
+    max_frames: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    max_seconds: float | None = None
+
+    def __post_init__(self):
+        if self.fps is not None and self.num_frames is not None:
+            raise VideoInputError("give fps or a number of frames, not both")
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            raise VideoInputError(f"fps must be a positive number, got {self.fps}")
+        for name in ("num_frames", "max_frames", "min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise VideoInputError(f"{name.replace('_', ' ')} must be positive, got {value}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise VideoInputError(f"the video length limit must be positive, got {self.max_seconds}")
+
+
+@dataclass
+class PreparedVideo:
+    pixel_values: np.ndarray  # [t * h * w, patch_dim]: temporal patches in the processor's order
+    grid_thw: tuple[int, int, int]
+    second_per_grid_t: float  # temporal_patch_size / sampled fps: seconds of video per temporal patch
+    frame_indices: list[int]
+    timestamps: list[float]  # seconds of each sampled frame (index / source fps)
+    source: dict  # the stream as decoded: frames, fps, width, height, duration
+    fitted: bool = False  # True when the frames were made smaller to fit a compiled patch budget
+    info: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"grid_thw": [int(g) for g in self.grid_thw], "frames": len(self.frame_indices),
+                "frame_indices": [int(i) for i in self.frame_indices],
+                "timestamps": [round(float(t), 6) for t in self.timestamps],
+                "second_per_grid_t": self.second_per_grid_t, "source": self.source,
+                "fitted_to_budget": self.fitted, **self.info}
+
+
+def describe_video(source) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    text = str(source)
+    return text if len(text) <= 80 else text[:60] + "...(" + str(len(text)) + " chars)"
+
+
+def _open(source, name: str):
+    """A PyAV container for a path, file:// URL, data: URI or bytes."""
+    import av
+
+    if isinstance(source, Path):
+        source = str(source)
+    if isinstance(source, (bytes, bytearray)):
+        target = io.BytesIO(bytes(source))
+    elif isinstance(source, str) and source.startswith("data:"):
+        header, sep, payload = source.partition(",")
+        if not sep or ";base64" not in header:
+            raise VideoInputError(f"video {name!r}: a data URI must look like data:video/mp4;base64,...")
+        try:
+            target = io.BytesIO(base64.b64decode(payload, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise VideoInputError(f"video {name!r}: the data URI is not valid base64 ({exc})") from None
+    elif isinstance(source, str):
+        if source.startswith("file://"):
+            source = urllib.parse.unquote(urllib.parse.urlparse(source).path)
+        if not Path(source).is_file():
+            raise VideoInputError(f"video {name!r}: no such file")
+        target = source
+    else:
+        raise VideoInputError(f"video {name!r}: expected a path, file:// URL, data: URI or bytes")
+    try:
+        container = av.open(target)
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise VideoInputError(f"video {name!r}: not a readable video file ({_reason(exc)})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoInputError(f"video {name!r}: the file has no video stream")
+    return container
+
+
+def _reason(exc) -> str:
+    return str(getattr(exc, "strerror", None) or exc).strip() or type(exc).__name__
+
+
+def sample_frame_indices(total_frames: int, source_fps: float | None, temporal_patch_size: int,
+                         fps: float | None = None, num_frames: int | None = None, min_frames: int = 4,
+                         max_frames: int = 768) -> np.ndarray:
+    """The indices transformers' Qwen2-VL video processor samples (`sample_frames`), computed the same way
+    (torch.arange's float32 values truncated). A rule that would give no frame at all (a clip shorter than one
+    temporal patch) takes every frame instead; the patching then repeats the last one."""
+    if num_frames is not None:
+        count = round(num_frames / temporal_patch_size) * temporal_patch_size
+        if count > total_frames:
+            raise VideoInputError(f"{num_frames} frames asked for, but the video has {total_frames}")
+    else:
+        if not source_fps:
+            raise VideoInputError("the video's frame rate is unknown; ask for a number of frames instead of an fps")
+        cap = math.floor(min(max_frames, total_frames) / temporal_patch_size) * temporal_patch_size
+        count = min(max(total_frames / source_fps * fps, min_frames), cap, total_frames)
+        count = math.floor(count / temporal_patch_size) * temporal_patch_size
+    if count <= 0:
+        return np.arange(total_frames, dtype=np.int64)
+    step = total_frames / count
+    length = math.ceil(total_frames / step)  # torch.arange's length rule (in double)
+    return (np.arange(length, dtype=np.float64) * step).astype(np.float32).astype(np.int64)
+
+
+def frame_size(height: int, width: int, num_frames: int, image: ImageConfig, video: VideoConfig,
+               request: VideoRequest, budget: int | None = None) -> tuple[tuple[int, int], bool]:
+    """(height, width) every sampled frame is resized to, and whether it had to shrink to fit `budget` patches per
+    temporal patch (a compiled visual graph's). The per-frame cap is transformers' `cap_pixels_per_frame` rule:
+    max(min(max_pixels, total_pixels * temporal_patch_size // frames), 1.05 * min_pixels)."""
+    factor = image.factor
+    min_pixels = request.min_pixels or video.min_pixels
+    max_pixels = request.max_pixels or video.max_pixels
+    if min_pixels > max_pixels:
+        raise VideoInputError(f"min_pixels {min_pixels} is larger than max_pixels {max_pixels}")
+    total_pixels = int(video.max_video_tokens * factor * factor * 0.9)
+    max_pixels = max(min(max_pixels, total_pixels * image.temporal_patch_size // num_frames), int(min_pixels * 1.05))
+    size = smart_resize(height, width, factor, min_pixels, max_pixels)
+    if budget is None or (size[0] // image.patch_size) * (size[1] // image.patch_size) <= budget:
+        return size, False
+    limit = budget * image.patch_size * image.patch_size
+    while True:  # smart_resize's rounding can overshoot a bound, as for images
+        size = smart_resize(height, width, factor, min(min_pixels, limit), limit)
+        if (size[0] // image.patch_size) * (size[1] // image.patch_size) <= budget:
+            return size, True
+        limit = limit * 9 // 10
+        if limit < factor * factor:
+            raise VideoInputError(f"the video's frames cannot be resized into {budget} patches")
+
+
+def _normalise(frame: np.ndarray, size: tuple[int, int], cfg: ImageConfig) -> np.ndarray:
+    """One RGB uint8 frame -> [3, H, W] float32 at `size`, by the image path's math."""
+    from PIL import Image
+
+    from .image import _normalized_values
+
+    height, width = size
+    resized = np.asarray(Image.fromarray(frame).resize((width, height), resample=cfg.resample), dtype=np.uint8)
+    values = _normalized_values(cfg.rescale_factor, cfg.image_mean, cfg.image_std)
+    out = np.empty((3, height, width), dtype=np.float32)
+    for c in range(3):
+        np.take(values[c], resized[:, :, c], out=out[c])
+    return out
+
+
+def temporal_patches(frames: list[np.ndarray], cfg: ImageConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Normalised frames [3, H, W] -> patches [t * h * w, 3 * T * P * P] in the video processor's order (t, h/m,
+    w/m, m, m, C, T, P, P), the last frame repeated to fill the last temporal patch."""
+    p, m, tps = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    frames = list(frames) + [frames[-1]] * (-len(frames) % tps)
+    _, height, width = frames[0].shape
+    grid_t, grid_h, grid_w = len(frames) // tps, height // p, width // p
+    out = np.empty((grid_t, grid_h * grid_w, 3 * tps * p * p), dtype=np.float32)
+    for t in range(grid_t):  # one temporal patch at a time: no copy of the whole video in between
+        group = np.stack(frames[t * tps:(t + 1) * tps])  # T, C, H, W
+        group = group.reshape(tps, 3, grid_h // m, m, p, grid_w // m, m, p).transpose(2, 5, 3, 6, 1, 0, 4, 7)
+        out[t] = group.reshape(grid_h * grid_w, -1)
+    return out.reshape(grid_t * grid_h * grid_w, -1), (grid_t, grid_h, grid_w)
+
+
+def load_video(source, image: ImageConfig, video: VideoConfig, request: VideoRequest | None = None,
+               budget: int | None = None, name: str | None = None) -> PreparedVideo:
+    """Decode, sample, resize and patch one video (a path, file:// URL, data: URI or bytes). `budget`: the patches
+    one temporal patch may have (a compiled visual graph's largest call); frames are made smaller to fit it."""
+    import av
+
+    request = request or VideoRequest()
+    name = name or describe_video(source)
+    container = _open(source, name)
+    try:
+        stream = container.streams.video[0]
+        width, height = stream.width, stream.height
+        rate = stream.average_rate or stream.guessed_rate
+        source_fps = float(rate) if rate else None
+        total = int(stream.frames or 0)
+        if total <= 0:  # the container does not say (webm, some gifs): count by decoding
+            total = sum(1 for _ in container.decode(video=0))
+            container.seek(0)
+        if total <= 0:
+            raise VideoInputError(f"video {name!r}: the video stream has no frames")
+        duration = total / source_fps if source_fps else None
+        max_seconds = request.max_seconds or video.max_seconds
+        if duration is not None and duration > max_seconds:
+            raise VideoInputError(f"video {name!r} is {duration:.1f} s long, over the limit of {max_seconds:g} s")
+        indices = sample_frame_indices(total, source_fps, image.temporal_patch_size,
+                                       fps=None if request.num_frames else (request.fps or video.fps),
+                                       num_frames=request.num_frames, min_frames=video.min_frames,
+                                       max_frames=min(request.max_frames or video.max_frames, video.max_frames))
+        if request.num_frames and request.max_frames and len(indices) > request.max_frames:
+            raise VideoInputError(f"video {name!r}: {request.num_frames} frames asked for, over the limit of "
+                                  f"{request.max_frames}")
+        size, fitted = frame_size(height, width, len(indices), image, video, request, budget)
+        wanted = {int(i): n for n, i in enumerate(indices)}
+        frames: list[np.ndarray | None] = [None] * len(indices)
+        decoded = 0
+        for i, frame in enumerate(container.decode(video=0)):
+            decoded = i + 1
+            if i in wanted:
+                frames[wanted[i]] = _normalise(frame.to_ndarray(format="rgb24"), size, image)
+            if i >= indices[-1]:
+                break
+    except VideoInputError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise VideoInputError(f"video {name!r}: decoding failed ({_reason(exc)})") from None
+    finally:
+        container.close()
+    if any(f is None for f in frames):  # the container promised more frames than the stream has
+        if decoded == 0:
+            raise VideoInputError(f"video {name!r}: the video stream has no frames")
+        raise VideoInputError(f"video {name!r}: the stream ends after {decoded} frames, but its header says "
+                              f"{total}")
+    pixel_values, grid = temporal_patches(frames, image)
+    sampled_fps = len(indices) / total * source_fps if source_fps else 24.0  # transformers' VideoMetadata rule
+    return PreparedVideo(
+        pixel_values, grid, image.temporal_patch_size / sampled_fps, [int(i) for i in indices],
+        [float(i) / source_fps for i in indices] if source_fps else [],
+        {"frames": total, "fps": source_fps, "width": width, "height": height,
+         "duration_s": round(duration, 6) if duration is not None else None}, fitted)

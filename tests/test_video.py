@@ -1,0 +1,170 @@
+"""Video input for the Qwen families: sampling, per-frame pixels, temporal patches and time-aligned M-RoPE against
+transformers, `vlmc generate --video` token for token against transformers' generate, and bad videos."""
+
+import ast
+import functools
+import importlib.util
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from compiled import generate_json, vlmc
+from conftest import random_image, write_video
+from vlmc.runtime.cpu_ops.video import VideoInputError, VideoRequest, sample_frame_indices
+
+# (frames, fps, height, width, codec, container): lengths, frame rates, aspect ratios and containers
+VIDEOS = [(13, 7, 90, 160, "mpeg4", "mp4"), (9, 25, 200, 120, "libvpx-vp9", "webm"), (5, 10, 64, 64, "gif", "gif"),
+          (31, 30, 48, 300, "libx264", "mkv"), (40, 24, 120, 90, "mpeg4", "avi")]
+REQUESTS = [VideoRequest(), VideoRequest(num_frames=4, min_pixels=3136, max_pixels=12544),
+            VideoRequest(fps=3.3, min_pixels=6272, max_pixels=50176), VideoRequest(fps=1, max_frames=4)]
+
+
+@pytest.fixture(scope="session")
+def videos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    return [write_video(folder / f"v{i}.{ext}", n, h, w, fps, codec, seed=i)
+            for i, (n, fps, h, w, codec, ext) in enumerate(VIDEOS)]
+
+
+@functools.cache
+def transformers_sample_frames():
+    """transformers' Qwen2VLVideoProcessor.sample_frames, taken from its source: the module imports torchvision,
+    which this host cannot import, and the method needs nothing from it."""
+    from transformers.video_utils import VideoMetadata
+
+    path = Path(importlib.util.find_spec("transformers").origin).parent / "models/qwen2_vl/video_processing_qwen2_vl.py"
+    tree = ast.parse(path.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Qwen2VLVideoProcessor")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "sample_frames")
+    namespace = {"math": math, "torch": torch, "VideoMetadata": VideoMetadata}
+    exec(compile(ast.Module([fn], type_ignores=[]), str(path), "exec"), namespace)
+    defaults = SimpleNamespace(num_frames=None, fps=None, temporal_patch_size=2, min_frames=4, max_frames=768)
+    return functools.partial(namespace["sample_frames"], defaults)
+
+
+def test_sampling_rule_equals_the_video_processor():
+    from transformers.video_utils import VideoMetadata
+
+    sample = transformers_sample_frames()
+    compared = 0
+    for total in (1, 2, 3, 7, 13, 30, 59, 60, 61, 100, 301, 1799, 1800, 7201):
+        for source_fps in (1.0, 7.0, 24000 / 1001, 25.0, 30000 / 1001, 30.0, 60.0):
+            meta = VideoMetadata(total_num_frames=total, fps=source_fps)
+            for kwargs in [{"fps": f} for f in (0.5, 1, 2, 3.3, 24)] + [{"num_frames": k} for k in (2, 4, 5, 9, 16)]:
+                try:
+                    want = sample(meta, **kwargs).numpy()
+                except ValueError:  # more frames asked for than the video has
+                    with pytest.raises(VideoInputError):
+                        sample_frame_indices(total, source_fps, 2, **kwargs)
+                    continue
+                except ZeroDivisionError:  # the rule gives no frame: vlmc takes them all (and pads the last)
+                    assert sample_frame_indices(total, source_fps, 2, **kwargs).tolist() == list(range(total))
+                    continue
+                got = sample_frame_indices(total, source_fps, 2, **kwargs)
+                assert got.tolist() == want.tolist(), (total, source_fps, kwargs)
+                compared += 1
+    assert compared > 500
+
+
+def reference_video(path, request, image_processor, spec):
+    """A video the way transformers would process it with the PIL image math per frame: PyAV frames, the video
+    processor's sampling rule and per-frame pixel cap (cap_pixels_per_frame), each frame through the PIL image
+    processor, frames stacked on the temporal axis in pairs (the video processor's patch order)."""
+    import av
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    from transformers.video_utils import VideoMetadata
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    meta = VideoMetadata(total_num_frames=len(frames), fps=float(rate))
+    kwargs = {"num_frames": request.num_frames} if request.num_frames else {"fps": request.fps or spec.video.fps}
+    if request.max_frames:
+        kwargs["max_frames"] = request.max_frames
+    indices = transformers_sample_frames()(meta, **kwargs).tolist()
+    meta.frames_indices = indices
+    image, video = spec.image, spec.video
+    min_pixels, max_pixels = request.min_pixels or video.min_pixels, request.max_pixels or video.max_pixels
+    total_pixels = int(video.max_video_tokens * image.factor * image.factor * 0.9)
+    max_pixels = max(min(max_pixels, total_pixels * image.temporal_patch_size // len(indices)), int(min_pixels * 1.05))
+    height, width = smart_resize(frames[0].shape[0], frames[0].shape[1], image.factor, min_pixels, max_pixels)
+    tps, p = image.temporal_patch_size, image.patch_size
+    per_frame = []
+    for i in indices:
+        resized = Image.fromarray(frames[i]).resize((width, height), resample=Image.Resampling.BICUBIC)
+        patches = image_processor(images=resized, do_resize=False, return_tensors="np")["pixel_values"]
+        per_frame.append(patches.reshape(patches.shape[0], 3, tps, p, p)[:, :, 0])
+    per_frame += [per_frame[-1]] * (-len(per_frame) % tps)
+    groups = [np.stack(per_frame[t:t + tps], axis=2).reshape(per_frame[0].shape[0], -1)
+              for t in range(0, len(per_frame), tps)]
+    grid = (len(groups), height // p, width // p)
+    return np.concatenate(groups), grid, tps / meta.sampled_fps, meta.timestamps, indices
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
+def test_video_pixels_equal_the_per_frame_processor(family_checkpoint, checkpoints, videos, arch):
+    from transformers import AutoImageProcessor
+    from vlmc.build_in.source_code import get_architecture
+
+    ck = checkpoints["tiny"] if arch == "qwen2_5_vl" else family_checkpoint(arch, "tiny")
+    spec = get_architecture(arch).host_spec(ck)
+    processor = AutoImageProcessor.from_pretrained(ck, backend="pil")
+    for path in videos:
+        for request in REQUESTS:
+            got = spec.prepare_video(path, request)
+            pixels, grid, seconds, timestamps, indices = reference_video(path, request, processor, spec)
+            assert got.frame_indices == indices, (path, request)
+            assert got.grid_thw == grid
+            assert got.pixel_values.shape == pixels.shape
+            assert np.abs(got.pixel_values - pixels).max() <= 1e-5, (path, request)
+            assert got.second_per_grid_t == pytest.approx(seconds, rel=1e-12)
+            assert got.timestamps == pytest.approx(timestamps, rel=1e-12)
+
+
+def _checkpoint(arch, preset, checkpoints, family_checkpoint):
+    return checkpoints[preset] if arch == "qwen2_5_vl" else family_checkpoint(arch, preset)
+
+
+def _video_inputs(prepared) -> dict:
+    return {"pixel_values_videos": np.concatenate([v.pixel_values for v in prepared]),
+            "video_grid_thw": np.asarray([v.grid_thw for v in prepared]),
+            "second_per_grid_ts": [v.second_per_grid_t for v in prepared]}
+
+
+MIXED = [{"role": "user", "content": [
+    {"type": "text", "text": "First"}, {"type": "video"}, {"type": "text", "text": "then"}, {"type": "image"},
+    {"type": "video"}, {"type": "text", "text": "what changed?"}]}]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
+def test_positions_equal_get_rope_index(family_checkpoint, checkpoints, videos, tmp_path, arch):
+    from PIL import Image
+    from transformers import AutoTokenizer
+    from vlmc.build_in.source_code import get_architecture
+
+    ck = _checkpoint(arch, "tiny", checkpoints, family_checkpoint)
+    reference = get_architecture(arch).reference
+    model = reference.load_model(ck)
+    spec = get_architecture(arch).host_spec(ck)
+    tokenizer = AutoTokenizer.from_pretrained(ck)
+    image = tmp_path / "img.png"
+    random_image(70, 130, seed=3).save(image)
+    request = VideoRequest(fps=3.3, min_pixels=6272, max_pixels=50176)
+    from vlmc.runtime.cpu_ops.pipeline import prepare_prompt
+
+    for images, clips, messages in [([], videos[:1], None), ([image], videos[1:2], None),
+                                    ([image], [videos[3], videos[4]], MIXED)]:
+        got = prepare_prompt(tokenizer, spec, images, "Describe.", messages, videos=clips, video_request=request)
+        ref = reference.reference_inputs(ck, [Image.open(p) for p in images], "Describe.", model=model,
+                                         messages=messages, videos=_video_inputs(got.videos))
+        assert got.input_ids.tolist() == ref["input_ids"][0].tolist()
+        assert (ref["mm_token_type_ids"] == 2).sum() > 0
+        assert np.array_equal(got.position_ids, ref["position_ids"][:, 0].numpy())
+        assert got.rope_deltas == int(ref["rope_deltas"][0, 0])
+        if arch == "qwen2_5_vl":  # absolute time: temporal positions jump by tokens_per_second * seconds per patch
+            assert len(set(np.diff(got.position_ids[0]).tolist())) > 2
