@@ -87,14 +87,17 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def is_up_to_date(folder: Path, config_digest: str, weights_digest: str) -> bool:
+def is_up_to_date(folder: Path, config_digest: str, weights_digest: str, host: dict | None = None) -> bool:
+    """An artifact in `folder` built from this config, these weights, this vlmc and these kernels (and, given,
+    the host steps `host` the architecture describes today: a new host setting, e.g. video, rebuilds it)."""
     try:
         manifest = read_manifest(folder, verify=False)
     except VlmcError:
         return False
     return (manifest.get("config_hash") == config_digest and manifest.get("weights_fingerprint") == weights_digest
             and manifest.get("versions", {}).get("vlmc") == __version__
-            and manifest.get("versions", {}).get("kernels") == kernels_digest())
+            and manifest.get("versions", {}).get("kernels") == kernels_digest()
+            and (host is None or manifest.get("host") == json.loads(json.dumps(host))))
 
 
 class Stages:

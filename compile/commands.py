@@ -47,9 +47,10 @@ def _group_size(text: str):
     return int(text) if text.isdigit() else text
 
 
-def check_architecture(expected: str | None, checkpoint: Path, config_path: Path) -> None:
-    """Refuse a checkpoint of another architecture than the YAML's (or of none vlmc supports) before any work."""
-    from ..build_in.source_code import ARCHITECTURES, detect_architecture
+def check_architecture(expected: str | None, checkpoint: Path, config_path: Path):
+    """Refuse a checkpoint of another architecture than the YAML's (or of none vlmc supports) before any work;
+    the checkpoint's architecture module."""
+    from ..build_in.source_code import ARCHITECTURES, detect_architecture, get_architecture
 
     if expected is not None and expected not in ARCHITECTURES:
         raise VlmcError(f"{config_path}: frontend.arch {expected!r} is not supported; supported: "
@@ -58,6 +59,7 @@ def check_architecture(expected: str | None, checkpoint: Path, config_path: Path
     if expected is not None and found != expected:
         raise VlmcError(f"{config_path} builds {expected}, but {checkpoint} is a {found} checkpoint; use "
                         f"build_in/build/{found}_*.yaml or a {expected} checkpoint")
+    return get_architecture(found)
 
 
 def run_compile(args) -> int:
@@ -98,9 +100,10 @@ def run_compile(args) -> int:
         build = "llm"
     # Decide reuse before importing torch/TVM, so an up-to-date artifact is reported in about a second.
     checkpoint = resolve_checkpoint(cfg.frontend.checkpoint, path)
-    check_architecture(cfg.frontend.arch, checkpoint, path)
+    arch = check_architecture(cfg.frontend.arch, checkpoint, path)
     out = Path(cfg.workspace.path) / cfg.name
-    if not args.force and is_up_to_date(out, config_hash(cfg), weights_fingerprint(checkpoint)):
+    if not args.force and is_up_to_date(out, config_hash(cfg), weights_fingerprint(checkpoint),
+                                        arch.host_spec(checkpoint).to_dict()):
         print(f"artifact is up to date (use --force to rebuild): {out}", file=sys.stderr)
     elif build == "visual":
         from .visual import compile_visual

@@ -16,19 +16,51 @@ def register(sub) -> None:
         description="Run vlmc's host ops (image loading, resize, normalisation, patches or tiles, chat template, "
                     "image token expansion, positions) and write pixel_values (patches [n, patch_dim], or tiles "
                     "[n, 3, S, S] for tiling models), image_grid_thw (each image's layout: (t, h, w) patches, or "
-                    "(tiles, rows, columns)), input_ids, position_ids [3, seq] and rope_deltas to an .npz file. Uses "
-                    "only the checkpoint's tokenizer and configs, never transformers' processor.")
+                    "(tiles, rows, columns)), input_ids, position_ids [3, seq] and rope_deltas to an .npz file. "
+                    "With --video also pixel_values_videos, video_grid_thw, second_per_grid_ts and the sampled "
+                    "frames' video_timestamps and video_frame_indices (all videos' in a row; video_num_frames says "
+                    "how many belong to each). Uses only the checkpoint's tokenizer and configs, never transformers' "
+                    "processor.")
     p.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder")
     p.add_argument("--image", action="append", default=[],
                    help="image path, file:// URL or data: URI; repeat for several images (in prompt order)")
-    p.add_argument("--prompt", required=True, help="user text, placed after the images")
+    p.add_argument("--prompt", required=True, help="user text, placed after the images and videos")
     p.add_argument("--out", required=True, help="output .npz path")
     p.add_argument("--min-pixels", type=int, help="lower bound on resized pixels (default: the checkpoint's)")
     p.add_argument("--max-pixels", type=int, help="upper bound on resized pixels (default: the checkpoint's)")
     p.add_argument("--max-tiles", type=int, help="tiling models: the most tiles an image is cut into, its thumbnail "
                                                  "not counted (default: the checkpoint's)")
+    add_video_args(p)
     p.set_defaults(func=run_preprocess)
     register_inference(sub)
+
+
+def add_video_args(p) -> None:
+    p.add_argument("--video", action="append", default=[],
+                   help="video path, file:// URL or data: URI (mp4, webm, mkv, avi, gif, ...); repeatable, placed "
+                        "after the images")
+    sampling = p.add_mutually_exclusive_group()
+    sampling.add_argument("--fps", type=float,
+                          help="frames sampled per second of video (default: the checkpoint's, 2), between the "
+                               "processor's min and max frame counts")
+    sampling.add_argument("--num-frames", type=int, help="sample this many frames, evenly spaced, instead of an fps")
+    p.add_argument("--max-frames", type=int, help="the most frames sampled from one video (default: the "
+                                                   "checkpoint's, 768)")
+    p.add_argument("--video-min-pixels", type=int, help="lower bound on each frame's resized pixels (default: the "
+                                                        "checkpoint's video processor's)")
+    p.add_argument("--video-max-pixels", type=int, help="upper bound on each frame's resized pixels (default: the "
+                                                        "checkpoint's video processor's)")
+    p.add_argument("--max-video-seconds", type=float, default=600.0,
+                   help="refuse a video longer than this (default: 600)")
+
+
+def video_request(args):
+    """The sampling flags as a VideoRequest (its checks give one-line errors)."""
+    from .cpu_ops.video import VideoRequest
+
+    return VideoRequest(fps=args.fps, num_frames=args.num_frames, max_frames=args.max_frames,
+                        min_pixels=args.video_min_pixels, max_pixels=args.video_max_pixels,
+                        max_seconds=args.max_video_seconds)
 
 
 def run_preprocess(args) -> int:
@@ -36,6 +68,7 @@ def run_preprocess(args) -> int:
 
     from ..build_in.source_code import detect_architecture, get_architecture
     from .cpu_ops.pipeline import prepare_prompt
+    from .cpu_ops.video import describe_video
 
     arch = get_architecture(detect_architecture(args.checkpoint))
     spec = arch.host_spec(args.checkpoint)
@@ -45,17 +78,29 @@ def run_preprocess(args) -> int:
         raise VlmcError("--max-tiles applies to models that cut images into tiles; use --max-pixels")
     if args.max_tiles is not None and args.max_tiles <= 0:
         raise VlmcError("--max-tiles must be positive")
-    prepared = prepare_prompt(tokenizer, spec, args.image, args.prompt, image_config=image_cfg,
-                              budget=args.max_tiles)
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise VlmcError(f"output folder {out.parent} does not exist")
-    np.savez(out, pixel_values=prepared.pixel_values, image_grid_thw=prepared.image_grid_thw,
-             input_ids=prepared.input_ids, position_ids=prepared.position_ids,
-             rope_deltas=np.asarray(prepared.rope_deltas, dtype=np.int64))
+    request = video_request(args)
+    prepared = prepare_prompt(tokenizer, spec, args.image, args.prompt, image_config=image_cfg,
+                              budget=args.max_tiles, videos=args.video, video_request=request)
+    arrays = dict(pixel_values=prepared.pixel_values, image_grid_thw=prepared.image_grid_thw,
+                  input_ids=prepared.input_ids, position_ids=prepared.position_ids,
+                  rope_deltas=np.asarray(prepared.rope_deltas, dtype=np.int64))
+    if args.video:
+        videos = prepared.videos
+        arrays.update(pixel_values_videos=prepared.pixel_values_videos, video_grid_thw=prepared.video_grid_thw,
+                      second_per_grid_ts=prepared.second_per_grid_ts,
+                      video_timestamps=np.concatenate([np.asarray(v.timestamps, np.float64) for v in videos]),
+                      video_frame_indices=np.concatenate([np.asarray(v.frame_indices, np.int64) for v in videos]),
+                      video_num_frames=np.asarray([len(v.frame_indices) for v in videos], np.int64))
+    np.savez(out, **arrays)
     unit = "tiles" if spec.tiled else "patches"
-    print(f"{len(args.image)} image(s), {prepared.num_tokens} tokens, "
-          f"{prepared.pixel_values.shape[0]} {unit} -> {out}")
+    videos = "".join(f", video {describe_video(src)!r}: {len(v.frame_indices)} frames at "
+                     f"{', '.join(f'{t:.2f}' for t in v.timestamps[:8])}{' ...' if len(v.timestamps) > 8 else ''} s,"
+                     f" grid {list(v.grid_thw)}" for src, v in zip(args.video, prepared.videos))
+    print(f"{len(args.image)} image(s), {len(args.video)} video(s), {prepared.num_tokens} tokens, "
+          f"{prepared.pixel_values.shape[0]} {unit}{videos} -> {out}")
     return 0
 
 
@@ -77,14 +122,17 @@ def register_inference(sub) -> None:
     p.set_defaults(func=run_encode)
 
     g = sub.add_parser(
-        "generate", help="answer one image + text prompt offline with compiled artifacts",
-        description="Host ops -> visual graph -> image embeddings spliced into the prompt -> prefill -> decode "
-                    "until EOS or --max-new-tokens. Greedy unless --temperature is given. With tp > 1 the LLM "
-                    "artifact's ranks run as separate processes linked by torch.distributed (gloo).")
+        "generate", help="answer one prompt with images and videos offline with compiled artifacts",
+        description="Host ops -> visual graph -> image and video embeddings spliced into the prompt -> prefill -> "
+                    "decode until EOS or --max-new-tokens. Greedy unless --temperature is given. A video runs "
+                    "through the visual graph as whole temporal patches, as many per call as its patch budget "
+                    "holds; its frames are made smaller only when one temporal patch would not fit (the --json "
+                    "output's `videos` says so). With tp > 1 the LLM artifact's ranks run as separate processes "
+                    "linked by torch.distributed (gloo).")
     g.add_argument("--model", required=True, help="LLM artifact folder")
     g.add_argument("--vit_model", "--vit-model", dest="vit_model", help="visual artifact folder (needed for images)")
     g.add_argument("--image", action="append", default=[], help="image path, file:// URL or data: URI; repeatable")
-    g.add_argument("--prompt", required=True, help="user text, placed after the images")
+    g.add_argument("--prompt", required=True, help="user text, placed after the images and videos")
     g.add_argument("--max-new-tokens", type=int, default=64, help="generated token limit (default: 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
@@ -94,8 +142,10 @@ def register_inference(sub) -> None:
     g.add_argument("--max-pixels", type=int, help="upper bound on resized pixels")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; must match the artifacts' target "
                                                    "(default: cpu)")
+    add_video_args(g)
     g.add_argument("--json", action="store_true",
-                   help="print one JSON object (text, token_ids, prompt_tokens, timings) as the last line")
+                   help="print one JSON object (text, token_ids, prompt_tokens, timings, images, videos) as the "
+                        "last line")
     g.set_defaults(func=run_generate)
 
 
@@ -130,17 +180,22 @@ def run_generate(args) -> int:
 
     if args.max_new_tokens <= 0:
         raise VlmcError("--max-new-tokens must be positive")
+    request = video_request(args)
     pipeline = Pipeline(args.model, args.vit_model, args.device)
     try:
         result = pipeline.generate(args.image, args.prompt, args.max_new_tokens, SamplingParams(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),
-            min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+            min_pixels=args.min_pixels, max_pixels=args.max_pixels, videos=args.video, video_request=request)
     finally:
         pipeline.close()
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
         print(result.text)
+        for video in result.videos:
+            fitted = ", frames shrunk to fit the visual graph's patch budget" if video["fitted_to_budget"] else ""
+            print(f"[video: {video['frames']} frames sampled of {video['source']['frames']}, grid "
+                  f"{video['grid_thw']}, {video['graph_calls']} visual graph call(s){fitted}]", file=sys.stderr)
         t = result.timings
         print(f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} generated ({result.finish_reason}); "
               f"visual {t['visual_s']:.3f}s, prefill {t['prefill_s']:.3f}s, "

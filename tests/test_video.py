@@ -168,3 +168,70 @@ def test_positions_equal_get_rope_index(family_checkpoint, checkpoints, videos, 
         assert got.rope_deltas == int(ref["rope_deltas"][0, 0])
         if arch == "qwen2_5_vl":  # absolute time: temporal positions jump by tokens_per_second * seconds per patch
             assert len(set(np.diff(got.position_ids[0]).tolist())) > 2
+
+
+# The prompt budget of the test artifacts (256 prefill tokens) holds a few small temporal patches
+SMALL_FRAMES = ["--video-min-pixels", "3136", "--video-max-pixels", "12544"]
+
+
+@pytest.mark.parametrize("arch,preset,tp,with_image", [
+    ("qwen2_5_vl", "small", 1, False), ("qwen2_5_vl", "small", 2, True), ("qwen2_5_vl", "tiny", 4, False),
+    ("qwen2_vl", "small", 1, True), ("qwen2_vl", "tiny", 2, False)])
+def test_generate_video_equals_transformers(checkpoints, qwen_artifacts, family_checkpoint, family_artifacts, videos,
+                                            tmp_path, arch, preset, tp, with_image):
+    from PIL import Image
+    from transformers import AutoTokenizer
+    from vlmc.build_in.source_code import get_architecture
+    from vlmc.runtime.cpu_ops.pipeline import prepare_prompt
+
+    if arch == "qwen2_5_vl":
+        ck, visual, llm = checkpoints[preset], qwen_artifacts[preset, "visual"], qwen_artifacts[preset, tp]
+    else:
+        ck = family_checkpoint(arch, preset)
+        visual, llm = family_artifacts(arch, preset, tp)
+    images = []
+    if with_image:
+        images = [tmp_path / "img.png"]
+        random_image(60, 90, seed=5).save(images[0])
+    video = videos[0] if with_image else videos[4]
+    args = ["--model", llm, "--vit_model", visual, "--video", video, "--prompt", "What moves?", "--max-new-tokens",
+            32, "--fps", 4, *SMALL_FRAMES]
+    for path in images:
+        args += ["--image", path]
+    got = generate_json(*args)
+    [info] = got["videos"]
+    arch_module = get_architecture(arch)
+    spec = arch_module.host_spec(ck)
+    prepared = prepare_prompt(AutoTokenizer.from_pretrained(ck), spec, images, "What moves?", videos=[video],
+                              video_request=VideoRequest(fps=4, min_pixels=3136, max_pixels=12544))
+    [clip] = prepared.videos
+    assert info["grid_thw"] == list(clip.grid_thw) and info["frame_indices"] == clip.frame_indices
+    model = arch_module.reference.load_model(ck)
+    ref = arch_module.reference.reference_inputs(ck, [Image.open(p) for p in images], "What moves?", model=model,
+                                                 videos=_video_inputs(prepared.videos))
+    want = arch_module.reference.generate_reference(model, ref, 32)
+    assert got["prompt_tokens"] == ref["input_ids"].shape[1]
+    # generate stops at EOS, the reference never does (min_new_tokens): compare what generate produced
+    assert got["token_ids"] == want[:len(got["token_ids"])] and len(got["token_ids"]) > 0
+
+
+@pytest.mark.parametrize("request_, calls, fitted", [
+    (VideoRequest(num_frames=6, min_pixels=40000, max_pixels=40000), 2, False),  # 240 patches a frame: 2 a call
+    (VideoRequest(num_frames=4), 2, True)])  # 576 patches a frame, over the 512 budget: frames shrunk to fit
+def test_video_runs_in_chunks_of_temporal_patches(checkpoints, qwen_artifacts, videos, request_, calls, fitted):
+    """The tower attends within a temporal patch, so a video split between graph calls equals transformers'
+    tower on the whole video; a frame over the budget is shrunk, and the result says so."""
+    from vlmc.build_in.source_code.qwen2_5_vl import reference
+    from vlmc.runtime.visual.runtime import VisualRuntime
+
+    runtime = VisualRuntime(qwen_artifacts["tiny", "visual"])
+    video = runtime.prepare_video(videos[0], request_)
+    outputs, used = runtime.encode_video(video)
+    assert (used, video.fitted) == (calls, fitted)
+    t, h, w = video.grid_thw
+    assert h * w <= runtime.budget < t * h * w
+    model = reference.load_model(checkpoints["tiny"])
+    want = reference.vision_outputs(model, torch.as_tensor(video.pixel_values),
+                                    torch.as_tensor([video.grid_thw]))["embeddings"]
+    assert outputs["embeddings"].shape == want.shape
+    assert np.abs(outputs["embeddings"] - want).max() <= 1e-4 * max(1.0, np.abs(want).max())

@@ -139,7 +139,7 @@ class LLMEngine:
 
     def check_budget(self, prompt_tokens: int, max_new_tokens: int) -> None:
         if prompt_tokens > self.max_prefill:
-            raise BudgetError(f"the prompt has {prompt_tokens} tokens (text + image), more than the compiled "
+            raise BudgetError(f"the prompt has {prompt_tokens} tokens (text, images and videos), more than the compiled "
                               f"prefill length of {self.max_prefill}")
         if prompt_tokens + max_new_tokens > self.context:
             raise BudgetError(f"the prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) is "
