@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from compiled import compile_artifact, generate_json
-from conftest import random_image
+from conftest import random_image, write_video
 
 openai = pytest.importorskip("openai")
 
@@ -85,7 +85,8 @@ def stop_server(proc, clean_log=True):
 @pytest.fixture(scope="module")
 def server(artifacts):
     base, proc = start_server(artifacts["llm"], artifacts["visual"], "--api-key", "k", "--allowed-local-media-path",
-                              str(artifacts["ws"]), "--llm_devices", "[3,4]", "--vit_devices", "[1]")
+                              str(artifacts["ws"]), "--llm_devices", "[3,4]", "--vit_devices", "[1]",
+                              "--video-min-pixels", "3136", "--video-max-pixels", "12544")
     yield base
     stop_server(proc)
 
@@ -111,6 +112,23 @@ def assert_serves_like_generate(llm, visual, image_path, max_tokens=12):
         assert out.usage.prompt_tokens == ref["prompt_tokens"]
     finally:
         stop_server(proc)
+
+
+def test_video_url_matches_generate(server, artifacts):
+    """A video_url (vLLM's form, with an fps next to the URL) gets `vlmc generate --video`'s text; sent again
+    it comes from the embedding cache."""
+    path = write_video(artifacts["ws"] / "clip.mp4", 12, 60, 90, fps=6)
+    ref = generate_json("--model", artifacts["llm"], "--vit_model", artifacts["visual"], "--video", path,
+                        "--fps", "4", "--video-min-pixels", "3136", "--video-max-pixels", "12544",
+                        "--prompt", "What moves?", "--max-new-tokens", "12")
+    hits = metric(server, "vlmc_image_cache_hits_total")
+    for url in (str(path), "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()):
+        messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url, "fps": 4}},
+                                                 {"type": "text", "text": "What moves?"}]}]
+        out = client(server).chat.completions.create(model="m", messages=messages, max_tokens=12, temperature=0)
+        assert out.choices[0].message.content == ref["text"]
+        assert out.usage.prompt_tokens == ref["prompt_tokens"]
+    assert metric(server, "vlmc_image_cache_hits_total") == hits + 1  # same bytes, same sampling
 
 
 def test_greedy_text_matches_generate(server, artifacts):
@@ -192,6 +210,11 @@ def image_msg(url):
                                                       {"type": "text", "text": "hi"}]}]}
 
 
+def video_msg(url, **options):
+    return {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url, **options}},
+                                                      {"type": "text", "text": "hi"}]}]}
+
+
 @pytest.mark.parametrize("body,key,status,says", [
     (b"{not json", "k", 400, "not valid JSON"),
     ({"messages": []}, "k", 400, "non-empty"),
@@ -200,6 +223,10 @@ def image_msg(url):
     (image_msg("data:image/png;base64,aGVsbG8="), "k", 400, "decoded"),
     (image_msg("https://example.com/a.png"), "k", 400, "--allow-remote-media"),
     (image_msg("/etc/hostname"), "k", 400, "--allowed-local-media-path"),
+    (video_msg("data:video/mp4;base64,aGVsbG8="), "k", 400, "not a readable video"),
+    (video_msg("data:video/mp4;base64,aGVsbG8=", fps=-1), "k", 400, "fps must be a positive number"),
+    (video_msg("data:video/mp4;base64,aGVsbG8=", max_frames=10000), "k", 400, "--max-video-frames"),
+    (video_msg("/etc/hostname"), "k", 400, "--allowed-local-media-path"),
     # Over the compiled prefill length: the message gives the prompt's token count and the limit.
     ({"messages": [{"role": "user", "content": "word " * 400}]}, "k", 400, "compiled prefill length of 256"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10000}, "k", 400, "context of 320"),

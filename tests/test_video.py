@@ -235,3 +235,46 @@ def test_video_runs_in_chunks_of_temporal_patches(checkpoints, qwen_artifacts, v
                                     torch.as_tensor([video.grid_thw]))["embeddings"]
     assert outputs["embeddings"].shape == want.shape
     assert np.abs(outputs["embeddings"] - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+def test_bad_videos_get_one_line_errors(checkpoints, videos, tmp_path):
+    """Undecodable, empty, frameless, too long, bad fps or frame counts, a model without videos: a message that
+    names the input; through the CLI one line and exit code 2, never a traceback."""
+    import av
+    from vlmc.build_in.source_code import get_architecture
+
+    spec = get_architecture("qwen2_5_vl").host_spec(checkpoints["tiny"])
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    frameless = tmp_path / "frameless.avi"  # a video stream with no frame in it
+    with av.open(str(frameless), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        container.start_encoding()
+    cases = [(empty, VideoRequest(), "not a readable video"), (text, VideoRequest(), "not a readable video"),
+             (frameless, VideoRequest(), "no frames"), (tmp_path / "missing.mp4", VideoRequest(), "no such file"),
+             (videos[4], VideoRequest(max_seconds=1), "over the limit of 1 s"),
+             (videos[0], VideoRequest(num_frames=40), "the video has 13"),
+             ("data:video/mp4,abc", VideoRequest(), "data URI")]
+    for source, request, says in cases:
+        with pytest.raises(VideoInputError, match=says) as err:
+            spec.prepare_video(source, request)
+        assert str(source)[:40] in str(err.value)
+    for kwargs, says in [({"fps": 0}, "fps must be a positive"), ({"fps": -2}, "fps must be a positive"),
+                         ({"num_frames": 0}, "num frames must be positive"), ({"fps": 2, "num_frames": 4}, "not both")]:
+        with pytest.raises(VideoInputError, match=says):
+            VideoRequest(**kwargs)
+    qwen3 = get_architecture("qwen3_vl")
+    from vlmc.build_in.source_code.qwen3_vl import write_checkpoint
+
+    ck3 = write_checkpoint(tmp_path / "qwen3", preset="tiny", seed=0)
+    with pytest.raises(VideoInputError, match="does not take videos"):
+        qwen3.host_spec(ck3).prepare_video(videos[0])
+    for args, says in [(["--video", frameless], "no frames"), (["--video", videos[0], "--fps", "0"], "fps must be"),
+                       (["--video", videos[4], "--max-video-seconds", "1"], "over the limit")]:
+        proc = vlmc("preprocess", "--checkpoint", checkpoints["tiny"], "--prompt", "hi", "--out", tmp_path / "o.npz",
+                    *args, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

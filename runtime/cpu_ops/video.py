@@ -248,23 +248,26 @@ def load_video(source, image: ImageConfig, video: VideoConfig, request: VideoReq
         rate = stream.average_rate or stream.guessed_rate
         source_fps = float(rate) if rate else None
         total = int(stream.frames or 0)
-        if total <= 0:  # the container does not say (webm, some gifs): count by decoding
+        if total <= 0:  # the container does not say (webm, mkv): count by decoding
             total = sum(1 for _ in container.decode(video=0))
+            if total <= 0:
+                raise VideoInputError(f"video {name!r}: the video stream has no frames")
             container.seek(0)
-        if total <= 0:
-            raise VideoInputError(f"video {name!r}: the video stream has no frames")
         duration = total / source_fps if source_fps else None
         max_seconds = request.max_seconds or video.max_seconds
         if duration is not None and duration > max_seconds:
             raise VideoInputError(f"video {name!r} is {duration:.1f} s long, over the limit of {max_seconds:g} s")
-        indices = sample_frame_indices(total, source_fps, image.temporal_patch_size,
-                                       fps=None if request.num_frames else (request.fps or video.fps),
-                                       num_frames=request.num_frames, min_frames=video.min_frames,
-                                       max_frames=min(request.max_frames or video.max_frames, video.max_frames))
-        if request.num_frames and request.max_frames and len(indices) > request.max_frames:
-            raise VideoInputError(f"video {name!r}: {request.num_frames} frames asked for, over the limit of "
-                                  f"{request.max_frames}")
-        size, fitted = frame_size(height, width, len(indices), image, video, request, budget)
+        try:
+            indices = sample_frame_indices(total, source_fps, image.temporal_patch_size,
+                                           fps=None if request.num_frames else (request.fps or video.fps),
+                                           num_frames=request.num_frames, min_frames=video.min_frames,
+                                           max_frames=min(request.max_frames or video.max_frames, video.max_frames))
+            if request.num_frames and request.max_frames and len(indices) > request.max_frames:
+                raise VideoInputError(f"{request.num_frames} frames asked for, over the limit of "
+                                      f"{request.max_frames}")
+            size, fitted = frame_size(height, width, len(indices), image, video, request, budget)
+        except VideoInputError as exc:
+            raise VideoInputError(f"video {name!r}: {exc}") from None
         wanted = {int(i): n for n, i in enumerate(indices)}
         frames: list[np.ndarray | None] = [None] * len(indices)
         decoded = 0

@@ -23,17 +23,28 @@ def register(sub) -> None:
     p.add_argument("--served-model-name", dest="served_model_name", help="model name in the API (default: folder)")
     p.add_argument("--api-key", dest="api_key", help="require `Authorization: Bearer KEY`")
     p.add_argument("--allowed-local-media-path", dest="allowed_local_media_path",
-                   help="folder under which image_url may name local files (default: none allowed)")
+                   help="folder under which image_url and video_url may name local files (default: none "
+                        "allowed)")
     p.add_argument("--allow-remote-media", dest="allow_remote_media", action="store_true",
-                   help="let image_url fetch http(s) URLs (off by default: the server would fetch any address a "
+                   help="let image_url and video_url fetch http(s) URLs (off by default: the server would fetch any address a "
                         "client names, including ones on its own network)")
     p.add_argument("--remote-media-timeout", dest="remote_media_timeout", type=float, default=10.0,
-                   help="seconds allowed for one remote image download (default: 10)")
+                   help="seconds allowed for one remote image or video download (default: 10)")
     p.add_argument("--remote-media-max-mb", dest="remote_media_max_mb", type=int, default=20,
-                   help="largest remote image accepted, in MiB (default: 20)")
+                   help="largest remote image or video accepted, in MiB (default: 20)")
+    p.add_argument("--max-video-seconds", dest="max_video_seconds", type=float, default=600.0,
+                   help="refuse a video_url longer than this (default: 600)")
+    p.add_argument("--max-video-frames", dest="max_video_frames", type=int, default=768,
+                   help="the most frames sampled from one video; a request's fps, num_frames or max_frames may ask "
+                        "for fewer (default: 768)")
+    p.add_argument("--video-min-pixels", dest="video_min_pixels", type=int,
+                   help="lower bound on each video frame's resized pixels (default: the checkpoint's)")
+    p.add_argument("--video-max-pixels", dest="video_max_pixels", type=int,
+                   help="upper bound on each video frame's resized pixels (default: the checkpoint's)")
     p.add_argument("--image_cache_mb", "--image-cache-mb", dest="image_cache_mb", type=int, default=256,
-                   help="MiB of image embeddings kept so that a repeated image (same decoded pixels and resize "
-                        "settings) skips the visual graph; least recently used go first; 0 disables (default: 256)")
+                   help="MiB of image and video embeddings kept so that a repeated image (same decoded pixels "
+                        "and resize settings) or video (same bytes and sampling) skips the visual graph; least "
+                        "recently used go first; 0 disables (default: 256)")
     p.add_argument("--llm_devices", "--llm-devices", dest="llm_devices", metavar="LIST",
                    help="devices of the LLM's tensor-parallel ranks, e.g. \"[0,1]\"; must list exactly the "
                         "artifact's tp devices (default: \"[0..tp-1]\"). On CPU hosts the ids are validated and "

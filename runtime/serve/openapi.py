@@ -22,6 +22,20 @@ class ImagePart(BaseModel):
     image_url: ImageUrl | str
 
 
+class VideoUrl(BaseModel):
+    url: str = Field(description="a video file (mp4, webm, mkv, avi, gif, ...) as a data: URI; a local path under "
+                                 "--allowed-local-media-path; http(s) with --allow-remote-media")
+    fps: float | None = Field(None, gt=0, description="frames sampled per second of video (default: the "
+                                                       "checkpoint's, 2)")
+    num_frames: int | None = Field(None, gt=0, description="sample this many frames instead of an fps")
+    max_frames: int | None = Field(None, gt=0, description="the most frames sampled (at most --max-video-frames)")
+
+
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: VideoUrl | str
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -29,8 +43,8 @@ class TextPart(BaseModel):
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart | ImagePart] = Field(description="text, or text and image parts in prompt order "
-                                                                  "(several images per message are allowed)")
+    content: str | list[TextPart | ImagePart | VideoPart] = Field(
+        description="text, or text, image and video parts in prompt order (several per message are allowed)")
 
 
 class StreamOptions(BaseModel):
@@ -103,8 +117,9 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-ERRORS = {400: {"model": ErrorBody, "description": "a malformed request, an undecodable or disallowed image, a prompt "
-                                                   "over the compiled budget"},
+ERRORS = {400: {"model": ErrorBody, "description": "a malformed request, an undecodable or disallowed image or "
+                                                   "video, a video over the length limit, a prompt over the "
+                                                   "compiled budget"},
           401: {"model": ErrorBody, "description": "wrong API key"},
           503: {"model": ErrorBody, "description": "a worker died or is restarting; retry"}}
 

@@ -29,9 +29,9 @@ class RemoteMedia:
     max_bytes: int = 20 * 2**20
 
 
-def fetch_url(url: str, remote: RemoteMedia) -> bytes:
-    too_large = ApiError(f"the image at the URL is larger than {remote.max_bytes // 2**20} MiB "
-                         "(--remote-media-max-mb)", code="image_too_large")
+def fetch_url(url: str, remote: RemoteMedia, kind: str = "image") -> bytes:
+    too_large = ApiError(f"the {kind} at the URL is larger than {remote.max_bytes // 2**20} MiB "
+                         "(--remote-media-max-mb)", code=f"{kind}_too_large")
     deadline = time.monotonic() + remote.timeout_s
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "vlmc-serve"}),
@@ -50,42 +50,46 @@ def fetch_url(url: str, remote: RemoteMedia) -> bytes:
     except ApiError:
         raise
     except urllib.error.HTTPError as exc:
-        raise ApiError(f"fetching the image URL failed: HTTP {exc.code}", code="image_fetch_failed") from None
+        raise ApiError(f"fetching the {kind} URL failed: HTTP {exc.code}", code=f"{kind}_fetch_failed") from None
     except (TimeoutError, urllib.error.URLError, OSError, ValueError) as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) or "timed out" in str(exc) else \
             str(getattr(exc, "reason", exc))
-        raise ApiError(f"fetching the image URL failed: {reason} (limit {remote.timeout_s:g} s, "
-                       "--remote-media-timeout)", code="image_fetch_failed") from None
+        raise ApiError(f"fetching the {kind} URL failed: {reason} (limit {remote.timeout_s:g} s, "
+                       "--remote-media-timeout)", code=f"{kind}_fetch_failed") from None
+
+
+def read_media_url(url, allowed_dir: str | None, remote: RemoteMedia | None, kind: str) -> bytes:
+    """The bytes an image_url / video_url names: data: URIs always, local files only under `allowed_dir`, http(s)
+    only when `remote` is given (--allow-remote-media)."""
+    if not isinstance(url, str) or not url:
+        raise ApiError(f"{kind}_url.url must be a non-empty string", code=f"invalid_{kind}_url")
+    if url.startswith("data:"):
+        try:
+            return base64.b64decode(url.split(",", 1)[1], validate=True)
+        except Exception:
+            raise ApiError("the data: URI is not valid base64", code=f"invalid_{kind}") from None
+    if url.startswith(("http://", "https://")):
+        if remote is None:
+            raise ApiError(f"http(s) {kind} URLs are not enabled on this server (start it with "
+                           "--allow-remote-media); send a data: URI", code=f"{kind}_url_not_allowed")
+        return fetch_url(url, remote, kind)
+    path = Path(url[len("file://"):] if url.startswith("file://") else url).resolve()
+    if allowed_dir is None or not path.is_relative_to(Path(allowed_dir).resolve()):
+        raise ApiError(f"local {kind} paths are only allowed under --allowed-local-media-path",
+                       code=f"{kind}_url_not_allowed")
+    try:
+        return path.read_bytes()
+    except OSError:
+        raise ApiError(f"cannot read {kind} {path.name}", code=f"invalid_{kind}") from None
 
 
 def load_image_url(url: str, allowed_dir: str | None, remote: RemoteMedia | None = None):
-    """An image_url as a decoded RGB PIL image: data: URIs always, local files only under `allowed_dir`, http(s)
-    only when `remote` is given (--allow-remote-media)."""
+    """An image_url as a decoded RGB PIL image (see read_media_url for what a URL may be)."""
     from PIL import Image
 
     from ..cpu_ops.image import load_image
 
-    if not isinstance(url, str) or not url:
-        raise ApiError("image_url.url must be a non-empty string", code="invalid_image_url")
-    if url.startswith("data:"):
-        try:
-            data = base64.b64decode(url.split(",", 1)[1], validate=True)
-        except Exception:
-            raise ApiError("the data: URI is not valid base64", code="invalid_image") from None
-    elif url.startswith(("http://", "https://")):
-        if remote is None:
-            raise ApiError("http(s) image URLs are not enabled on this server (start it with --allow-remote-media);"
-                           " send a data: URI", code="image_url_not_allowed")
-        data = fetch_url(url, remote)
-    else:
-        path = Path(url[len("file://"):] if url.startswith("file://") else url).resolve()
-        if allowed_dir is None or not path.is_relative_to(Path(allowed_dir).resolve()):
-            raise ApiError("local image paths are only allowed under --allowed-local-media-path",
-                           code="image_url_not_allowed")
-        try:
-            data = path.read_bytes()
-        except OSError:
-            raise ApiError(f"cannot read image {path.name}", code="invalid_image") from None
+    data = read_media_url(url, allowed_dir, remote, "image")
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
@@ -94,11 +98,49 @@ def load_image_url(url: str, allowed_dir: str | None, remote: RemoteMedia | None
         raise ApiError("the image could not be decoded", code="invalid_image") from None
 
 
-def convert_messages(messages, allowed_dir: str | None, remote: RemoteMedia | None = None):
-    """OpenAI messages -> (chat-template messages with {"type": "image"} parts, images in prompt order)."""
+@dataclass(frozen=True)
+class VideoLimits:
+    """The server's video settings (--max-video-seconds, --max-video-frames: a request may ask for less;
+    --video-min-pixels, --video-max-pixels: each frame's bounds, None for the checkpoint's)."""
+
+    max_seconds: float = 600.0
+    max_frames: int = 768
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+
+def video_part(ref, allowed_dir: str | None, remote: RemoteMedia | None, limits: VideoLimits) -> dict:
+    """A video_url part -> {"data": bytes, "request": VideoRequest}: the bytes are decoded by the visual worker;
+    `fps`, `num_frames` and `max_frames` may sit next to the URL (vLLM's form), within the server's limits."""
+    from ..cpu_ops.video import VideoInputError, VideoRequest
+
+    ref = ref if isinstance(ref, dict) else {"url": ref}
+    options = {}
+    for name in ("fps", "num_frames", "max_frames"):
+        value = ref.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or (name != "fps" and value != int(value)):
+            raise ApiError(f"video_url.{name} must be a number", code="invalid_parameter")
+        options[name] = float(value) if name == "fps" else int(value)
+    if options.get("max_frames", 0) > limits.max_frames or options.get("num_frames", 0) > limits.max_frames:
+        raise ApiError(f"at most {limits.max_frames} frames per video (--max-video-frames)", code="video_too_long")
+    options.setdefault("max_frames", limits.max_frames)
+    try:
+        request = VideoRequest(**options, max_seconds=limits.max_seconds, min_pixels=limits.min_pixels,
+                               max_pixels=limits.max_pixels)
+    except VideoInputError as exc:
+        raise ApiError(f"video_url: {exc}", code="invalid_parameter") from None
+    return {"data": read_media_url(ref.get("url"), allowed_dir, remote, "video"), "request": request}
+
+
+def convert_messages(messages, allowed_dir: str | None, remote: RemoteMedia | None = None,
+                     video_limits: VideoLimits = VideoLimits()):
+    """OpenAI messages -> (chat-template messages with {"type": "image"} / {"type": "video"} parts, images in
+    prompt order, videos in prompt order as video_part's)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError("`messages` must be a non-empty list", code="missing_messages")
-    converted, images = [], []
+    converted, images, videos = [], [], []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
             raise ApiError(f"messages[{i}] needs a role of system, user or assistant", code="invalid_message")
@@ -116,13 +158,16 @@ def convert_messages(messages, allowed_dir: str | None, remote: RemoteMedia | No
                     images.append(load_image_url(ref.get("url") if isinstance(ref, dict) else ref, allowed_dir,
                                                  remote))
                     parts.append({"type": "image"})
+                elif kind == "video_url":
+                    videos.append(video_part(part.get("video_url"), allowed_dir, remote, video_limits))
+                    parts.append({"type": "video"})
                 else:
                     raise ApiError(f"messages[{i}] has an unsupported content part type {kind!r}",
                                    code="invalid_content_type")
         else:
             raise ApiError(f"messages[{i}].content must be a string or a list of parts", code="invalid_message")
         converted.append({"role": msg["role"], "content": parts})
-    return converted, images
+    return converted, images, videos
 
 
 def sampling_params(body: dict) -> dict:

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ... import __version__
 from .openapi import ERRORS, ModelList, add_request_schemas, chat_route_docs
-from .protocol import ApiError, RemoteMedia, convert_messages, sampling_params, stop_strings
+from .protocol import ApiError, RemoteMedia, VideoLimits, convert_messages, sampling_params, stop_strings
 from .workers import QUEUE_HWM, llm_main, visual_main
 
 log = logging.getLogger("vlmc.serve")
@@ -277,7 +277,7 @@ class Engine:
             if w is self.visual:
                 self.cancel(rid, "worker_died")
 
-    async def submit(self, request_id: str, messages, images, max_tokens, sampling) -> asyncio.Queue:
+    async def submit(self, request_id: str, messages, images, max_tokens, sampling, videos=()) -> asyncio.Queue:
         down = [w.name for w in self.workers if w.state != "up"]
         if down:
             raise ApiError(f"the {' and '.join(down)} worker is restarting; retry shortly", 503,
@@ -285,7 +285,7 @@ class Engine:
         queue = asyncio.Queue()
         self.pending[request_id] = Pending(queue)
         await self.to_visual.send_pyobj({"id": request_id, "messages": messages, "images": images,
-                                         "max_tokens": max_tokens, "sampling": sampling, "epoch": self.epoch})
+                                         "videos": list(videos), "max_tokens": max_tokens, "sampling": sampling, "epoch": self.epoch})
         return queue
 
     def cancel(self, request_id: str, reason: str) -> None:
@@ -345,6 +345,8 @@ def build_app(args, tokenizer, context: int, stopping=lambda: False):
     model_name = args.served_model_name or Path(args.model).name
     remote = RemoteMedia(args.remote_media_timeout, args.remote_media_max_mb * 2**20) \
         if args.allow_remote_media else None
+    video_limits = VideoLimits(args.max_video_seconds, args.max_video_frames, args.video_min_pixels,
+                               args.video_max_pixels)
     state = {}
 
     @contextlib.asynccontextmanager
@@ -390,7 +392,7 @@ def build_app(args, tokenizer, context: int, stopping=lambda: False):
 
     @app.post("/v1/chat/completions", **chat_route_docs())
     async def chat(request: Request):
-        """Chat completion over text and images, streamed (SSE) or not; `usage` in every response."""
+        """Chat completion over text, images and videos, streamed (SSE) or not; `usage` in every response."""
         engine: Engine = state["engine"]
         m = engine.metrics
         t0 = time.perf_counter()
@@ -403,8 +405,8 @@ def build_app(args, tokenizer, context: int, stopping=lambda: False):
             if not isinstance(body, dict):
                 raise ApiError("the request body must be a JSON object", code="invalid_json")
             # In a thread: decoding large images or fetching remote ones must not stall the event loop.
-            messages, images = await asyncio.to_thread(convert_messages, body.get("messages"),
-                                                       args.allowed_local_media_path, remote)
+            messages, images, videos = await asyncio.to_thread(convert_messages, body.get("messages"),
+                                                               args.allowed_local_media_path, remote, video_limits)
             sampling = sampling_params(body)
             stops = stop_strings(body)
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -414,7 +416,7 @@ def build_app(args, tokenizer, context: int, stopping=lambda: False):
                 raise ApiError(f"max_tokens ({max_tokens}) must be less than the compiled context of {context}",
                                code="context_length_exceeded")
             request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-            queue = await engine.submit(request_id, messages, images, max_tokens, sampling)
+            queue = await engine.submit(request_id, messages, images, max_tokens, sampling, videos)
         except ApiError as exc:
             m.requests.labels(str(exc.status)).inc()
             return error_response(exc)
@@ -601,6 +603,11 @@ def serve(args) -> int:
         raise VlmcError("--image_cache_mb must be 0 (off) or a positive number of MiB")
     if args.remote_media_timeout <= 0 or args.remote_media_max_mb <= 0:
         raise VlmcError("--remote-media-timeout and --remote-media-max-mb must be positive")
+    if not args.max_video_seconds > 0 or args.max_video_frames <= 0:
+        raise VlmcError("--max-video-seconds and --max-video-frames must be positive")
+    for flag in ("video_min_pixels", "video_max_pixels"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise VlmcError(f"--{flag.replace('_', '-')} must be positive")
     args.llm_devices, args.vit_devices = check_devices(llm_devices, vit_devices, llm.tp)
     logging.getLogger("vlmc.serve").setLevel(logging.INFO)
     config = uvicorn.Config(None, host=args.host, port=args.port, log_level="warning",

@@ -1,6 +1,7 @@
 """The visual and LLM worker processes.
 
-visual worker: PULL requests from HTTP -> encode images (or take them from the embedding cache) -> PUSH (bounded
+visual worker: PULL requests from HTTP -> decode and encode images and videos (or take them from the embedding
+cache) -> PUSH (bounded
 by HWM: a flood of images blocks here instead of filling memory) to the LLM worker.
 LLM worker: a scheduler loop. Between decode steps it admits waiting requests into free cache slots and prefills
 them; then one decode step runs for ALL slots together (idle slots get a dummy token and are reset afterwards),
@@ -47,7 +48,7 @@ def _worker_signals() -> None:
 
 class EmbeddingCache:
     """LRU of an image's visual outputs (embeddings and any other output groups) keyed by the decoded pixels plus
-    the resize settings, bounded by bytes."""
+    the resize settings (a video's by its bytes plus its sampling), bounded by bytes."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -61,6 +62,13 @@ class EmbeddingCache:
         h.update(image.tobytes())
         return h.hexdigest()
 
+    @staticmethod
+    def video_key(data: bytes, request, settings: tuple) -> str:
+        h = hashlib.blake2b(digest_size=20)
+        h.update(repr(("video", request, settings)).encode())
+        h.update(data)
+        return h.hexdigest()
+
     def get(self, key: str):
         hit = self.entries.get(key)
         if hit is not None:
@@ -71,7 +79,8 @@ class EmbeddingCache:
     def _size(outputs: dict[str, np.ndarray]) -> int:
         return sum(a.nbytes for a in outputs.values())
 
-    def put(self, key: str, outputs: dict[str, np.ndarray], grid: list[int]) -> None:
+    def put(self, key: str, outputs: dict[str, np.ndarray], grid) -> None:
+        """`grid`: what the LLM needs besides the outputs (an image's grid; a video's grid and timing)."""
         if self._size(outputs) > self.max_bytes:
             return  # also covers max_bytes == 0 (cache disabled)
         self.entries[key] = (outputs, grid)
@@ -83,6 +92,7 @@ class EmbeddingCache:
 
 def visual_main(vit_model: str, requests_addr: str, llm_addr: str, results_addr: str, min_pixels, max_pixels,
                 cache_mb: int, info) -> None:
+    from ..cpu_ops.video import VideoInputError
     from ..visual.runtime import VisualRuntime
 
     _worker_signals()
@@ -119,12 +129,30 @@ def visual_main(vit_model: str, requests_addr: str, llm_addr: str, results_addr:
                 embeds.append(cached[0]["embeddings"])
                 extras.append({k: v for k, v in cached[0].items() if k != "embeddings"})
                 grids.append(cached[1])
+            video_embeds, videos = [], []
+            for video in req.get("videos") or ():
+                key = EmbeddingCache.video_key(video["data"], video["request"], settings)
+                cached = cache.get(key)
+                if cached is None:
+                    prepared = visual.prepare_video(video["data"], video["request"])
+                    outputs, _ = visual.encode_video(prepared)
+                    cached = ({"embeddings": outputs["embeddings"]},
+                              {"grid": [int(g) for g in prepared.grid_thw],
+                               "second_per_grid_t": prepared.second_per_grid_t})
+                    cache.put(key, *cached)
+                else:
+                    hits += 1
+                video_embeds.append(cached[0]["embeddings"])
+                videos.append(cached[1])
             seconds = time.perf_counter() - t0
-            req.update(images=None, image_embeds=embeds, image_extras=extras, grids=grids, visual_s=seconds)
-            if embeds:
+            req.update(images=None, image_embeds=embeds, image_extras=extras, grids=grids, visual_s=seconds,
+                       videos=videos, video_embeds=video_embeds)
+            if embeds or videos:
                 results.send_pyobj({"stats": "visual", "seconds": seconds, "hits": hits,
-                                    "misses": len(embeds) - hits, "cache_bytes": cache.bytes})
+                                    "misses": len(embeds) + len(videos) - hits, "cache_bytes": cache.bytes})
             to_llm.send_pyobj(req)
+        except VideoInputError as exc:
+            results.send_pyobj({"id": req["id"], "error": str(exc), "status": 400, "code": "invalid_video"})
         except Exception as exc:  # one bad image must not stop the worker
             results.send_pyobj({"id": req["id"], "error": f"image could not be encoded: {exc}", "status": 400,
                                 "code": "invalid_image"})
@@ -173,15 +201,19 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
     def admit(req) -> None:
         slot = next(s for s in range(usable) if s not in running)
         try:
-            ids = spec.prompt_ids(tokenizer, "", req["grids"], req["messages"])
+            videos = req.get("videos") or []
+            video_grids = np.asarray([v["grid"] for v in videos], np.int64).reshape(-1, 3)
+            ids = spec.prompt_ids(tokenizer, "", req["grids"], req["messages"], video_grids)
             max_tokens = req["max_tokens"] if req["max_tokens"] is not None else engine.context - len(ids)
             engine.check_budget(len(ids), max(max_tokens, 1))
         except (BudgetError, ValueError) as exc:
             code = "context_length_exceeded" if isinstance(exc, BudgetError) else "invalid_request"
             results.send_pyobj({"id": req["id"], "error": str(exc), "status": 400, "code": code})
             return
-        positions, delta = spec.positions(ids, req["grids"])
+        positions, delta = spec.positions(ids, req["grids"], video_grids, [v["second_per_grid_t"] for v in videos])
         embeds = splice_image_embeddings(engine.embed.lookup(ids), ids, image_id, req["image_embeds"])
+        if videos:
+            embeds = splice_image_embeddings(embeds, ids, spec.text.video_token_id, req["video_embeds"])
         params = SamplingParams(**req["sampling"], eos_token_ids=spec.text.eos_token_ids)
         run = Running(req["id"], Sequence(slot, delta), Sampler(params), max_tokens, len(ids))
         extras = prompt_extras(engine.prefill_extras, ids, image_id, req.get("image_extras", []), spec.text.hidden_size)
