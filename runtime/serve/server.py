@@ -47,9 +47,9 @@ class Metrics:
                                   registry=self.registry)
         self.tokens_in = Counter("vlmc_prompt_tokens", "prompt tokens", registry=self.registry)
         self.tokens_out = Counter("vlmc_generation_tokens", "generated tokens", registry=self.registry)
-        self.cache_hits = Counter("vlmc_image_cache_hits", "images served from the embedding cache",
+        self.cache_hits = Counter("vlmc_image_cache_hits", "images and videos served from the embedding cache",
                                   registry=self.registry)
-        self.cache_misses = Counter("vlmc_image_cache_misses", "images run through the visual graph",
+        self.cache_misses = Counter("vlmc_image_cache_misses", "images and videos run through the visual graph",
                                     registry=self.registry)
         self.cache_bytes = Gauge("vlmc_image_cache_bytes", "bytes held by the image embedding cache",
                                  registry=self.registry)
