@@ -167,7 +167,7 @@ def image_to_patches(image: Image.Image, cfg: ImageConfig, name: str = "image") 
     except ImageInputError as exc:
         raise ImageInputError(f"{name}: {exc}") from None
     resized = np.asarray(image.resize((new_w, new_h), resample=cfg.resample), dtype=np.uint8)  # H, W, C
-    values = _normalized_values(cfg.rescale_factor, cfg.image_mean, cfg.image_std)
+    values = normalized_values(cfg.rescale_factor, cfg.image_mean, cfg.image_std)
     pixels = np.empty((3, new_h, new_w), dtype=np.float32)  # C, H, W
     for c in range(3):  # rescale and normalise as one table lookup per channel (5x faster than the arithmetic)
         np.take(values[c], resized[:, :, c], out=pixels[c])
@@ -180,7 +180,7 @@ def image_to_patches(image: Image.Image, cfg: ImageConfig, name: str = "image") 
 
 
 @functools.lru_cache(maxsize=8)
-def _normalized_values(rescale_factor: float, mean: tuple, std: tuple) -> np.ndarray:
+def normalized_values(rescale_factor: float, mean: tuple, std: tuple) -> np.ndarray:
     """[3, 256]: each channel's normalised float32 value for every uint8 value, computed as the reference computes
     it per pixel (rescale in float64, rounded to float32, then normalised in float32), so a lookup is exact."""
     levels = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)

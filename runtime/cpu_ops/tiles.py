@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
-from .image import ImageInputError, MAX_ASPECT_RATIO, _normalized_values
+from .image import ImageInputError, MAX_ASPECT_RATIO, normalized_values
 
 TILINGS = ("aspect_ratio", "longest_edge")
 PROMPT_FORMATS = ("wrapped", "tile_grid")
@@ -134,7 +134,7 @@ class TileConfig:
         crops = [canvas[r * s:(r + 1) * s, c * s:(c + 1) * s] for r in range(rows) for c in range(cols)]
         if rows * cols > 1:
             crops.append(np.asarray(whole.resize((s, s), resample=self.resample), dtype=np.uint8))
-        values = _normalized_values(self.rescale_factor, tuple(self.image_mean), tuple(self.image_std))
+        values = normalized_values(self.rescale_factor, tuple(self.image_mean), tuple(self.image_std))
         out = np.empty((len(crops), 3, s, s), dtype=np.float32)
         for i, crop in enumerate(crops):
             for ch in range(3):  # rescale and normalise as one exact table lookup per channel (see image.py)

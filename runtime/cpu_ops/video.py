@@ -8,7 +8,8 @@ video's pixel bounds and a `total_pixels` budget shared by all frames (qwen-vl-u
 applies with `cap_pixels_per_frame=True`). Frames are then grouped into temporal patches in the processor's order;
 a count that is not a multiple of the temporal patch size is filled with copies of the last frame.
 
-Frames are resized as they are decoded, so memory holds the sampled frames at their model size, never the source.
+Frames are resized as they are decoded, so memory holds the sampled frames at their model size (uint8), never the
+decoded source.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .image import ImageConfig, ImageInputError, smart_resize
+from PIL import Image
+
+from .image import ImageConfig, ImageInputError, normalized_values, smart_resize
 
 
 class VideoInputError(ImageInputError):
@@ -203,33 +206,29 @@ def frame_size(height: int, width: int, num_frames: int, image: ImageConfig, vid
             raise VideoInputError(f"the video's frames cannot be resized into {budget} patches")
 
 
-def _normalise(frame: np.ndarray, size: tuple[int, int], cfg: ImageConfig) -> np.ndarray:
-    """One RGB uint8 frame -> [3, H, W] float32 at `size`, by the image path's math."""
-    from PIL import Image
-
-    from .image import _normalized_values
-
+def _resize(frame: np.ndarray, size: tuple[int, int], cfg: ImageConfig) -> np.ndarray:
+    """One decoded RGB uint8 frame at `size` (height, width), by the image path's PIL resize."""
     height, width = size
-    resized = np.asarray(Image.fromarray(frame).resize((width, height), resample=cfg.resample), dtype=np.uint8)
-    values = _normalized_values(cfg.rescale_factor, cfg.image_mean, cfg.image_std)
-    out = np.empty((3, height, width), dtype=np.float32)
-    for c in range(3):
-        np.take(values[c], resized[:, :, c], out=out[c])
-    return out
+    return np.asarray(Image.fromarray(frame).resize((width, height), resample=cfg.resample), dtype=np.uint8)
 
 
 def temporal_patches(frames: list[np.ndarray], cfg: ImageConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Normalised frames [3, H, W] -> patches [t * h * w, 3 * T * P * P] in the video processor's order (t, h/m,
-    w/m, m, m, C, T, P, P), the last frame repeated to fill the last temporal patch."""
+    """Resized RGB uint8 frames [H, W, 3] -> normalised patches [t * h * w, 3 * T * P * P] in the video processor's
+    order (t, h/m, w/m, m, m, C, T, P, P), the last frame repeated to fill the last temporal patch. Normalisation is
+    the image path's lookup table, one temporal patch at a time (no float copy of the whole video)."""
     p, m, tps = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
     frames = list(frames) + [frames[-1]] * (-len(frames) % tps)
-    _, height, width = frames[0].shape
+    height, width, _ = frames[0].shape
     grid_t, grid_h, grid_w = len(frames) // tps, height // p, width // p
+    values = normalized_values(cfg.rescale_factor, cfg.image_mean, cfg.image_std)
     out = np.empty((grid_t, grid_h * grid_w, 3 * tps * p * p), dtype=np.float32)
-    for t in range(grid_t):  # one temporal patch at a time: no copy of the whole video in between
-        group = np.stack(frames[t * tps:(t + 1) * tps])  # T, C, H, W
-        group = group.reshape(tps, 3, grid_h // m, m, p, grid_w // m, m, p).transpose(2, 5, 3, 6, 1, 0, 4, 7)
-        out[t] = group.reshape(grid_h * grid_w, -1)
+    group = np.empty((tps, 3, height, width), dtype=np.float32)
+    for t in range(grid_t):
+        for k in range(tps):
+            for c in range(3):
+                np.take(values[c], frames[t * tps + k][:, :, c], out=group[k, c])
+        patches = group.reshape(tps, 3, grid_h // m, m, p, grid_w // m, m, p).transpose(2, 5, 3, 6, 1, 0, 4, 7)
+        out[t] = patches.reshape(grid_h * grid_w, -1)
     return out.reshape(grid_t * grid_h * grid_w, -1), (grid_t, grid_h, grid_w)
 
 
@@ -247,6 +246,10 @@ def load_video(source, image: ImageConfig, video: VideoConfig, request: VideoReq
         width, height = stream.width, stream.height
         rate = stream.average_rate or stream.guessed_rate
         source_fps = float(rate) if rate else None
+        max_seconds = request.max_seconds or video.max_seconds
+        if container.duration and container.duration / 1e6 > max_seconds:  # before counting frames by decoding
+            raise VideoInputError(f"video {name!r} is {container.duration / 1e6:.1f} s long, over the limit of "
+                                  f"{max_seconds:g} s")
         total = int(stream.frames or 0)
         if total <= 0:  # the container does not say (webm, mkv): count by decoding
             total = sum(1 for _ in container.decode(video=0))
@@ -254,7 +257,6 @@ def load_video(source, image: ImageConfig, video: VideoConfig, request: VideoReq
                 raise VideoInputError(f"video {name!r}: the video stream has no frames")
             container.seek(0)
         duration = total / source_fps if source_fps else None
-        max_seconds = request.max_seconds or video.max_seconds
         if duration is not None and duration > max_seconds:
             raise VideoInputError(f"video {name!r} is {duration:.1f} s long, over the limit of {max_seconds:g} s")
         try:
@@ -274,7 +276,7 @@ def load_video(source, image: ImageConfig, video: VideoConfig, request: VideoReq
         for i, frame in enumerate(container.decode(video=0)):
             decoded = i + 1
             if i in wanted:
-                frames[wanted[i]] = _normalise(frame.to_ndarray(format="rgb24"), size, image)
+                frames[wanted[i]] = _resize(frame.to_ndarray(format="rgb24"), size, image)
             if i >= indices[-1]:
                 break
     except VideoInputError:
