@@ -187,8 +187,11 @@ def frame_size(height: int, width: int, num_frames: int, image: ImageConfig, vid
     temporal patch (a compiled visual graph's). The per-frame cap is transformers' `cap_pixels_per_frame` rule:
     max(min(max_pixels, total_pixels * temporal_patch_size // frames), 1.05 * min_pixels)."""
     factor = image.factor
-    min_pixels = request.min_pixels or video.min_pixels
     max_pixels = request.max_pixels or video.max_pixels
+    # A lower bound given alone raises the default upper one no further than itself, and the other way round
+    min_pixels = request.min_pixels or (min(video.min_pixels, max_pixels) if request.max_pixels else video.min_pixels)
+    if request.min_pixels and not request.max_pixels:
+        max_pixels = max(max_pixels, min_pixels)
     if min_pixels > max_pixels:
         raise VideoInputError(f"min_pixels {min_pixels} is larger than max_pixels {max_pixels}")
     total_pixels = int(video.max_video_tokens * factor * factor * 0.9)
