@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from compiled import BUILD, compile_artifact, generate_json, vlmc
-from conftest import random_image
+from conftest import random_image, write_video
 
 FAMILIES = ["qwen2_vl", "qwen3_vl"]
 PRESETS = ["tiny", "small"]
@@ -143,12 +143,15 @@ def test_parity_names_a_dropped_deepstack(family_checkpoint, family_artifacts, f
     assert not any(f.startswith("image_embedding") for f in failures), failures
 
 
-def test_serve_answers_like_generate(family_artifacts, family_images):
-    """`vlmc serve` on a Qwen3-VL pair answers the openai client with `vlmc generate`'s greedy text."""
+def test_serve_answers_like_generate(family_artifacts, family_images, tmp_path):
+    """`vlmc serve` on a Qwen3-VL pair answers the openai client with `vlmc generate`'s greedy text, for an image
+    and for an image with a video."""
     from test_serve import assert_serves_like_generate
 
     visual, llm = family_artifacts("qwen3_vl", "tiny")
-    assert_serves_like_generate(llm, visual, family_images[1])
+    # with a video too: its timestamps and per-patch placeholders reach the LLM worker, deepstack at its tokens
+    video = write_video(tmp_path / "clip.mp4", 9, 64, 96, fps=8)
+    assert_serves_like_generate(llm, visual, family_images[1], video_path=video)
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

@@ -95,21 +95,26 @@ def client(base, key="k"):
     return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
 
 
-def assert_serves_like_generate(llm, visual, image_path, max_tokens=12):
-    """`vlmc serve` on (llm, visual) answers the openai client with `vlmc generate`'s greedy text for one image."""
+def assert_serves_like_generate(llm, visual, image_path, max_tokens=12, video_path=None):
+    """`vlmc serve` on (llm, visual) answers the openai client with `vlmc generate`'s greedy text for one image
+    (and, given `video_path`, for that image and a video in one prompt)."""
     from PIL import Image
 
-    ref = generate_json("--model", llm, "--vit_model", visual, "--image", image_path, "--prompt", "Describe.",
-                        "--max-new-tokens", max_tokens)
+    cases = [([{"type": "image_url", "image_url": {"url": data_uri(Image.open(image_path))}}], ["--image", image_path])]
+    if video_path is not None:
+        video_url = "data:video/mp4;base64," + base64.b64encode(Path(video_path).read_bytes()).decode()
+        cases.append((cases[0][0] + [{"type": "video_url", "video_url": {"url": video_url, "num_frames": 4}}],
+                      ["--image", image_path, "--video", video_path, "--num-frames", "4"]))
+    refs = [generate_json("--model", llm, "--vit_model", visual, *flags, "--prompt", "Describe.", "--max-new-tokens",
+                          max_tokens) for _, flags in cases]
     base, proc = start_server(llm, visual)
     try:
-        messages = [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_uri(Image.open(image_path))}},
-            {"type": "text", "text": "Describe."}]}]
-        out = client(base, key="unused").chat.completions.create(model="m", messages=messages,
-                                                                 max_tokens=max_tokens, temperature=0)
-        assert out.choices[0].message.content == ref["text"]
-        assert out.usage.prompt_tokens == ref["prompt_tokens"]
+        for (parts, _), ref in zip(cases, refs):
+            messages = [{"role": "user", "content": parts + [{"type": "text", "text": "Describe."}]}]
+            out = client(base, key="unused").chat.completions.create(model="m", messages=messages,
+                                                                     max_tokens=max_tokens, temperature=0)
+            assert out.choices[0].message.content == ref["text"]
+            assert out.usage.prompt_tokens == ref["prompt_tokens"]
     finally:
         stop_server(proc)
 

@@ -69,6 +69,46 @@ def test_sampling_rule_equals_the_video_processor():
     assert compared > 500
 
 
+def test_linspace_sampling_equals_qwen3_video_processor():
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    processor = Qwen3VLVideoProcessor()
+    compared = 0
+    for total in (1, 2, 3, 7, 13, 30, 59, 61, 100, 1799, 7201):
+        for source_fps in (1.0, 7.0, 24000 / 1001, 30.0, 60.0):
+            for kwargs in [{"fps": f} for f in (0.5, 1, 2, 3.3, 24)] + [{"num_frames": k} for k in (1, 4, 5, 9)]:
+                if kwargs.get("num_frames", 0) > total:
+                    with pytest.raises(VideoInputError):
+                        sample_frame_indices(total, source_fps, 2, **kwargs, rule="linspace")
+                    continue
+                want = processor.sample_frames(VideoMetadata(total_num_frames=total, fps=source_fps), **kwargs)
+                got = sample_frame_indices(total, source_fps, 2, **kwargs, rule="linspace")
+                assert got.tolist() == want.tolist(), (total, source_fps, kwargs)
+                compared += 1
+    assert compared > 200
+
+
+def frame_shape(frames, count, spec, request):
+    """The frame size transformers' video processor of the style picks, with cap_pixels_per_frame=True; a
+    request's pixel bounds are per frame (a clip style's own are over the clip)."""
+    image, video = spec.image, spec.video
+    if video.pixel_bounds == "clip":
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        shortest = request.min_pixels * count if request.min_pixels else video.min_pixels
+        longest = request.max_pixels * count if request.max_pixels else video.max_pixels
+        per_frame = max(min(video.max_video_tokens * image.factor ** 2, longest // count), int(shortest * 1.05))
+        return smart_resize(count, frames[0].shape[0], frames[0].shape[1], image.temporal_patch_size, image.factor,
+                            shortest, per_frame * count)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    min_pixels, max_pixels = request.min_pixels or video.min_pixels, request.max_pixels or video.max_pixels
+    total_pixels = int(video.max_video_tokens * image.factor * image.factor * 0.9)
+    max_pixels = max(min(max_pixels, total_pixels * image.temporal_patch_size // count), int(min_pixels * 1.05))
+    return smart_resize(frames[0].shape[0], frames[0].shape[1], image.factor, min_pixels, max_pixels)
+
+
 def reference_video(path, request, image_processor, spec):
     """A video the way transformers would process it with the PIL image math per frame: PyAV frames, the video
     processor's sampling rule and per-frame pixel cap (cap_pixels_per_frame), each frame through the PIL image
@@ -84,15 +124,18 @@ def reference_video(path, request, image_processor, spec):
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     meta = VideoMetadata(total_num_frames=len(frames), fps=float(rate))
     kwargs = {"num_frames": request.num_frames} if request.num_frames else {"fps": request.fps or spec.video.fps}
-    if request.max_frames:
-        kwargs["max_frames"] = request.max_frames
-    indices = transformers_sample_frames()(meta, **kwargs).tolist()
+    if spec.video.sampling == "linspace":
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        processor = Qwen3VLVideoProcessor(max_frames=request.max_frames or spec.video.max_frames)
+        indices = processor.sample_frames(meta, **kwargs).tolist()
+    else:
+        if request.max_frames:
+            kwargs["max_frames"] = request.max_frames
+        indices = transformers_sample_frames()(meta, **kwargs).tolist()
     meta.frames_indices = indices
-    image, video = spec.image, spec.video
-    min_pixels, max_pixels = request.min_pixels or video.min_pixels, request.max_pixels or video.max_pixels
-    total_pixels = int(video.max_video_tokens * image.factor * image.factor * 0.9)
-    max_pixels = max(min(max_pixels, total_pixels * image.temporal_patch_size // len(indices)), int(min_pixels * 1.05))
-    height, width = smart_resize(frames[0].shape[0], frames[0].shape[1], image.factor, min_pixels, max_pixels)
+    image = spec.image
+    height, width = frame_shape(frames, len(indices), spec, request)
     tps, p = image.temporal_patch_size, image.patch_size
     per_frame = []
     for i in indices:
@@ -106,7 +149,10 @@ def reference_video(path, request, image_processor, spec):
     return np.concatenate(groups), grid, tps / meta.sampled_fps, meta.timestamps, indices
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
+ARCHS = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_video_pixels_equal_the_per_frame_processor(family_checkpoint, checkpoints, videos, arch):
     from transformers import AutoImageProcessor
     from vlmc.build_in.source_code import get_architecture
@@ -131,9 +177,15 @@ def _checkpoint(arch, preset, checkpoints, family_checkpoint):
 
 
 def _video_inputs(prepared) -> dict:
+    """The reference's video inputs from vlmc's prepared videos (and each one's transformers VideoMetadata, which
+    Qwen3-VL's prompt needs)."""
+    from transformers.video_utils import VideoMetadata
+
+    metadata = [VideoMetadata(total_num_frames=v.source["frames"], fps=v.source["fps"], frames_indices=v.frame_indices)
+                for v in prepared]
     return {"pixel_values_videos": np.concatenate([v.pixel_values for v in prepared]),
             "video_grid_thw": np.asarray([v.grid_thw for v in prepared]),
-            "second_per_grid_ts": [v.second_per_grid_t for v in prepared]}
+            "second_per_grid_ts": [v.second_per_grid_t for v in prepared], "metadata": metadata}
 
 
 MIXED = [{"role": "user", "content": [
@@ -141,7 +193,7 @@ MIXED = [{"role": "user", "content": [
     {"type": "video"}, {"type": "text", "text": "what changed?"}]}]
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_positions_equal_get_rope_index(family_checkpoint, checkpoints, videos, tmp_path, arch):
     from PIL import Image
     from transformers import AutoTokenizer
@@ -176,7 +228,7 @@ SMALL_FRAMES = ["--video-min-pixels", "3136", "--video-max-pixels", "12544"]
 
 @pytest.mark.parametrize("arch,preset,tp,with_image", [
     ("qwen2_5_vl", "small", 1, False), ("qwen2_5_vl", "small", 2, True), ("qwen2_5_vl", "tiny", 4, False),
-    ("qwen2_vl", "small", 1, True), ("qwen2_vl", "tiny", 2, False)])
+    ("qwen2_vl", "small", 1, True), ("qwen2_vl", "tiny", 2, False), ("qwen3_vl", "tiny", 1, True)])
 def test_generate_video_equals_transformers(checkpoints, qwen_artifacts, family_checkpoint, family_artifacts, videos,
                                             tmp_path, arch, preset, tp, with_image):
     from PIL import Image
@@ -237,7 +289,7 @@ def test_video_runs_in_chunks_of_temporal_patches(checkpoints, qwen_artifacts, v
     assert np.abs(outputs["embeddings"] - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
 
 
-def test_bad_videos_get_one_line_errors(checkpoints, videos, tmp_path):
+def test_bad_videos_get_one_line_errors(checkpoints, family_checkpoint, videos, tmp_path):
     """Undecodable, empty, frameless, too long, bad fps or frame counts, a model without videos: a message that
     names the input; through the CLI one line and exit code 2, never a traceback."""
     import av
@@ -266,12 +318,9 @@ def test_bad_videos_get_one_line_errors(checkpoints, videos, tmp_path):
                          ({"num_frames": 0}, "num frames must be positive"), ({"fps": 2, "num_frames": 4}, "not both")]:
         with pytest.raises(VideoInputError, match=says):
             VideoRequest(**kwargs)
-    qwen3 = get_architecture("qwen3_vl")
-    from vlmc.build_in.source_code.qwen3_vl import write_checkpoint
-
-    ck3 = write_checkpoint(tmp_path / "qwen3", preset="tiny", seed=0)
+    internvl = family_checkpoint("internvl", "tiny")  # a tiling family: no video processor
     with pytest.raises(VideoInputError, match="does not take videos"):
-        qwen3.host_spec(ck3).prepare_video(videos[0])
+        get_architecture("internvl").host_spec(internvl).prepare_video(videos[0])
     for args, says in [(["--video", frameless], "no frames"), (["--video", videos[0], "--fps", "0"], "fps must be"),
                        (["--video", videos[4], "--max-video-seconds", "1"], "over the limit")]:
         proc = vlmc("preprocess", "--checkpoint", checkpoints["tiny"], "--prompt", "hi", "--out", tmp_path / "o.npz",

@@ -81,14 +81,19 @@ class HostSpec:
                    VideoConfig.from_dict(d["video"]) if d.get("video") else None)
 
     def prompt_ids(self, tokenizer, text: str, layouts, messages: list[dict] | None = None,
-                   video_grids=None) -> np.ndarray:
+                   video_grids=None, video_patch_times=None) -> np.ndarray:
         """Token ids of one user turn [images..., videos..., text] (or of `messages`), each image placeholder
         expanded to the tokens its layout produces (a native grid (t, h, w), or tiles (tiles, rows, columns)), each
-        video placeholder to its grid's."""
+        video placeholder to its grid's (per temporal patch after its time, `video_patch_times`, where the video
+        processor writes timestamps)."""
         layouts = np.asarray(layouts, dtype=np.int64).reshape(-1, 3)
         if not self.tiled:
+            times = video_patch_times if self.video is not None and self.video.frame_timestamps else None
+            if times is None and self.video is not None and self.video.frame_timestamps and \
+                    video_grids is not None and len(video_grids):
+                raise ValueError("this model's prompt gives each video's temporal patch times; none were given")
             return tokenize_prompt(tokenizer, text, layouts, self.text.image_token_id, self.image.merge_size,
-                                   messages, video_grids, self.text.video_token_id)
+                                   messages, video_grids, self.text.video_token_id, times)
         messages = messages if messages is not None else user_turn(len(layouts), text)
         prompt = self.image.expand_prompt(render_chat(tokenizer, messages), layouts)
         return np.asarray(tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int64)
@@ -99,6 +104,11 @@ class HostSpec:
             n = len(np.asarray(input_ids).reshape(-1))
             return np.tile(np.arange(n, dtype=np.int64), (3, 1)), 0
         grids = None if layouts is None else np.asarray(layouts, np.int64).reshape(-1, 3)
+        if self.video is not None and self.video.frame_timestamps and video_grids is not None:
+            # one placeholder run per temporal patch: each is laid out as a one-frame grid
+            video_grids = np.asarray(video_grids, np.int64).reshape(-1, 3)
+            video_grids = np.repeat(video_grids, video_grids[:, 0], axis=0)
+            video_grids[:, 0] = 1
         return get_rope_index(input_ids, grids, self.text.image_token_id, self.image.merge_size, video_grids,
                               self.text.video_token_id, second_per_grid_ts, self.text.tokens_per_second)
 
@@ -169,7 +179,8 @@ def prepare_prompt(tokenizer, spec: HostSpec, images, text: str, messages: list[
     pixel_values = np.concatenate(values, axis=0) if values else np.zeros(empty, np.float32)
     grids = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
     video_grids = np.asarray([v.grid_thw for v in prepared_videos], np.int64).reshape(-1, 3)
-    input_ids = spec.prompt_ids(tokenizer, text, grids, messages, video_grids)
+    input_ids = spec.prompt_ids(tokenizer, text, grids, messages, video_grids,
+                                [v.patch_times for v in prepared_videos])
     position_ids, delta = spec.positions(input_ids, grids, video_grids,
                                          [v.second_per_grid_t for v in prepared_videos])
     return PreparedPrompt(pixel_values, grids, input_ids, position_ids, delta, prepared_videos)

@@ -27,39 +27,64 @@ import numpy as np
 
 from PIL import Image
 
-from .image import ImageConfig, ImageInputError, normalized_values, smart_resize
+from .image import MAX_ASPECT_RATIO, ImageConfig, ImageInputError, normalized_values, smart_resize
 
 
 class VideoInputError(ImageInputError):
     """A video that cannot be used; the message names the input and the reason."""
 
 
+SAMPLING_RULES = ("step", "linspace")
+PIXEL_BOUNDS = ("per_frame", "clip")
+
+
 @dataclass(frozen=True)
 class VideoConfig:
-    """The video processor's settings: frame sampling, per-frame pixel bounds and the budget over all frames.
-    Patch size, temporal patch size, merge size, mean/std and resampling are the image processor's."""
+    """The video processor's settings: frame sampling, pixel bounds and the budget over all frames. Patch size,
+    temporal patch size, merge size, mean/std and resampling are the image processor's.
+
+    Two processor styles (the architecture picks one):
+    - sampling "step" (Qwen2-VL's video processor): n = frames / source fps * fps, at least min_frames, at most
+      max_frames, floored to the temporal patch size; indices arange(0, frames, frames / n). "linspace" (Qwen3-VL's):
+      n = int(frames / source fps * fps) clamped the same way but not rounded; indices linspace(0, frames - 1, n)
+      rounded.
+    - pixel bounds "per_frame": smart_resize of a frame between min/max_pixels, each frame's max at most its share
+      of 90% of max_video_tokens tokens' worth of pixels over the clip (qwen-vl-utils' VIDEO_TOTAL_PIXELS). "clip":
+      the bounds are on t * h * w over the clip, each frame's share capped at max_video_tokens tokens' worth.
+    - frame_timestamps: each temporal patch is its own placeholder run after a "<t seconds>" text (the mean time of
+      its frames), positions laid out per temporal patch (Qwen3-VL); else one run per video, temporal positions by
+      grid (and by absolute time where the text config has tokens_per_second).
+    """
 
     fps: float = 2.0
     min_frames: int = 4
     max_frames: int = 768
     min_pixels: int = 128 * 28 * 28
     max_pixels: int = 768 * 28 * 28
-    # qwen-vl-utils' VIDEO_TOTAL_PIXELS: 90% of max_video_tokens tokens' worth of pixels over the whole video
     max_video_tokens: int = 128000
     max_seconds: float = 600.0
+    sampling: str = "step"
+    pixel_bounds: str = "per_frame"
+    frame_timestamps: bool = False
+
+    def __post_init__(self):
+        if self.sampling not in SAMPLING_RULES or self.pixel_bounds not in PIXEL_BOUNDS:
+            raise ValueError(f"unknown video processor style {self.sampling!r} / {self.pixel_bounds!r}")
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path) -> "VideoConfig":
+    def from_checkpoint(cls, checkpoint_dir: str | Path, **defaults) -> "VideoConfig":
         """video_preprocessor_config.json where the checkpoint has one (its `size` holds the pixel bounds), else
-        the Qwen2-VL video processor's defaults."""
+        `defaults` (the architecture's processor style and its defaults) over the Qwen2-VL video processor's."""
+        base = cls(**defaults)
         path = Path(checkpoint_dir) / "video_preprocessor_config.json"
         cfg = json.loads(path.read_text()) if path.is_file() else {}
         size = cfg.get("size") or {}
-        return cls(fps=float(cfg.get("fps") or cls.fps), min_frames=int(cfg.get("min_frames") or cls.min_frames),
-                   max_frames=int(cfg.get("max_frames") or cls.max_frames),
-                   min_pixels=int(cfg.get("min_pixels") or size.get("shortest_edge") or cls.min_pixels),
-                   max_pixels=int(cfg.get("max_pixels") or size.get("longest_edge") or cls.max_pixels),
-                   max_video_tokens=int(cfg.get("max_video_tokens") or cls.max_video_tokens))
+        return cls(fps=float(cfg.get("fps") or base.fps), min_frames=int(cfg.get("min_frames") or base.min_frames),
+                   max_frames=int(cfg.get("max_frames") or base.max_frames),
+                   min_pixels=int(cfg.get("min_pixels") or size.get("shortest_edge") or base.min_pixels),
+                   max_pixels=int(cfg.get("max_pixels") or size.get("longest_edge") or base.max_pixels),
+                   max_video_tokens=int(cfg.get("max_video_tokens") or base.max_video_tokens),
+                   sampling=base.sampling, pixel_bounds=base.pixel_bounds, frame_timestamps=base.frame_timestamps)
 
     @classmethod
     def from_dict(cls, d: dict) -> "VideoConfig":
@@ -104,6 +129,10 @@ class PreparedVideo:
     source: dict  # the stream as decoded: frames, fps, width, height, duration
     fitted: bool = False  # True when the frames were made smaller to fit a compiled patch budget
     info: dict = field(default_factory=dict)
+
+    # seconds of each temporal patch: the mean of its first and last frame's (the last frame repeated to fill the
+    # last patch), as Qwen3-VL's processor writes them before each patch
+    patch_times: list[float] = field(default_factory=list)
 
     def describe(self) -> dict:
         return {"grid_thw": [int(g) for g in self.grid_thw], "frames": len(self.frame_indices),
@@ -160,48 +189,93 @@ def _reason(exc) -> str:
 
 def sample_frame_indices(total_frames: int, source_fps: float | None, temporal_patch_size: int,
                          fps: float | None = None, num_frames: int | None = None, min_frames: int = 4,
-                         max_frames: int = 768) -> np.ndarray:
-    """The indices transformers' Qwen2-VL video processor samples (`sample_frames`), computed the same way
-    (torch.arange's float32 values truncated). A rule that would give no frame at all (a clip shorter than one
-    temporal patch) takes every frame instead; the patching then repeats the last one."""
+                         max_frames: int = 768, rule: str = "step") -> np.ndarray:
+    """The indices the video processor samples (see VideoConfig for the two rules), computed the same way ("step":
+    torch.arange's float32 values truncated; "linspace": numpy's linspace rounded). A rule that would give no frame
+    at all (a clip shorter than one temporal patch) takes every frame instead; the patching then repeats the last."""
     if num_frames is not None:
-        count = round(num_frames / temporal_patch_size) * temporal_patch_size
+        count = round(num_frames / temporal_patch_size) * temporal_patch_size if rule == "step" else num_frames
         if count > total_frames:
             raise VideoInputError(f"{num_frames} frames asked for, but the video has {total_frames}")
+    elif not source_fps:
+        raise VideoInputError("the video's frame rate is unknown; ask for a number of frames instead of an fps")
+    elif rule == "linspace":
+        count = min(max(int(total_frames / source_fps * fps), min_frames), max_frames, total_frames)
     else:
-        if not source_fps:
-            raise VideoInputError("the video's frame rate is unknown; ask for a number of frames instead of an fps")
         cap = math.floor(min(max_frames, total_frames) / temporal_patch_size) * temporal_patch_size
         count = min(max(total_frames / source_fps * fps, min_frames), cap, total_frames)
         count = math.floor(count / temporal_patch_size) * temporal_patch_size
     if count <= 0:
         return np.arange(total_frames, dtype=np.int64)
+    if rule == "linspace":
+        return np.linspace(0, total_frames - 1, count).round().astype(np.int64)
     step = total_frames / count
     length = math.ceil(total_frames / step)  # torch.arange's length rule (in double)
     return (np.arange(length, dtype=np.float64) * step).astype(np.float32).astype(np.int64)
 
 
+def clip_smart_resize(num_frames: int, height: int, width: int, temporal_factor: int, factor: int, min_pixels: int,
+                      max_pixels: int) -> tuple[int, int]:
+    """smart_resize with the bounds on t * h * w over the clip (Qwen3-VL's video processor): a side under `factor`
+    is first scaled up."""
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise VideoInputError(f"aspect ratio {max(height, width) / min(height, width):.1f} of {width}x{height} "
+                              f"frames is over {MAX_ASPECT_RATIO}")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    t_bar = round(num_frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt((num_frames * height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
 def frame_size(height: int, width: int, num_frames: int, image: ImageConfig, video: VideoConfig,
                request: VideoRequest, budget: int | None = None) -> tuple[tuple[int, int], bool]:
     """(height, width) every sampled frame is resized to, and whether it had to shrink to fit `budget` patches per
-    temporal patch (a compiled visual graph's). The per-frame cap is transformers' `cap_pixels_per_frame` rule:
-    max(min(max_pixels, total_pixels * temporal_patch_size // frames), 1.05 * min_pixels)."""
-    factor = image.factor
-    max_pixels = request.max_pixels or video.max_pixels
+    temporal patch (a compiled visual graph's). Per-frame caps are transformers' `cap_pixels_per_frame` rules:
+    "per_frame" bounds, max(min(max_pixels, total_pixels * temporal_patch_size // frames), 1.05 * min_pixels);
+    "clip" bounds, frames * max(min(max_video_tokens * factor^2, max_pixels // frames), 1.05 * min_pixels).
+    A request's pixel bounds are per frame in both styles (a "clip" style multiplies them by the frame count)."""
+    factor, tps = image.factor, image.temporal_patch_size
+    clip = video.pixel_bounds == "clip"
+    scale = num_frames if clip else 1  # request bounds are per frame; a clip style's own bounds are per clip
+    max_pixels = request.max_pixels * scale if request.max_pixels else video.max_pixels
     # A lower bound given alone raises the default upper one no further than itself, and the other way round
-    min_pixels = request.min_pixels or (min(video.min_pixels, max_pixels) if request.max_pixels else video.min_pixels)
+    min_pixels = request.min_pixels * scale if request.min_pixels else \
+        (min(video.min_pixels, max_pixels) if request.max_pixels else video.min_pixels)
     if request.min_pixels and not request.max_pixels:
         max_pixels = max(max_pixels, min_pixels)
     if min_pixels > max_pixels:
-        raise VideoInputError(f"min_pixels {min_pixels} is larger than max_pixels {max_pixels}")
-    total_pixels = int(video.max_video_tokens * factor * factor * 0.9)
-    max_pixels = max(min(max_pixels, total_pixels * image.temporal_patch_size // num_frames), int(min_pixels * 1.05))
-    size = smart_resize(height, width, factor, min_pixels, max_pixels)
+        raise VideoInputError(f"min_pixels {min_pixels // scale} is larger than max_pixels {max_pixels // scale}")
+    if clip:
+        per_frame = max(min(video.max_video_tokens * factor * factor, max_pixels // num_frames),
+                        int(min_pixels * 1.05))
+
+        def resize(limit):
+            return clip_smart_resize(num_frames, height, width, tps, factor, min_pixels if limit is None else
+                                     min(min_pixels, limit * num_frames), (limit or per_frame) * num_frames)
+    else:
+        total_pixels = int(video.max_video_tokens * factor * factor * 0.9)
+        per_frame = max(min(max_pixels, total_pixels * tps // num_frames), int(min_pixels * 1.05))
+
+        def resize(limit):
+            if limit is None:
+                return smart_resize(height, width, factor, min_pixels, per_frame)
+            return smart_resize(height, width, factor, min(min_pixels, limit), limit)
+    size = resize(None)
     if budget is None or (size[0] // image.patch_size) * (size[1] // image.patch_size) <= budget:
         return size, False
     limit = budget * image.patch_size * image.patch_size
     while True:  # smart_resize's rounding can overshoot a bound, as for images
-        size = smart_resize(height, width, factor, min(min_pixels, limit), limit)
+        size = resize(limit)
         if (size[0] // image.patch_size) * (size[1] // image.patch_size) <= budget:
             return size, True
         limit = limit * 9 // 10
@@ -266,7 +340,8 @@ def load_video(source, image: ImageConfig, video: VideoConfig, request: VideoReq
             indices = sample_frame_indices(total, source_fps, image.temporal_patch_size,
                                            fps=None if request.num_frames else (request.fps or video.fps),
                                            num_frames=request.num_frames, min_frames=video.min_frames,
-                                           max_frames=min(request.max_frames or video.max_frames, video.max_frames))
+                                           max_frames=min(request.max_frames or video.max_frames, video.max_frames),
+                                           rule=video.sampling)
             if request.num_frames and request.max_frames and len(indices) > request.max_frames:
                 raise VideoInputError(f"{request.num_frames} frames asked for, over the limit of "
                                       f"{request.max_frames}")
@@ -295,8 +370,11 @@ def load_video(source, image: ImageConfig, video: VideoConfig, request: VideoReq
                               f"{total}")
     pixel_values, grid = temporal_patches(frames, image)
     sampled_fps = len(indices) / total * source_fps if source_fps else 24.0  # transformers' VideoMetadata rule
+    times = [float(i) / (source_fps or 24.0) for i in indices]
+    tps = image.temporal_patch_size
+    padded = times + [times[-1]] * (-len(times) % tps)
     return PreparedVideo(
-        pixel_values, grid, image.temporal_patch_size / sampled_fps, [int(i) for i in indices],
-        [float(i) / source_fps for i in indices] if source_fps else [],
+        pixel_values, grid, tps / sampled_fps, [int(i) for i in indices], times if source_fps else [],
         {"frames": total, "fps": source_fps, "width": width, "height": height,
-         "duration_s": round(duration, 6) if duration is not None else None}, fitted)
+         "duration_s": round(duration, 6) if duration is not None else None}, fitted,
+        patch_times=[(padded[i] + padded[i + tps - 1]) / 2 for i in range(0, len(padded), tps)])

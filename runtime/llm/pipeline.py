@@ -32,17 +32,21 @@ class GenerationResult:
 
 
 def prompt_extras(declared: list[dict], input_ids, image_token_id: int, image_extras: list[dict],
-                  hidden: int) -> dict[str, np.ndarray]:
-    """Each declared prompt-graph input [count, n, hidden]: its visual output group of every image, spliced at the
-    image's pad tokens (zeros elsewhere)."""
+                  hidden: int, video_token_id: int | None = None, video_extras: list[dict] = ()) -> dict:
+    """Each declared prompt-graph input [count, n, hidden]: its visual output group of every image (and video),
+    spliced at the image's (video's) pad tokens, zeros elsewhere."""
     out = {}
     for extra in declared:
         name = extra["name"]
-        features = [images[name] for images in image_extras]
-        if any(f.shape[0] != extra["count"] for f in features):
-            raise ValueError(f"the visual artifact's {name!r} group does not have the {extra['count']} features "
-                             f"the LLM artifact takes")
-        out[name] = splice_image_features(input_ids, image_token_id, features, extra["count"], hidden)
+        for items in (image_extras, video_extras):
+            if any(item[name].shape[0] != extra["count"] for item in items):
+                raise ValueError(f"the visual artifact's {name!r} group does not have the {extra['count']} "
+                                 "features the LLM artifact takes")
+        out[name] = splice_image_features(input_ids, image_token_id, [i[name] for i in image_extras],
+                                          extra["count"], hidden)
+        if video_extras:
+            out[name] += splice_image_features(input_ids, video_token_id, [v[name] for v in video_extras],
+                                               extra["count"], hidden)
     return out
 
 
@@ -93,8 +97,9 @@ class Pipeline:
             info.append({**layout, "fitted_to_budget": fitted})
         return embeds, np.asarray(grids, dtype=np.int64).reshape(-1, 3), info
 
-    def encode_videos(self, videos, request=None) -> tuple[list[np.ndarray], list, list[dict]]:
-        """Each video's embeddings, its PreparedVideo (grid, timing) and what the response reports about it."""
+    def encode_videos(self, videos, request=None) -> tuple[list[dict], list, list[dict]]:
+        """Each video's visual output groups (see VisualRuntime.encode_video), its PreparedVideo (grid, timing) and
+        what the response reports about it."""
         if videos and self.visual is None:
             from ...errors import VlmcError
 
@@ -103,15 +108,16 @@ class Pipeline:
         for source in videos:
             video = self.visual.prepare_video(source, request)
             outputs, calls = self.visual.encode_video(video)
-            embeds.append(outputs["embeddings"])
+            embeds.append(outputs)
             prepared.append(video)
             info.append({**video.describe(), "graph_calls": calls})
         return embeds, prepared, info
 
-    def prompt_extras(self, input_ids, image_extras: list[dict]) -> dict[str, np.ndarray]:
-        """The prompt graphs' per-token inputs, from the images' visual output groups of the same names."""
+    def prompt_extras(self, input_ids, image_extras: list[dict], video_extras: list[dict] = ()) -> dict:
+        """The prompt graphs' per-token inputs, from the images' (and videos') visual output groups of the same
+        names."""
         return prompt_extras(self.engine.prefill_extras, input_ids, self.spec.text.image_token_id, image_extras,
-                             self.spec.text.hidden_size)
+                             self.spec.text.hidden_size, self.spec.text.video_token_id, video_extras)
 
     def generate(self, images, prompt: str, max_new_tokens: int, sampling: SamplingParams | None = None,
                  messages: list[dict] | None = None, min_pixels=None, max_pixels=None, videos=(),
@@ -123,18 +129,21 @@ class Pipeline:
             sampling.eos_token_ids = self.spec.text.eos_token_ids
         t0 = time.perf_counter()
         image_embeds, grids, info = self.encode_images(list(images), min_pixels, max_pixels)
-        video_embeds, prepared, video_info = self.encode_videos(list(videos), video_request)
+        video_outputs, prepared, video_info = self.encode_videos(list(videos), video_request)
         t_visual = time.perf_counter() - t0
         video_grids = np.asarray([v.grid_thw for v in prepared], np.int64).reshape(-1, 3)
-        input_ids = self.spec.prompt_ids(self.tokenizer, prompt, grids, messages, video_grids)
+        input_ids = self.spec.prompt_ids(self.tokenizer, prompt, grids, messages, video_grids,
+                                         [v.patch_times for v in prepared])
         self.engine.check_budget(len(input_ids), max_new_tokens)
         position_ids, delta = self.spec.positions(input_ids, grids, video_grids,
                                                   [v.second_per_grid_t for v in prepared])
         embeds = splice_image_embeddings(self.engine.embed.lookup(input_ids), input_ids,
                                          self.spec.text.image_token_id, image_embeds)
         if prepared:
-            embeds = splice_image_embeddings(embeds, input_ids, self.spec.text.video_token_id, video_embeds)
-        extras = self.prompt_extras(input_ids, self.last_image_extras)
+            embeds = splice_image_embeddings(embeds, input_ids, self.spec.text.video_token_id,
+                                             [o["embeddings"] for o in video_outputs])
+        extras = self.prompt_extras(input_ids, self.last_image_extras,
+                                    [{k: v for k, v in o.items() if k != "embeddings"} for o in video_outputs])
         seq = Sequence(0, delta)
         sampler = Sampler(sampling)
         t1 = time.perf_counter()

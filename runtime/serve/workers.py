@@ -129,24 +129,25 @@ def visual_main(vit_model: str, requests_addr: str, llm_addr: str, results_addr:
                 embeds.append(cached[0]["embeddings"])
                 extras.append({k: v for k, v in cached[0].items() if k != "embeddings"})
                 grids.append(cached[1])
-            video_embeds, videos = [], []
+            video_embeds, video_extras, videos = [], [], []
             for video in req.get("videos") or ():
                 key = EmbeddingCache.video_key(video["data"], video["request"], settings)
                 cached = cache.get(key)
                 if cached is None:
                     prepared = visual.prepare_video(video["data"], video["request"])
                     outputs, _ = visual.encode_video(prepared)
-                    cached = ({"embeddings": outputs["embeddings"]},
-                              {"grid": [int(g) for g in prepared.grid_thw],
-                               "second_per_grid_t": prepared.second_per_grid_t})
+                    cached = (outputs, {"grid": [int(g) for g in prepared.grid_thw],
+                                        "second_per_grid_t": prepared.second_per_grid_t,
+                                        "patch_times": prepared.patch_times})
                     cache.put(key, *cached)
                 else:
                     hits += 1
                 video_embeds.append(cached[0]["embeddings"])
+                video_extras.append({k: v for k, v in cached[0].items() if k != "embeddings"})
                 videos.append(cached[1])
             seconds = time.perf_counter() - t0
             req.update(images=None, image_embeds=embeds, image_extras=extras, grids=grids, visual_s=seconds,
-                       videos=videos, video_embeds=video_embeds)
+                       videos=videos, video_embeds=video_embeds, video_extras=video_extras)
             if embeds or videos:
                 results.send_pyobj({"stats": "visual", "seconds": seconds, "hits": hits,
                                     "misses": len(embeds) + len(videos) - hits, "cache_bytes": cache.bytes})
@@ -203,7 +204,8 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
         try:
             videos = req.get("videos") or []
             video_grids = np.asarray([v["grid"] for v in videos], np.int64).reshape(-1, 3)
-            ids = spec.prompt_ids(tokenizer, "", req["grids"], req["messages"], video_grids)
+            ids = spec.prompt_ids(tokenizer, "", req["grids"], req["messages"], video_grids,
+                                  [v["patch_times"] for v in videos])
             max_tokens = req["max_tokens"] if req["max_tokens"] is not None else engine.context - len(ids)
             engine.check_budget(len(ids), max(max_tokens, 1))
         except (BudgetError, ValueError) as exc:
@@ -216,7 +218,8 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
             embeds = splice_image_embeddings(embeds, ids, spec.text.video_token_id, req["video_embeds"])
         params = SamplingParams(**req["sampling"], eos_token_ids=spec.text.eos_token_ids)
         run = Running(req["id"], Sequence(slot, delta), Sampler(params), max_tokens, len(ids))
-        extras = prompt_extras(engine.prefill_extras, ids, image_id, req.get("image_extras", []), spec.text.hidden_size)
+        extras = prompt_extras(engine.prefill_extras, ids, image_id, req.get("image_extras", []),
+                               spec.text.hidden_size, spec.text.video_token_id, req.get("video_extras", []))
         run.logits = engine.prefill(run.seq, embeds, positions, extras)
         running[slot] = run
         results.send_pyobj({"id": run.id, "started": True, "prompt_tokens": run.prompt_tokens})

@@ -32,10 +32,11 @@ def host_spec(checkpoint_dir: str | Path, config=None) -> HostSpec:
 
 
 def qwen_host_spec(checkpoint_dir, config, vision_head_dim: int, window_size: int | None,
-                   rope: str = "mrope", videos: bool = True) -> HostSpec:
+                   rope: str = "mrope", videos: bool = True, video_defaults: dict | None = None) -> HostSpec:
     """The host steps of a Qwen VL family: the Qwen2-VL image (and, `videos`, video) processor, the tower's 2-D
     rotary (and windows), placeholder expansion by grid and M-RoPE positions (`rope`: the text rotary scheme; a
-    vision config with `tokens_per_second` spaces a video's temporal positions by absolute time)."""
+    vision config with `tokens_per_second` spaces a video's temporal positions by absolute time;
+    `video_defaults`: the family's video processor style and defaults, see VideoConfig)."""
     v, t = config.vision_config, config.text_config
     videos = videos and getattr(config, "video_token_id", None) is not None
     params = t.rope_parameters or {}
@@ -52,7 +53,7 @@ def qwen_host_spec(checkpoint_dir, config, vision_head_dim: int, window_size: in
                       eos_token_ids=_eos_token_ids(checkpoint_dir, t), rope=rope,
                       video_token_id=config.video_token_id if videos else None,
                       tokens_per_second=getattr(v, "tokens_per_second", None) if videos else None),
-        video=VideoConfig.from_checkpoint(checkpoint_dir) if videos else None,
+        video=VideoConfig.from_checkpoint(checkpoint_dir, **(video_defaults or {})) if videos else None,
     )
 
 

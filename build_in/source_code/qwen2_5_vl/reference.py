@@ -15,7 +15,8 @@ def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=N
     """Inputs for one user turn [images..., videos..., text], or for a whole conversation `messages` (chat-template
     messages whose image and video parts are {"type": "image"} / {"type": "video"}, in the order of `images` and
     `videos`). `videos`: already processed videos, {"pixel_values_videos", "video_grid_thw",
-    "second_per_grid_ts"} (transformers' video processor needs torchvision, which this host lacks)."""
+    "second_per_grid_ts"} (transformers' video processor needs torchvision, which this host lacks), and optionally
+    "placeholders": the text each video's <|video_pad|> becomes (default: its grid's pad tokens)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
@@ -36,7 +37,10 @@ def reference_inputs(checkpoint_dir, images, text, min_pixels=None, max_pixels=N
         prompt = _expand(prompt, "<|image_pad|>", grid, merge)
     else:
         pixel_values, grid = None, None
-    if video_grid is not None:
+    if video_grid is not None and videos.get("placeholders") is not None:
+        pieces = prompt.split("<|video_pad|>")
+        prompt = pieces[0] + "".join(p + rest for p, rest in zip(videos["placeholders"], pieces[1:]))
+    elif video_grid is not None:
         prompt = _expand(prompt, "<|video_pad|>", video_grid, merge)
     input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     model = model or load_model(checkpoint_dir)

@@ -12,6 +12,10 @@ from .model import (SHARDING, DeployLanguageModel, DeployVision, embedding_table
                     shard_plan)
 
 MODEL_TYPES = ("qwen3_vl",)
+# Qwen3VLVideoProcessor (transformers 5.24): linspace sampling, pixel bounds over the clip with a per-frame cap of
+# 768 tokens, a "<t seconds>" text before every temporal patch
+VIDEO_DEFAULTS = dict(min_pixels=128 * 32 * 32, max_pixels=32 * 32 * 768, max_video_tokens=768, sampling="linspace",
+                      pixel_bounds="clip", frame_timestamps=True)
 
 
 def host_spec(checkpoint_dir: str | Path, config=None):
@@ -19,9 +23,8 @@ def host_spec(checkpoint_dir: str | Path, config=None):
 
     config = config or load_config(checkpoint_dir)
     v = config.vision_config
-    # Videos: Qwen3-VL writes a timestamp before each frame and keeps temporal positions flat; not built yet
     spec = qwen_host_spec(checkpoint_dir, config, v.hidden_size // v.num_heads, window_size=None,
-                          rope="mrope_interleaved", videos=False)
+                          rope="mrope_interleaved", video_defaults=VIDEO_DEFAULTS)
     return replace(spec, vision=replace(spec.vision, position_grid=int(v.num_position_embeddings ** 0.5)))
 
 
