@@ -228,7 +228,7 @@ SMALL_FRAMES = ["--video-min-pixels", "3136", "--video-max-pixels", "12544"]
 
 @pytest.mark.parametrize("arch,preset,tp,with_image", [
     ("qwen2_5_vl", "small", 1, False), ("qwen2_5_vl", "small", 2, True), ("qwen2_5_vl", "tiny", 4, False),
-    ("qwen2_vl", "small", 1, True), ("qwen2_vl", "tiny", 2, False), ("qwen3_vl", "tiny", 1, True)])
+    ("qwen2_vl", "small", 1, True), ("qwen2_vl", "small", 2, False), ("qwen3_vl", "tiny", 1, True)])
 def test_generate_video_equals_transformers(checkpoints, qwen_artifacts, family_checkpoint, family_artifacts, videos,
                                             tmp_path, arch, preset, tp, with_image):
     from PIL import Image
