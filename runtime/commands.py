@@ -138,6 +138,8 @@ def register_inference(sub) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
     g.add_argument("--seed", type=int, help="sampling seed")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="never stop at EOS: generate exactly --max-new-tokens tokens (fixed-length benchmarks)")
     g.add_argument("--min-pixels", type=int, help="lower bound on resized pixels")
     g.add_argument("--max-pixels", type=int, help="upper bound on resized pixels")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; must match the artifacts' target "
@@ -184,7 +186,8 @@ def run_generate(args) -> int:
     pipeline = Pipeline(args.model, args.vit_model, args.device)
     try:
         result = pipeline.generate(args.image, args.prompt, args.max_new_tokens, SamplingParams(
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+            ignore_eos=args.ignore_eos),
             min_pixels=args.min_pixels, max_pixels=args.max_pixels, videos=args.video, video_request=request)
     finally:
         pipeline.close()

@@ -76,6 +76,25 @@ def test_prefill_logits_match_transformers(checkpoints, qwen_artifacts, images, 
     assert np.abs(logits - ref_logits[0]).max() <= 1e-3
 
 
+def test_ignore_eos_generates_exactly_the_limit(checkpoints, qwen_artifacts, images):
+    """--ignore-eos: EOS is never sampled, so exactly --max-new-tokens come out. Sampled at a high temperature with
+    seed 0 the tiny model ends after a few tokens without the flag; greedy with the flag equals transformers'
+    generate with min_new_tokens at the same count (which masks EOS the same way)."""
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    llm, visual = qwen_artifacts["tiny", 1], qwen_artifacts["tiny", "visual"]
+    sampled = ["--model", llm, "--prompt", PROMPT, "--max-new-tokens", 256, "--temperature", 5, "--seed", 0]
+    assert generate_json(*sampled)["finish_reason"] == "stop"
+    out = generate_json(*sampled, "--ignore-eos")
+    assert (out["completion_tokens"], out["finish_reason"]) == (256, "length")
+    got = generate_json("--model", llm, "--vit_model", visual, "--image", images[0], "--prompt", PROMPT,
+                        "--max-new-tokens", 48, "--ignore-eos")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoints["tiny"]).eval()
+    ref = reference_inputs(checkpoints["tiny"], [Image.open(images[0])], PROMPT, model=model)
+    assert got["token_ids"] == generate_reference(model, ref, 48)
+
+
 def test_budget_errors_and_mismatched_artifacts(qwen_artifacts, images):
     long_prompt = "word " * 400
     proc = vlmc("generate", "--model", qwen_artifacts["tiny", 1], "--prompt", long_prompt, "--max-new-tokens", 4,

@@ -158,3 +158,30 @@ def test_params_load_exactly_and_refuse_a_truncated_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-8])  # the last tensor in the file loses its end
     with pytest.raises(OSError, match="file ends inside tensor"):
         load_params(path, names)
+
+
+def test_mkl_blas_option_matches_transformers(checkpoints, tmp_path):
+    """VLMC_BLAS=mkl links torch's MKL instead of numpy's OpenBLAS; its thread setting once crashed the first
+    matmul (the Fortran entry takes a pointer). Built and run with it, the tower equals transformers'."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    env = dict(os.environ, VLMC_BLAS="mkl")
+    run = [sys.executable, "-m", "vlmc"]
+    proc = subprocess.run([*run, "compile", BUILD / "qwen2_5_vl_visual.yaml", "--checkpoint", checkpoints["tiny"],
+                           "--workspace", tmp_path, "--max-patches", "256"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    artifact = proc.stdout.strip().splitlines()[-1]
+    random_image(100, 150, seed=4).save(tmp_path / "img.png")
+    proc = subprocess.run([*run, "encode", "--vit_model", artifact, "--image", tmp_path / "img.png", "--out",
+                           tmp_path / "emb.npy"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoints["tiny"]).eval()
+    ref = reference_inputs(checkpoints["tiny"], [random_image(100, 150, seed=4)], "x", model=model)
+    with torch.no_grad():
+        hf = as_numpy(model.model.visual(ref["pixel_values"], grid_thw=ref["image_grid_thw"]).pooler_output)
+    got = np.load(tmp_path / "emb.npy")
+    assert np.abs(got - hf).max() / np.abs(hf).max() <= 1e-4

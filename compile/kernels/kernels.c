@@ -69,8 +69,10 @@ void sgemm_(const char*, const char*, const bint*, const bint*, const bint*, con
             const float*, const bint*, const float*, const bint*, const float*, float*, const bint*);
 void sgemv_(const char*, const bint*, const bint*, const float*, const float*, const bint*,
             const float*, const bint*, const float*, float*, const bint*);
-int mkl_set_num_threads_local(int); /* the calling thread only */
-static void blas_thread_init(void) { mkl_set_num_threads_local(1); }
+/* The calling thread only. The C entry takes the value; the lower-case name is MKL's Fortran entry, which takes a
+   pointer (passing 1 there crashed on the first matmul). */
+int MKL_Set_Num_Threads_Local(int);
+static void blas_thread_init(void) { MKL_Set_Num_Threads_Local(1); }
 /* row-major C = alpha A op(B)  <=>  col-major C^T = alpha op(B)^T A^T */
 static void gemm_ld(int tb, bint M, bint N, bint K, float alpha, const float* A, bint lda, const float* B, bint ldb,
                     float* C, bint ldc) {
