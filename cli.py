@@ -41,10 +41,18 @@ def _add_checkpoint(sub) -> None:
                       help="standard deviation of the random weights (the config's initializer_range; default 0.1, "
                            "which keeps random logits well separated; real models declare 0.02, where precision "
                            "losses measure as they would on trained weights)")
+    tiny.add_argument("--text-layers", type=int,
+                      help="decoder layers instead of the preset's (Qwen families), e.g. 12 or 36 on 3b-width for "
+                           "benchmarks at real depth")
+    tiny.add_argument("--vision-depth", type=int,
+                      help="vision blocks instead of the preset's (Qwen families); full-attention and deepstack "
+                           "blocks keep their places relative to the depth")
     tiny.set_defaults(func=_run_checkpoint)
 
 
 def _run_checkpoint(args) -> int:
+    import inspect
+
     from .build_in.source_code import get_architecture
 
     arch = get_architecture(args.arch)
@@ -57,6 +65,15 @@ def _run_checkpoint(args) -> int:
         raise VlmcError(f"--text {args.text!r} is not available for {args.arch}; "
                         + (f"choose one of {', '.join(choices)}" if choices else "it has one language model"))
     text = {"text": args.text} if args.text is not None else {}
+    for flag in ("text_layers", "vision_depth"):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if flag not in inspect.signature(arch.write_checkpoint).parameters:
+            raise VlmcError(f"--{flag.replace('_', '-')} is not available for {args.arch} (Qwen families only)")
+        if value <= 0:
+            raise VlmcError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+        text[flag] = value
     out = arch.write_checkpoint(args.out_dir, preset=args.preset, seed=args.seed, init_std=args.init_std, **text)
     print(out)
     return 0

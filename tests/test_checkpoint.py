@@ -1,8 +1,10 @@
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -59,3 +61,24 @@ def test_same_seed_same_bytes_and_cli(tmp_path, checkpoints):
     subprocess.run([sys.executable, "-m", "vlmc", "checkpoint", "tiny", str(other), "--seed", "1"], check=True,
                    capture_output=True)
     assert _digest(other)["model.safetensors"] != _digest(out)["model.safetensors"]
+
+
+@pytest.mark.parametrize("arch,key,want", [("qwen2_5_vl", "fullatt_block_indexes", [0, 8]),
+                                           ("qwen2_vl", None, None), ("qwen3_vl", "deepstack_visual_indexes", [3, 8])])
+def test_depth_knobs_write_a_deeper_model_that_loads(tmp_path, arch, key, want):
+    """--text-layers / --vision-depth: the preset at another depth (full-attention and deepstack blocks keep their
+    places relative to the depth), loading in transformers; families without the knobs refuse them."""
+    from transformers import AutoModelForImageTextToText
+
+    from compiled import vlmc
+
+    vlmc("checkpoint", "tiny", "--arch", arch, tmp_path / "ck", "--text-layers", 3, "--vision-depth", 9)
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 3 and config["vision_config"]["depth"] == 9
+    if key:
+        assert config["vision_config"][key] == want
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "ck")
+    assert len(model.model.language_model.layers) == 3 and len(model.model.visual.blocks) == 9
+    if arch == "qwen2_5_vl":
+        proc = vlmc("checkpoint", "tiny", "--arch", "smolvlm", tmp_path / "s", "--vision-depth", 3, check=False)
+        assert proc.returncode == 2 and "not available for smolvlm" in proc.stderr

@@ -176,10 +176,9 @@ def vision_token_ids(ids: dict) -> dict:
                 vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
 
 
-def build_config(preset: str, tokenizer, init_std: float = DEFAULT_INIT_STD):
+def build_config(spec: dict, tokenizer, init_std: float = DEFAULT_INIT_STD):
     from transformers import Qwen2_5_VLConfig
 
-    spec = PRESETS[preset]
     text, ids = text_config(spec, tokenizer, init_std)
     vision_config = dict(
         spec["vision"], hidden_act="silu", in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
@@ -212,18 +211,36 @@ def _write_streamed_bf16(config, model_class, out: Path, seed: int) -> None:
     config.save_pretrained(out)
 
 
-def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, init_std: float | None = None) -> Path:
+def with_depth(spec: dict, text_layers: int | None, vision_depth: int | None) -> dict:
+    """A preset at another depth: `text_layers` decoder layers, `vision_depth` vision blocks with full attention
+    in every 8th block counted from the last (Qwen2.5-VL-3B/7B: 32 blocks, full attention in 7, 15, 23, 31)."""
+    spec = {**spec, "text": dict(spec["text"]), "vision": dict(spec["vision"])}
+    if text_layers is not None:
+        spec["text"]["num_hidden_layers"] = text_layers
+    if vision_depth is not None:
+        spec["vision"]["depth"] = vision_depth
+        if "fullatt_block_indexes" in spec["vision"]:
+            spec["vision"]["fullatt_block_indexes"] = list(range((vision_depth - 1) % 8, vision_depth, 8))
+    return spec
+
+
+def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, init_std: float | None = None,
+                     text_layers: int | None = None, vision_depth: int | None = None) -> Path:
     """Write a random-weight Qwen2.5-VL checkpoint to `out_dir` and return its path; `init_std`: the weights'
-    standard deviation (initializer_range)."""
+    standard deviation (initializer_range); `text_layers`, `vision_depth`: the preset at another depth."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     return write_qwen_checkpoint(out_dir, PRESETS, preset, build_config, Qwen2_5_VLForConditionalGeneration,
-                                 "Qwen2_5_VLProcessor", seed, init_std)
+                                 "Qwen2_5_VLProcessor", seed, init_std,
+                                 spec=with_depth(PRESETS[preset], text_layers, vision_depth) if preset in PRESETS
+                                 else None)
 
 
 def write_qwen_checkpoint(out_dir, presets: dict, preset: str, make_config, model_class, processor_class: str,
-                          seed: int = 0, init_std: float | None = None, image_processor: dict | None = None) -> Path:
-    """A random-weight checkpoint of a Qwen VL family: `make_config(preset, tokenizer, init_std)` gives its config,
+                          seed: int = 0, init_std: float | None = None, image_processor: dict | None = None,
+                          spec: dict | None = None) -> Path:
+    """A random-weight checkpoint of a Qwen VL family: `make_config(spec, tokenizer, init_std)` gives its config
+    (`spec`: the preset's, or one derived from it, e.g. at another depth),
     `model_class` builds and saves the weights; the tokenizer, chat template, generation config and the Qwen2-VL
     image processor config (with `image_processor`'s overrides) are shared by the family."""
     from transformers import GenerationConfig
@@ -235,11 +252,12 @@ def write_qwen_checkpoint(out_dir, presets: dict, preset: str, make_config, mode
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(presets[preset]["num_merges"])
-    config = make_config(preset, tokenizer, DEFAULT_INIT_STD if init_std is None else init_std)
+    spec = spec or presets[preset]
+    tokenizer = build_tokenizer(spec["num_merges"])
+    config = make_config(spec, tokenizer, DEFAULT_INIT_STD if init_std is None else init_std)
 
     torch.manual_seed(seed)
-    if presets[preset].get("streamed_bf16"):
+    if spec.get("streamed_bf16"):
         _write_streamed_bf16(config, model_class, out, seed)
     else:
         model = model_class(config).eval()

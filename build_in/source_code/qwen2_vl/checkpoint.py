@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..qwen2_5_vl.checkpoint import DEFAULT_INIT_STD, text_config, vision_token_ids, write_qwen_checkpoint
+from ..qwen2_5_vl.checkpoint import (DEFAULT_INIT_STD, text_config, vision_token_ids, with_depth,
+                                     write_qwen_checkpoint)
 
 PRESETS = {
     # Runs the whole pipeline in seconds.
@@ -25,10 +26,9 @@ PRESETS = {
 }
 
 
-def build_config(preset: str, tokenizer, init_std: float = DEFAULT_INIT_STD):
+def build_config(spec: dict, tokenizer, init_std: float = DEFAULT_INIT_STD):
     from transformers import Qwen2VLConfig
 
-    spec = PRESETS[preset]
     text, ids = text_config(spec, tokenizer, init_std)
     vision_config = dict(spec["vision"], hidden_act="quick_gelu", in_channels=3, patch_size=14, spatial_merge_size=2,
                          temporal_patch_size=2, hidden_size=text["hidden_size"], initializer_range=init_std)
@@ -36,9 +36,13 @@ def build_config(preset: str, tokenizer, init_std: float = DEFAULT_INIT_STD):
                          tie_word_embeddings=text["tie_word_embeddings"], initializer_range=init_std)
 
 
-def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, init_std: float | None = None) -> Path:
-    """Write a random-weight Qwen2-VL checkpoint to `out_dir` and return its path."""
+def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, init_std: float | None = None,
+                     text_layers: int | None = None, vision_depth: int | None = None) -> Path:
+    """Write a random-weight Qwen2-VL checkpoint to `out_dir` and return its path (`text_layers`, `vision_depth`:
+    the preset at another depth)."""
     from transformers import Qwen2VLForConditionalGeneration
 
     return write_qwen_checkpoint(out_dir, PRESETS, preset, build_config, Qwen2VLForConditionalGeneration,
-                                 "Qwen2VLProcessor", seed, init_std)
+                                 "Qwen2VLProcessor", seed, init_std,
+                                 spec=with_depth(PRESETS[preset], text_layers, vision_depth) if preset in PRESETS
+                                 else None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..qwen2_5_vl.checkpoint import DEFAULT_INIT_STD, text_config, vision_token_ids, write_qwen_checkpoint
+from ..qwen2_5_vl.checkpoint import with_depth as qwen_with_depth
 
 PRESETS = {
     # Runs the whole pipeline in seconds; head_dim 32 is not hidden / heads (16), as in the real 4B/8B models.
@@ -29,10 +30,9 @@ PRESETS = {
 }
 
 
-def build_config(preset: str, tokenizer, init_std: float = DEFAULT_INIT_STD):
+def build_config(spec: dict, tokenizer, init_std: float = DEFAULT_INIT_STD):
     from transformers import Qwen3VLConfig
 
-    spec = PRESETS[preset]
     text, ids = text_config(spec, tokenizer, init_std)
     mrope = text.pop("rope_scaling")["mrope_section"]
     for key in ("rope_theta", "use_sliding_window", "sliding_window", "max_window_layers"):
@@ -45,11 +45,27 @@ def build_config(preset: str, tokenizer, init_std: float = DEFAULT_INIT_STD):
                          tie_word_embeddings=text["tie_word_embeddings"])
 
 
-def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, init_std: float | None = None) -> Path:
-    """Write a random-weight Qwen3-VL checkpoint to `out_dir` and return its path."""
+def with_depth(spec: dict, text_layers: int | None, vision_depth: int | None) -> dict:
+    """A preset at another depth; its deepstack blocks keep their fractions of the tower's depth (Qwen3-VL-4B: 24
+    blocks, deepstack after 5, 11 and 17)."""
+    out = qwen_with_depth(spec, text_layers, vision_depth)
+    if vision_depth is not None:
+        old = spec["vision"]["depth"]
+        out["vision"]["deepstack_visual_indexes"] = sorted(
+            {min(vision_depth - 1, max(0, round((i + 1) * vision_depth / old) - 1))
+             for i in spec["vision"]["deepstack_visual_indexes"]})
+    return out
+
+
+def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, init_std: float | None = None,
+                     text_layers: int | None = None, vision_depth: int | None = None) -> Path:
+    """Write a random-weight Qwen3-VL checkpoint to `out_dir` and return its path (`text_layers`, `vision_depth`:
+    the preset at another depth)."""
     from transformers import Qwen3VLForConditionalGeneration
 
     return write_qwen_checkpoint(out_dir, PRESETS, preset, build_config, Qwen3VLForConditionalGeneration,
                                  "Qwen3VLProcessor", seed, init_std,
+                                 spec=with_depth(PRESETS[preset], text_layers, vision_depth) if preset in PRESETS
+                                 else None,
                                  image_processor={"patch_size": 16, "image_mean": [0.5, 0.5, 0.5],
                                                   "image_std": [0.5, 0.5, 0.5]})
