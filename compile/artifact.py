@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import VlmcError
-from ..runtime.artifact import FORMAT_VERSION, MANIFEST, file_sha256, read_manifest
+from ..runtime.artifact import FORMAT_VERSION, MANIFEST, file_sha256, quick_sha256, read_manifest
 
 
 def kernels_digest() -> str:
@@ -79,8 +79,9 @@ def staging_folder(final: Path):
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    """Record every file's hash so a corrupted artifact is detected on load."""
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+    """Record every file's hash (and quick hash, checked on every load) so a corrupted artifact is detected."""
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p),
+                                          "quick_sha256": quick_sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     manifest = dict(manifest, format_version=FORMAT_VERSION, files=files,
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

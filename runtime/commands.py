@@ -105,6 +105,15 @@ def run_preprocess(args) -> int:
 
 
 def register_inference(sub) -> None:
+    v = sub.add_parser(
+        "verify", help="check every file of compiled artifacts against the full hashes in their manifests",
+        description="Read every file of each artifact and compare its size and sha256 with the manifest. Loading an "
+                    "artifact (generate, encode, serve) checks sizes and the first and last MiB of each file only, "
+                    "so that a start does not read gigabytes twice; run this after copying artifacts between hosts, "
+                    "or pass --verify to those commands.")
+    v.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="artifact folders")
+    v.set_defaults(func=run_verify)
+
     p = sub.add_parser(
         "encode", help="encode one image through a compiled visual artifact",
         description="Run one image through the compiled visual graph and write its embeddings [visual tokens, "
@@ -119,6 +128,7 @@ def register_inference(sub) -> None:
     p.add_argument("--max-pixels", type=int, help="upper bound on resized pixels (default: the artifact's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; must match the artifact's target "
                                                    "(default: cpu)")
+    p.add_argument("--verify", action="store_true", help="check every file's full hash first (see vlmc verify)")
     p.set_defaults(func=run_encode)
 
     g = sub.add_parser(
@@ -145,16 +155,32 @@ def register_inference(sub) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; must match the artifacts' target "
                                                    "(default: cpu)")
     add_video_args(g)
+    g.add_argument("--verify", action="store_true", help="check every artifact file's full hash first (see vlmc "
+                                                         "verify)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token_ids, prompt_tokens, timings, images, videos) as the "
                         "last line")
     g.set_defaults(func=run_generate)
 
 
+def run_verify(args) -> int:
+    import time
+
+    from .artifact import read_manifest
+
+    for folder in args.artifacts:
+        t0 = time.perf_counter()
+        manifest = read_manifest(folder, verify=True)
+        total = sum(info["bytes"] for info in manifest["files"].values())
+        print(f"{folder}: {manifest['kind']} artifact, {len(manifest['files'])} files, {total / 2**20:.1f} MiB, "
+              f"all hashes match ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def run_encode(args) -> int:
     from .visual.runtime import VisualRuntime
 
-    runtime = VisualRuntime(args.vit_model, args.device)
+    runtime = VisualRuntime(args.vit_model, args.device, verify=args.verify)
     encoded = runtime.encode(args.image, args.min_pixels, args.max_pixels)
     np.save(args.out, encoded.embeddings)
     out = Path(args.out)
@@ -183,7 +209,7 @@ def run_generate(args) -> int:
     if args.max_new_tokens <= 0:
         raise VlmcError("--max-new-tokens must be positive")
     request = video_request(args)
-    pipeline = Pipeline(args.model, args.vit_model, args.device)
+    pipeline = Pipeline(args.model, args.vit_model, args.device, verify=args.verify)
     try:
         result = pipeline.generate(args.image, args.prompt, args.max_new_tokens, SamplingParams(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,

@@ -185,3 +185,30 @@ def test_mkl_blas_option_matches_transformers(checkpoints, tmp_path):
         hf = as_numpy(model.model.visual(ref["pixel_values"], grid_thw=ref["image_grid_thw"]).pooler_output)
     got = np.load(tmp_path / "emb.npy")
     assert np.abs(got - hf).max() / np.abs(hf).max() <= 1e-4
+
+
+def test_loads_check_quick_hashes_and_verify_reads_everything(tmp_path):
+    """A load checks each file's size and first and last MiB; `vlmc verify` (and --verify) reads whole files, so a
+    flipped byte in the middle of a large file is caught there."""
+    from vlmc.compile.artifact import write_manifest
+    from vlmc.errors import VlmcError
+    from vlmc.runtime.artifact import read_manifest
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 5 << 20, dtype=np.uint8).tobytes())
+    (folder / "params.safetensors").write_bytes(bytes(data))
+    write_manifest(folder, {"kind": "visual"})
+    proc = vlmc("verify", folder)
+    assert "all hashes match" in proc.stdout
+    data[len(data) // 2] ^= 0xFF
+    (folder / "params.safetensors").write_bytes(bytes(data))
+    read_manifest(folder, kind="visual")  # the quick check does not read the middle
+    with pytest.raises(VlmcError, match="params.safetensors is corrupted"):
+        read_manifest(folder, kind="visual", verify=True)
+    _one_line_error(vlmc("verify", folder, check=False), "params.safetensors", "corrupted")
+    data[len(data) // 2] ^= 0xFF
+    data[-10] ^= 0xFF
+    (folder / "params.safetensors").write_bytes(bytes(data))
+    with pytest.raises(VlmcError, match="corrupted"):
+        read_manifest(folder, kind="visual")

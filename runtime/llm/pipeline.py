@@ -51,7 +51,7 @@ def prompt_extras(declared: list[dict], input_ids, image_token_id: int, image_ex
 
 
 class Pipeline:
-    def __init__(self, model: str, vit_model: str | None = None, device: str = "cpu", verify: bool = True,
+    def __init__(self, model: str, vit_model: str | None = None, device: str = "cpu", verify: bool = False,
                  same_checkpoint: bool = True):
         from ..visual.runtime import VisualRuntime
 

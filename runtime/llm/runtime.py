@@ -33,7 +33,7 @@ def load_rank_steps(artifact: Path, manifest: dict, rank: int, device: str = "cp
 
 
 class LLMArtifact:
-    def __init__(self, path: str | Path, verify: bool = True):
+    def __init__(self, path: str | Path, verify: bool = False):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, kind="llm", verify=verify)
         self.spec = HostSpec.from_dict(self.manifest["host"])

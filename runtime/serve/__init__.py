@@ -45,6 +45,9 @@ def register(sub) -> None:
                    help="MiB of image and video embeddings kept so that a repeated image (same decoded pixels "
                         "and resize settings) or video (same bytes and sampling) skips the visual graph; least "
                         "recently used go first; 0 disables (default: 256)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every artifact file's full hash before starting (a start checks sizes and the first "
+                        "and last MiB of each file; see vlmc verify)")
     p.add_argument("--llm_devices", "--llm-devices", dest="llm_devices", metavar="LIST",
                    help="devices of the LLM's tensor-parallel ranks, e.g. \"[0,1]\"; must list exactly the "
                         "artifact's tp devices (default: \"[0..tp-1]\"). On CPU hosts the ids are validated and "

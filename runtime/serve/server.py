@@ -590,8 +590,8 @@ def serve(args) -> int:
     vit_devices = parse_devices(args.vit_devices, "--vit_devices") if args.vit_devices else None
     if vit_devices is not None:
         check_devices(None, vit_devices, 1)
-    llm = LLMArtifact(args.model)
-    visual = read_manifest(Path(args.vit_model), kind="visual")
+    llm = LLMArtifact(args.model, verify=args.verify)
+    visual = read_manifest(Path(args.vit_model), kind="visual", verify=args.verify)
     llm.check_visual(visual, args.vit_model)
     if "max_tiles" in visual and (args.min_pixels is not None or args.max_pixels is not None):
         raise VlmcError(f"--min_pixels / --max_pixels do not apply: {args.vit_model} cuts images into at most "

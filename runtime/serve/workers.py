@@ -97,7 +97,7 @@ def visual_main(vit_model: str, requests_addr: str, llm_addr: str, results_addr:
 
     _worker_signals()
     parent = os.getppid()
-    visual = VisualRuntime(vit_model, verify=False)  # the HTTP process checked the artifact's hashes
+    visual = VisualRuntime(vit_model, verify=False)  # quick checks: the HTTP process checked it (in full with --verify)
     cfg = visual.image_config(min_pixels, max_pixels)
     settings = (repr(cfg.to_dict()), visual.budget)  # what the resize depends on besides the pixels
     cache = EmbeddingCache(int(cache_mb) * 2**20)
@@ -179,7 +179,7 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
 
     _worker_signals()
     parent = os.getppid()
-    artifact = LLMArtifact(model, verify=False)  # the HTTP process checked the artifact's hashes
+    artifact = LLMArtifact(model, verify=False)  # quick checks: the HTTP process checked it (in full with --verify)
     tokenizer = artifact.tokenizer()
     spec = artifact.spec
     engine = DistributedEngine(artifact)  # one cache slot per row of the compiled decode batch

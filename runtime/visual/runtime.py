@@ -68,7 +68,7 @@ def tile_calls(num_tiles: int, buckets: list[int]) -> list[int]:
 
 
 class VisualRuntime:
-    def __init__(self, artifact: str | Path, device: str = "cpu", verify: bool = True):
+    def __init__(self, artifact: str | Path, device: str = "cpu", verify: bool = False):
         self.path = Path(artifact)
         self.manifest = read_manifest(self.path, kind="visual", verify=verify)
         device = check_device(self.manifest, self.path, device)
