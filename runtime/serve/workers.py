@@ -105,6 +105,33 @@ def visual_main(vit_model: str, requests_addr: str, llm_addr: str, results_addr:
     inbox = _socket(ctx, zmq.PULL, requests_addr)
     to_llm = _socket(ctx, zmq.PUSH, llm_addr)
     results = _socket(ctx, zmq.PUSH, results_addr)
+    def encode_image(image):
+        pixels, grid, _ = visual.prepare(image, cfg)
+        return visual.encode_outputs(pixels, grid), [int(g) for g in grid]
+
+    def encode_video(video):
+        prepared = visual.prepare_video(video["data"], video["request"])
+        outputs, _ = visual.encode_video(prepared)
+        return outputs, {"grid": [int(g) for g in prepared.grid_thw],
+                         "second_per_grid_t": prepared.second_per_grid_t, "patch_times": prepared.patch_times}
+
+    def encode_cached(items, key_of, encode):
+        """Each item's embeddings, other output groups and what the LLM needs besides (grid, timing), from the
+        cache or `encode`; and how many came from the cache."""
+        embeds, extras, metas, hits = [], [], [], 0
+        for item in items:
+            key = key_of(item)
+            cached = cache.get(key)
+            if cached is None:
+                cached = encode(item)
+                cache.put(key, *cached)
+            else:
+                hits += 1
+            embeds.append(cached[0]["embeddings"])
+            extras.append({k: v for k, v in cached[0].items() if k != "embeddings"})
+            metas.append(cached[1])
+        return embeds, extras, metas, hits
+
     info.send({"pid": os.getpid()})
     while True:
         if not inbox.poll(POLL_MS):
@@ -116,35 +143,12 @@ def visual_main(vit_model: str, requests_addr: str, llm_addr: str, results_addr:
             break
         try:
             t0 = time.perf_counter()
-            embeds, extras, grids, hits = [], [], [], 0
-            for image in req["images"]:
-                key = EmbeddingCache.key(image, settings)
-                cached = cache.get(key)
-                if cached is None:
-                    pixels, grid, _ = visual.prepare(image, cfg)
-                    cached = (visual.encode_outputs(pixels, grid), [int(g) for g in grid])
-                    cache.put(key, *cached)
-                else:
-                    hits += 1
-                embeds.append(cached[0]["embeddings"])
-                extras.append({k: v for k, v in cached[0].items() if k != "embeddings"})
-                grids.append(cached[1])
-            video_embeds, video_extras, videos = [], [], []
-            for video in req.get("videos") or ():
-                key = EmbeddingCache.video_key(video["data"], video["request"], settings)
-                cached = cache.get(key)
-                if cached is None:
-                    prepared = visual.prepare_video(video["data"], video["request"])
-                    outputs, _ = visual.encode_video(prepared)
-                    cached = (outputs, {"grid": [int(g) for g in prepared.grid_thw],
-                                        "second_per_grid_t": prepared.second_per_grid_t,
-                                        "patch_times": prepared.patch_times})
-                    cache.put(key, *cached)
-                else:
-                    hits += 1
-                video_embeds.append(cached[0]["embeddings"])
-                video_extras.append({k: v for k, v in cached[0].items() if k != "embeddings"})
-                videos.append(cached[1])
+            embeds, extras, grids, image_hits = encode_cached(
+                req["images"], lambda image: EmbeddingCache.key(image, settings), encode_image)
+            video_embeds, video_extras, videos, video_hits = encode_cached(
+                req.get("videos") or (), lambda v: EmbeddingCache.video_key(v["data"], v["request"], settings),
+                encode_video)
+            hits = image_hits + video_hits
             seconds = time.perf_counter() - t0
             req.update(images=None, image_embeds=embeds, image_extras=extras, grids=grids, visual_s=seconds,
                        videos=videos, video_embeds=video_embeds, video_extras=video_extras)
