@@ -104,14 +104,14 @@ class Pipeline:
             from ...errors import VlmcError
 
             raise VlmcError("the request has videos but no visual artifact was given (--vit_model)")
-        embeds, prepared, info = [], [], []
+        groups, prepared, info = [], [], []
         for source in videos:
             video = self.visual.prepare_video(source, request)
             outputs, calls = self.visual.encode_video(video)
-            embeds.append(outputs)
+            groups.append(outputs)
             prepared.append(video)
             info.append({**video.describe(), "graph_calls": calls})
-        return embeds, prepared, info
+        return groups, prepared, info
 
     def prompt_extras(self, input_ids, image_extras: list[dict], video_extras: list[dict] = ()) -> dict:
         """The prompt graphs' per-token inputs, from the images' (and videos') visual output groups of the same
