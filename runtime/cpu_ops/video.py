@@ -191,8 +191,9 @@ def sample_frame_indices(total_frames: int, source_fps: float | None, temporal_p
                          fps: float | None = None, num_frames: int | None = None, min_frames: int = 4,
                          max_frames: int = 768, rule: str = "step") -> np.ndarray:
     """The indices the video processor samples (see VideoConfig for the two rules), computed the same way ("step":
-    torch.arange's float32 values truncated; "linspace": numpy's linspace rounded). A rule that would give no frame
-    at all (a clip shorter than one temporal patch) takes every frame instead; the patching then repeats the last."""
+    torch.arange's float32 values truncated; "linspace": numpy's linspace rounded). Where the rule gives no frame
+    at all (transformers divides by zero there), one temporal patch's worth is sampled, or every frame of a clip
+    shorter than that; the patching repeats the last frame to fill the patch."""
     if num_frames is not None:
         count = round(num_frames / temporal_patch_size) * temporal_patch_size if rule == "step" else num_frames
         if count > total_frames:
@@ -205,8 +206,10 @@ def sample_frame_indices(total_frames: int, source_fps: float | None, temporal_p
         cap = math.floor(min(max_frames, total_frames) / temporal_patch_size) * temporal_patch_size
         count = min(max(total_frames / source_fps * fps, min_frames), cap, total_frames)
         count = math.floor(count / temporal_patch_size) * temporal_patch_size
-    if count <= 0:
-        return np.arange(total_frames, dtype=np.int64)
+    if count <= 0:  # e.g. num_frames 1, rounded to 0: one temporal patch, or every frame of a shorter clip
+        if total_frames < temporal_patch_size:
+            return np.arange(total_frames, dtype=np.int64)
+        count = temporal_patch_size
     if rule == "linspace":
         return np.linspace(0, total_frames - 1, count).round().astype(np.int64)
     step = total_frames / count
