@@ -90,6 +90,30 @@ def test_linspace_sampling_equals_qwen3_video_processor():
     assert compared > 200
 
 
+def test_video_settings_are_read_where_transformers_reads_them(family_checkpoint, tmp_path):
+    """Qwen3-VL's video processor loaded by transformers from the checkpoint has vlmc's settings (Qwen2-VL's cannot
+    be imported here: its module needs torchvision); a video_preprocessor_config.json takes precedence over the
+    image processor's file, and a Qwen2-style processor reads min_pixels / max_pixels keys."""
+    import json
+    import shutil
+
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from vlmc.build_in.source_code import get_architecture
+
+    ck = family_checkpoint("qwen3_vl", "tiny")
+    video = get_architecture("qwen3_vl").host_spec(ck).video
+    want = Qwen3VLVideoProcessor.from_pretrained(ck)
+    assert (video.min_pixels, video.max_pixels) == (want.size.shortest_edge, want.size.longest_edge)
+    assert (video.fps, video.min_frames, video.max_frames, video.max_video_tokens) == \
+        (want.fps, want.min_frames, want.max_frames, want.max_video_tokens)
+    own = tmp_path / "ck"
+    shutil.copytree(family_checkpoint("qwen2_vl", "tiny"), own)
+    (own / "video_preprocessor_config.json").write_text(json.dumps({"min_pixels": 1000, "max_pixels": 99999,
+                                                                    "fps": 1.5, "max_frames": 64}))
+    video = get_architecture("qwen2_vl").host_spec(own).video
+    assert (video.min_pixels, video.max_pixels, video.fps, video.max_frames) == (1000, 99999, 1.5, 64)
+
+
 def frame_shape(frames, count, spec, request):
     """The frame size transformers' video processor of the style picks, with cap_pixels_per_frame=True; a
     request's pixel bounds are per frame (a clip style's own are over the clip)."""
@@ -270,7 +294,7 @@ def test_generate_video_equals_transformers(checkpoints, qwen_artifacts, family_
 
 @pytest.mark.parametrize("request_, calls, fitted", [
     (VideoRequest(num_frames=6, min_pixels=40000, max_pixels=40000), 2, False),  # 240 patches a frame: 2 a call
-    (VideoRequest(num_frames=4), 2, True)])  # 576 patches a frame, over the 512 budget: frames shrunk to fit
+    (VideoRequest(num_frames=4, min_pixels=200704), 2, True)])  # 1024 patches a frame, over the 512 budget: shrunk
 def test_video_runs_in_chunks_of_temporal_patches(checkpoints, qwen_artifacts, videos, request_, calls, fitted):
     """The tower attends within a temporal patch, so a video split between graph calls equals transformers'
     tower on the whole video; a frame over the budget is shrunk, and the result says so."""

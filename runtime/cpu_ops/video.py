@@ -30,6 +30,10 @@ from PIL import Image
 from .image import MAX_ASPECT_RATIO, ImageConfig, ImageInputError, normalized_values, smart_resize
 
 
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 class VideoInputError(ImageInputError):
     """A video that cannot be used; the message names the input and the reason."""
 
@@ -66,6 +70,7 @@ class VideoConfig:
     sampling: str = "step"
     pixel_bounds: str = "per_frame"
     frame_timestamps: bool = False
+    pixel_keys: bool = True  # a config's min_pixels / max_pixels keys set the bounds (besides its `size`)
 
     def __post_init__(self):
         if self.sampling not in SAMPLING_RULES or self.pixel_bounds not in PIXEL_BOUNDS:
@@ -73,18 +78,27 @@ class VideoConfig:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, **defaults) -> "VideoConfig":
-        """video_preprocessor_config.json where the checkpoint has one (its `size` holds the pixel bounds), else
-        `defaults` (the architecture's processor style and its defaults) over the Qwen2-VL video processor's."""
+        """The checkpoint's video processor settings, found where transformers looks: processor_config.json's
+        `video_processor`, else video_preprocessor_config.json, else the image processor's preprocessor_config.json;
+        over `defaults` (the architecture's processor style and its defaults). The pixel bounds are the `size`
+        entry, and with `pixel_keys` (Qwen2VLVideoProcessor's constructor) its min_pixels / max_pixels keys."""
         base = cls(**defaults)
-        path = Path(checkpoint_dir) / "video_preprocessor_config.json"
-        cfg = json.loads(path.read_text()) if path.is_file() else {}
+        folder = Path(checkpoint_dir)
+        cfg = _read_json(folder / "processor_config.json").get("video_processor")
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            if cfg is None and (folder / name).is_file():
+                cfg = _read_json(folder / name)
+        cfg = cfg or {}
         size = cfg.get("size") or {}
+        min_pixels = size.get("shortest_edge") or base.min_pixels
+        max_pixels = size.get("longest_edge") or base.max_pixels
+        if base.pixel_keys:
+            min_pixels, max_pixels = cfg.get("min_pixels") or min_pixels, cfg.get("max_pixels") or max_pixels
         return cls(fps=float(cfg.get("fps") or base.fps), min_frames=int(cfg.get("min_frames") or base.min_frames),
-                   max_frames=int(cfg.get("max_frames") or base.max_frames),
-                   min_pixels=int(cfg.get("min_pixels") or size.get("shortest_edge") or base.min_pixels),
-                   max_pixels=int(cfg.get("max_pixels") or size.get("longest_edge") or base.max_pixels),
-                   max_video_tokens=int(cfg.get("max_video_tokens") or base.max_video_tokens),
-                   sampling=base.sampling, pixel_bounds=base.pixel_bounds, frame_timestamps=base.frame_timestamps)
+                   max_frames=int(cfg.get("max_frames") or base.max_frames), min_pixels=int(min_pixels),
+                   max_pixels=int(max_pixels), max_video_tokens=int(cfg.get("max_video_tokens") or base.max_video_tokens),
+                   sampling=base.sampling, pixel_bounds=base.pixel_bounds, frame_timestamps=base.frame_timestamps,
+                   pixel_keys=base.pixel_keys)
 
     @classmethod
     def from_dict(cls, d: dict) -> "VideoConfig":

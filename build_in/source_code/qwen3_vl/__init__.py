@@ -14,8 +14,9 @@ from .model import (SHARDING, DeployLanguageModel, DeployVision, embedding_table
 MODEL_TYPES = ("qwen3_vl",)
 # Qwen3VLVideoProcessor (transformers 5.24): linspace sampling, pixel bounds over the clip with a per-frame cap of
 # 768 tokens, a "<t seconds>" text before every temporal patch
+# (its constructor ignores min_pixels / max_pixels keys: only a config's `size` sets the bounds)
 VIDEO_DEFAULTS = dict(min_pixels=128 * 32 * 32, max_pixels=32 * 32 * 768, max_video_tokens=768, sampling="linspace",
-                      pixel_bounds="clip", frame_timestamps=True)
+                      pixel_bounds="clip", frame_timestamps=True, pixel_keys=False)
 
 
 def host_spec(checkpoint_dir: str | Path, config=None):
