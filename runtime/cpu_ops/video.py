@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from PIL import Image
 
 from .image import MAX_ASPECT_RATIO, ImageConfig, ImageInputError, normalized_values, smart_resize
@@ -142,7 +141,6 @@ class PreparedVideo:
     timestamps: list[float]  # seconds of each sampled frame (index / source fps)
     source: dict  # the stream as decoded: frames, fps, width, height, duration
     fitted: bool = False  # True when the frames were made smaller to fit a compiled patch budget
-    info: dict = field(default_factory=dict)
 
     # seconds of each temporal patch: the mean of its first and last frame's (the last frame repeated to fill the
     # last patch), as Qwen3-VL's processor writes them before each patch
@@ -153,7 +151,7 @@ class PreparedVideo:
                 "frame_indices": [int(i) for i in self.frame_indices],
                 "timestamps": [round(float(t), 6) for t in self.timestamps],
                 "second_per_grid_t": self.second_per_grid_t, "source": self.source,
-                "fitted_to_budget": self.fitted, **self.info}
+                "fitted_to_budget": self.fitted}
 
 
 def describe_video(source) -> str:
