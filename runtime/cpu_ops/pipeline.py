@@ -66,6 +66,11 @@ class HostSpec:
     def tiled(self) -> bool:
         return isinstance(self.image, TileConfig)
 
+    @property
+    def timestamped_videos(self) -> bool:
+        """Each temporal patch of a video is its own placeholder run after its time (see VideoConfig)."""
+        return self.video is not None and self.video.frame_timestamps
+
     def to_dict(self) -> dict:
         return {"image": self.image.to_dict(), "vision": asdict(self.vision) if self.vision else None,
                 "text": asdict(self.text), "video": self.video.to_dict() if self.video else None}
@@ -88,9 +93,8 @@ class HostSpec:
         processor writes timestamps)."""
         layouts = np.asarray(layouts, dtype=np.int64).reshape(-1, 3)
         if not self.tiled:
-            times = video_patch_times if self.video is not None and self.video.frame_timestamps else None
-            if times is None and self.video is not None and self.video.frame_timestamps and \
-                    video_grids is not None and len(video_grids):
+            times = video_patch_times if self.timestamped_videos else None
+            if self.timestamped_videos and times is None and video_grids is not None and len(video_grids):
                 raise ValueError("this model's prompt gives each video's temporal patch times; none were given")
             return tokenize_prompt(tokenizer, text, layouts, self.text.image_token_id, self.image.merge_size,
                                    messages, video_grids, self.text.video_token_id, times)
@@ -104,7 +108,7 @@ class HostSpec:
             n = len(np.asarray(input_ids).reshape(-1))
             return np.tile(np.arange(n, dtype=np.int64), (3, 1)), 0
         grids = None if layouts is None else np.asarray(layouts, np.int64).reshape(-1, 3)
-        if self.video is not None and self.video.frame_timestamps and video_grids is not None:
+        if self.timestamped_videos and video_grids is not None:
             # one placeholder run per temporal patch: each is laid out as a one-frame grid
             video_grids = np.asarray(video_grids, np.int64).reshape(-1, 3)
             video_grids = np.repeat(video_grids, video_grids[:, 0], axis=0)
