@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--target", help="TVM target: a name such as llvm, or a JSON dict (backend.target)")
     p.add_argument("--dtype", help="backend.dtype: fp32 (activations); the vendor's fp16, bf16 and int8 are accepted "
                                    "and set the weight format (quantize.weights)")
+    p.add_argument("--compute", help="GEMM input precision of the prompt and vision graphs: fp32, or bf16 (inputs "
+                                     "rounded to bf16, fp32 accumulation; fast on Intel CPUs with AMX or AVX512-BF16) "
+                                     "(backend.compute)")
     q = p.add_argument_group("reduced precision (quantize:)")
     q.add_argument("--weights", help="weight storage: fp32, bf16, fp16, int8 or int4 (quantize.weights)")
     q.add_argument("--group-size", type=_group_size,
@@ -69,7 +72,8 @@ def run_compile(args) -> int:
     path = Path(args.config)
     cfg = load_config(path)
     common = {"frontend.checkpoint": args.checkpoint, "workspace.path": args.workspace,
-              "backend.target": args.target, "backend.dtype": args.dtype, "quantize.weights": args.weights,
+              "backend.target": args.target, "backend.dtype": args.dtype, "backend.compute": args.compute,
+              "quantize.weights": args.weights,
               "quantize.group_size": args.group_size}
     if cfg.kind == "visual":
         for flag in ("tp", "max_prefill", "max_context", "batch_size", "kv_cache"):

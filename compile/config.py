@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import VlmcError
 
-from .quantize import KV_CACHE_FORMATS, WEIGHT_FORMATS, Scheme
+from .quantize import COMPUTE_FORMATS, KV_CACHE_FORMATS, WEIGHT_FORMATS, Scheme
 
 DTYPES = ("fp32",)  # the activation (compute) dtype; reduced precision is a storage format, see `quantize`
 # The vendor's spellings: backend.dtype names the weight format; quantize: w8a16 / w16kv8 (one or a list).
@@ -112,6 +112,9 @@ class Backend(_Strict):
     type: Literal["tvm"] = "tvm"
     target: str | dict[str, Any] = "llvm"
     dtype: str = "fp32"
+    # GEMM input precision of the prompt and vision graphs' linear layers: fp32, or bf16 (inputs rounded to bf16,
+    # fp32 accumulation and outputs; compile/quantize.py). Decode GEMVs keep fp32 inputs.
+    compute: Literal[COMPUTE_FORMATS] = "fp32"
     output_chunks: Literal["auto"] | list[int] = "auto"
     max_chunk_width: int = Field(default=640, gt=0)
     blas: bool = True  # dispatch matmuls to the host BLAS (CPU targets)

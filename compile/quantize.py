@@ -15,6 +15,11 @@ in its low nibble and q[k0+16+j] + 8 in its high nibble (so a kernel unpacks 16 
 In PyTorch a quantized layer is `QLinear`, whose forward calls the custom op `vlmc::qmatmul(x, weight, scale)`; its
 eager body (dequantize, fp32 matmul) is the fake-quant reference. On CPU targets it imports as
 `R.call_dps_packed("vlmc_qmatmul")` (compile/kernels/kernels.c); elsewhere the model runs the same math in standard ops.
+
+GEMM input precision (`backend.compute`), orthogonal to storage: with `bf16`, a layer's x and effective weight are
+both rounded to bf16 (nearest even) before the product, accumulated in fp32 (`vlmc::qmatmul_bf16`, kernel
+`vlmc_qmatmul_bf16`); its output, the residual stream, norms, attention and logits stay fp32. Applied to the prompt and
+vision graphs (compute-bound); decode GEMVs (memory-bound) keep fp32 inputs.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ QMAX = {"int8": 127, "int4": 7}
 QMIN = {"int8": -127, "int4": -8}
 INT4_BLOCK = 32  # inputs per packed block (see the stored form above)
 QMATMUL_EXTERN = "vlmc_qmatmul"
+QMATMUL_BF16_EXTERN = "vlmc_qmatmul_bf16"
+COMPUTE_FORMATS = ("fp32", "bf16")  # GEMM input precision (backend.compute)
 # Weight formats each target kind has a kernel for (CPU: kernels.c; CUDA: dequantize + matmul scheduled by dlight).
 TARGET_WEIGHT_FORMATS = {"llvm": WEIGHT_FORMATS, "cuda": ("fp32", "bf16", "fp16", "int8")}
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -203,29 +210,57 @@ def qmatmul_decomposed(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return F.linear(x, dequantize(weight, scale))
 
 
-def _qmatmul_converter(node, importer):
-    from tvm import relax
-
-    x, weight = importer.env[node.args[0]], importer.env[node.args[1]]
-    scale = node.args[2] if len(node.args) > 2 else None
-    args = [x, weight] + ([importer.env[scale]] if scale is not None else [])
-    dims = list(x.ty.shape)
-    shape = [*dims[:-1], weight.ty.shape[0]]
-    return importer.block_builder.emit(relax.call_dps_packed(QMATMUL_EXTERN, args, relax.TensorType(shape, "float32")))
+def bf16_round(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to bf16 (nearest even), in its own dtype."""
+    return t.to(torch.bfloat16).to(t.dtype)
 
 
-CUSTOM_CONVERTERS = {"qmatmul.default": _qmatmul_converter}
+@torch.library.custom_op("vlmc::qmatmul_bf16", mutates_args=())
+def qmatmul_bf16(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """bf16(x) [..., K] @ bf16(dequantize(weight, scale))^T -> [..., N], fp32 accumulation (weight: any stored
+    format, or fp32)."""
+    return qmatmul_bf16_decomposed(x, weight, scale)
+
+
+@qmatmul_bf16.register_fake
+def _qmatmul_bf16_shape(x, weight, scale):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def qmatmul_bf16_decomposed(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(bf16_round(x), bf16_round(dequantize(weight, scale)))
+
+
+def _converter(extern: str):
+    def convert(node, importer):
+        from tvm import relax
+
+        x, weight = importer.env[node.args[0]], importer.env[node.args[1]]
+        scale = node.args[2] if len(node.args) > 2 else None
+        args = [x, weight] + ([importer.env[scale]] if scale is not None else [])
+        dims = list(x.ty.shape)
+        shape = [*dims[:-1], weight.ty.shape[0]]
+        return importer.block_builder.emit(relax.call_dps_packed(extern, args, relax.TensorType(shape, "float32")))
+
+    return convert
+
+
+CUSTOM_CONVERTERS = {"qmatmul.default": _converter(QMATMUL_EXTERN),
+                     "qmatmul_bf16.default": _converter(QMATMUL_BF16_EXTERN)}
 
 
 class QLinear(nn.Module):
     """A linear layer with a stored low-precision weight (and scales): y = x @ dequantize(weight, scale)^T + bias.
-    Parameters are created on the current device (meta while a model is being assembled) and loaded by assignment."""
+    Parameters are created on the current device (meta while a model is being assembled) and loaded by assignment.
+    `compute` is the GEMM input precision (see the module docstring); fmt "fp32" holds an unquantized weight for a
+    bf16-input layer."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, group: int | None):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
-        if fmt in _TORCH_DTYPES:
-            weight, scale = torch.empty(out_features, in_features, dtype=_TORCH_DTYPES[fmt]), None
+        if fmt == "fp32" or fmt in _TORCH_DTYPES:
+            weight = torch.empty(out_features, in_features, dtype=_TORCH_DTYPES.get(fmt, torch.float32))
+            scale = None
         else:
             # A group as wide as the whole (unsliced) row acts as a per-row scale on every rank's slice of it.
             groups = in_features // group if group and group <= in_features else 1
@@ -236,13 +271,42 @@ class QLinear(nn.Module):
         self.scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.fused = True  # vlmc::qmatmul (CPU kernel); False: standard ops (GPU targets)
+        self.compute = "fp32"
 
     def forward(self, x):
-        y = (qmatmul if self.fused else qmatmul_decomposed)(x, self.weight, self.scale)
+        if self.compute == "bf16":
+            y = (qmatmul_bf16 if self.fused else qmatmul_bf16_decomposed)(x, self.weight, self.scale)
+        elif self.fmt == "fp32":
+            return F.linear(x, self.weight, self.bias)
+        else:
+            y = (qmatmul if self.fused else qmatmul_decomposed)(x, self.weight, self.scale)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, fmt={self.fmt}, bias={self.bias is not None}"
+        return (f"{self.in_features}, {self.out_features}, fmt={self.fmt}, bias={self.bias is not None}"
+                + (f", compute={self.compute}" if self.compute != "fp32" else ""))
+
+
+def set_compute(model: nn.Module, compute: str, keep: Iterable[str] = ()) -> None:
+    """The GEMM input precision of every linear layer of `model` but those whose names match a `keep` glob (e.g.
+    the lm_head: logits stay fp32). Unquantized nn.Linear layers become fp32 QLinear layers holding the same
+    parameters (same state_dict names), so they can take bf16 inputs; set again per graph before it is exported."""
+    if compute not in COMPUTE_FORMATS:
+        raise ValueError(f"unknown compute precision {compute!r}; allowed: {', '.join(COMPUTE_FORMATS)}")
+    keep = tuple(keep)
+    for name, module in list(model.named_modules()):
+        if any(fnmatch.fnmatchcase(name, glob) for glob in keep):
+            continue
+        if isinstance(module, nn.Linear):
+            if compute == "fp32":
+                continue
+            layer = QLinear(module.in_features, module.out_features, module.bias is not None, "fp32", None)
+            layer.weight, layer.bias = module.weight, module.bias
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+            module = layer
+        if isinstance(module, QLinear):
+            module.compute = compute
 
 
 def swap_linears(model: nn.Module, scheme: Scheme, parts: dict[str, tuple[str, ...]] | None = None) -> list[str]:
@@ -275,7 +339,7 @@ def weight_layout(model: nn.Module) -> dict[str, dict]:
     """Per quantized layer: format, group and stored bytes (for the manifest)."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, QLinear):
+        if isinstance(module, QLinear) and module.fmt != "fp32":
             k = module.in_features
             groups = module.scale.shape[1] if module.scale is not None else None
             group = None if groups is None else "channel" if groups == 1 else k // groups
@@ -283,11 +347,14 @@ def weight_layout(model: nn.Module) -> dict[str, dict]:
     return out
 
 
-def check_target(scheme: Scheme, target_kind: str) -> None:
-    """Refuse a weight format the target has no kernel for (before anything is loaded)."""
+def check_target(scheme: Scheme, target_kind: str, compute: str = "fp32") -> None:
+    """Refuse a weight format or GEMM input precision the target has no kernel for (before anything is loaded)."""
     from ..errors import VlmcError
 
     allowed = TARGET_WEIGHT_FORMATS.get(target_kind, ("fp32",))
     if scheme.weights not in allowed:
         raise VlmcError(f"quantize.weights: {scheme.weights} has no kernel for {target_kind} targets; allowed there: "
                         f"{', '.join(allowed)}")
+    if compute != "fp32" and target_kind != "llvm":
+        raise VlmcError(f"backend.compute: {compute} has a kernel for CPU (llvm) targets only; use fp32 for "
+                        f"{target_kind}")

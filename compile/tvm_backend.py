@@ -201,8 +201,12 @@ def _blas_link_info(blas: str) -> tuple[str, Path]:
             raise RuntimeError("numpy has no bundled scipy-openblas")
         return "VLMC_BLAS_OPENBLAS64", libs[0]
     if blas == "mkl":  # torch CPU (x86) wheels statically contain MKL and export sgemm_/sgemv_
-        return "VLMC_BLAS_FORTRAN", Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+        return "VLMC_BLAS_FORTRAN", _torch_cpu_library()
     raise ValueError(f"unknown blas {blas!r}")
+
+
+def _torch_cpu_library() -> Path:
+    return Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
 
 
 def _compile_kernel(blas: str, cache_dir: str | None = None) -> tuple[list[str], list[str]]:
@@ -219,7 +223,8 @@ def _compile_kernel(blas: str, cache_dir: str | None = None) -> tuple[list[str],
     # Native code for this host (the artifact is built where it runs); fast-math minus finite-math, because the
     # attention kernel relies on -inf.
     flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
-             "-fno-signed-zeros", "-fassociative-math", "-ffp-contract=fast", "-fPIC", f"-D{define}", f"-I{inc}"]
+             "-fno-signed-zeros", "-fassociative-math", "-ffp-contract=fast", "-fPIC", f"-D{define}", f"-I{inc}",
+             f'-DVLMC_MKL_LIB="{_torch_cpu_library()}"']  # MKL's bf16 GEMM, opened on first use (kernels.c)
     key = hashlib.sha1((source + " ".join(flags)).encode()).hexdigest()[:16]
     cache = Path(cache_dir or os.environ.get("VLMC_CACHE", Path(tempfile.gettempdir()) / "vlmc_kernels"))
     cache.mkdir(parents=True, exist_ok=True)

@@ -28,16 +28,18 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
     out = Path(cfg.workspace.path) / cfg.name
     digest, weights = config_hash(cfg), weights_fingerprint(checkpoint)
 
-    from .quantize import QuantizationError, check_target, weight_layout
+    from .quantize import QuantizationError, check_target, set_compute, weight_layout
 
     scheme = cfg.quantize.scheme()
-    check_target(scheme, tvm_backend.host_target(cfg.backend.target).kind.name)  # a bad target fails now
-    if cfg.frontend.onnx and scheme.quantizes_weights:
-        raise VlmcError(f"{config_path}: frontend.onnx exports fp32 graphs only; drop it or use quantize.weights: fp32")
+    check_target(scheme, tvm_backend.host_target(cfg.backend.target).kind.name, cfg.backend.compute)  # fails now
+    if cfg.frontend.onnx and (scheme.quantizes_weights or cfg.backend.compute != "fp32"):
+        raise VlmcError(f"{config_path}: frontend.onnx exports fp32 graphs only; drop it or use quantize.weights: fp32 "
+                        f"and backend.compute: fp32")
     stages = Stages(["load", "export", "import into TVM", "optimize", "build", "save"])
     buckets = cfg.frontend.buckets()
     budget = buckets[-1]  # patches, or tiles per call
-    with stages.stage("load", f"{checkpoint}, weights {scheme.weights}"):
+    with stages.stage("load", f"{checkpoint}, weights {scheme.weights}"
+                      + (f", {cfg.backend.compute} GEMMs" if cfg.backend.compute != "fp32" else "")):
         arch_name = detect_architecture(checkpoint)
         arch = get_architecture(arch_name)
         model_config = arch.load_config(checkpoint)
@@ -66,6 +68,7 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
             ops.use_host_kernels(module, False)  # ONNX has no vlmc kernel: standard ops
             onnx_bytes, onnx_diff = _export_onnx(module, inputs[budget])
         ops.use_host_kernels(module, ops.uses_attention_kernel(target))
+        set_compute(module, cfg.backend.compute)
         exported = {b: tvm_backend.export_module(module, tuple(inputs[b].values())) for b in buckets}
         names = list(exported[budget].graph_signature.parameters)
     with stages.stage("import into TVM"):
@@ -92,7 +95,7 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
             "kind": "visual", "name": cfg.name, "arch": arch_name, "checkpoint": str(checkpoint), **layout,
             "patch_dim": module.patch_dim,
             "hidden_size": out_hidden, "output_chunks": chunks, "output_groups": module.output_groups,
-            "dtype": cfg.backend.dtype,
+            "dtype": cfg.backend.dtype, "compute": cfg.backend.compute,
             "quantize": scheme.to_dict(kv_cache=False), "quantized_layers": weight_layout(module),
             "weight_bytes": sum(t.numel() * t.element_size() for t in module.state_dict().values()),
             "target": str(target), "device": tvm_backend.target_device(target), "param_names": names,

@@ -220,3 +220,13 @@ def load_library(path: str | os.PathLike, params: list, device=None) -> Callable
 
     run.vm = vm  # the VM owns the loaded code; the function alone does not keep it alive
     return run
+
+
+def bf16_gemm_path(library: str | os.PathLike) -> str:
+    """How a CPU graph library's bf16-input GEMMs (backend.compute: bf16) run in this process: "mkl" (MKL's AMX /
+    AVX512-BF16 kernels) or "fp32" (the rounded inputs widened and multiplied in fp32); compile/kernels/kernels.c."""
+    import tvm
+
+    path = tvm.runtime.load_module(str(library)).get_function("vlmc_bf16_gemm_path", query_imports=True)()
+    return {1: "mkl", 2: "fp32"}[int(path)]
+

@@ -29,6 +29,16 @@ QMATMUL_CASES = [
     ("int4_g64", "int4", 200, 512, 8),
 ]
 
+# vlmc_qmatmul_bf16 (bf16 GEMM inputs): (name, weight kind, N, K, G), float32 weights too; on both paths
+BF16_INPUT_CASES = [
+    ("fp32_n600", "fp32", 600, 1176, None),  # several weight blocks
+    ("bf16_n600", "bf16", 600, 1176, None),
+    ("fp16_k256", "fp16", 200, 256, None),
+    ("int8_g64", "int8", 200, 256, 4),
+    ("int4_g32", "int4", 200, 256, 8),
+]
+BF16_INPUT_M = (1, 17, 70)
+
 # (name, cache dtype, B, H, Hk, S, D)
 ATTENTION_CASES = [
     (f"{dtype}_{name}", dtype, *shape)
@@ -45,7 +55,7 @@ ATTENTION_CASES = [
 ]
 T = 48
 
-_WEIGHT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "int8": "int8", "int4": "uint8"}
+_WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8", "int4": "uint8"}
 _CACHE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
 
 
@@ -92,10 +102,18 @@ def library(tmp_path_factory):
         for m in M_VALUES:
             xs = _x_shape(m, k)
             _add_function(bb, f"{name}_m{m}", "vlmc_qmatmul", [(xs, "float32"), w, *scale], (*xs[:-1], n))
+    for name, kind, n, k, g in BF16_INPUT_CASES:
+        w = (_weight_shape(kind, n, k), _WEIGHT_DTYPES[kind])
+        scale = [((n, g), "float32")] if g else []
+        for m in BF16_INPUT_M:
+            xs = _x_shape(m, k)
+            _add_function(bb, f"bf16in_{name}_m{m}", "vlmc_qmatmul_bf16", [(xs, "float32"), w, *scale],
+                          (*xs[:-1], n))
     # argument errors: a bf16 weight with a scale, an int8 weight without one
     _add_function(bb, "bf16_with_scale", "vlmc_qmatmul", [((2, 64), "float32"), ((8, 64), "bfloat16"),
                                                           ((8, 1), "float32")], (2, 8))
     _add_function(bb, "int8_without_scale", "vlmc_qmatmul", [((2, 64), "float32"), ((8, 64), "int8")], (2, 8))
+    _add_function(bb, "fp32_weight", "vlmc_qmatmul", [((2, 64), "float32"), ((8, 64), "float32")], (2, 8))
     for name, dtype, b, h, hk, s, d in ATTENTION_CASES:
         _add_function(bb, f"attn_{name}", "vlmc_cache_attention",
                       _attention_types(dtype, b, h, hk, s, d, dtype == "int8"), (b, h, s, d))
@@ -107,7 +125,9 @@ def library(tmp_path_factory):
     target = tvm_backend.host_target("llvm")
     path = tmp_path_factory.mktemp("quant_kernels") / "quant_kernels.so"
     tvm_backend.save_library(tvm_backend.compile_module(tvm_backend.optimize(mod, target), target), path)
-    return load_library(path, [])
+    library = load_library(path, [])
+    library.path = path
+    return library
 
 
 def _call(library, name, *args):
@@ -176,10 +196,44 @@ def test_int4_packing_layout(library):
 @pytest.mark.parametrize("fn, args", [
     ("bf16_with_scale", lambda: (torch.zeros(2, 64), torch.zeros(8, 64, dtype=torch.bfloat16), torch.ones(8, 1))),
     ("int8_without_scale", lambda: (torch.zeros(2, 64), torch.zeros(8, 64, dtype=torch.int8))),
+    ("fp32_weight", lambda: (torch.zeros(2, 64), torch.zeros(8, 64))),  # bf16-input GEMMs only
 ])
 def test_qmatmul_argument_errors(library, fn, args):
     with pytest.raises(Exception, match="vlmc_qmatmul"):
         _call(library, fn, *args())
+
+
+# ---- vlmc_qmatmul_bf16 --------------------------------------------------------------------------------------------
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """fp32 values rounded to bf16 (torch's nearest-even rounding), as float64"""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16).double().numpy()
+
+
+@pytest.mark.parametrize("path", ["mkl", "fp32"])
+@pytest.mark.parametrize("m", BF16_INPUT_M)
+@pytest.mark.parametrize("case", BF16_INPUT_CASES, ids=[c[0] for c in BF16_INPUT_CASES])
+def test_qmatmul_bf16_inputs(library, monkeypatch, case, m, path):
+    """Both inputs rounded to bf16, the products summed in fp32: the float64 product of the rounded inputs within
+    fp32 accumulation error, on MKL's bf16 GEMM and on the widen-to-fp32 path (VLMC_BF16_GEMM picks; MKL's kernels
+    run, slowly, on any x86 CPU)."""
+    from vlmc.runtime.artifact import bf16_gemm_path
+
+    monkeypatch.setenv("VLMC_BF16_GEMM", path)
+    assert bf16_gemm_path(library.path) == path  # MKL opened
+    name, kind, n, k, g = case
+    rng = np.random.default_rng(zlib.crc32(f"bf16in_{name}_{m}".encode()))
+    if kind == "fp32":
+        w = torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32) * 0.1)
+        scale, effective = None, w.double().numpy()
+    else:
+        w, scale, effective = _weights(kind, n, k, g, rng)
+    x = rng.standard_normal(_x_shape(m, k)).astype(np.float32)
+    args = [torch.from_numpy(x), w] + ([scale] if scale is not None else [])
+    out = _call(library, f"bf16in_{name}_m{m}", *args)
+    ref = _bf16(x) @ _bf16(effective.astype(np.float32)).T
+    _check(out, ref)
+    # and the rounding is there: the unrounded product is further away than the accumulation error
+    assert np.abs(out - x.astype(np.float64) @ effective.T).max() > 10 * TOL * np.abs(ref).max()
 
 
 # ---- vlmc_cache_attention -----------------------------------------------------------------------------------------

@@ -436,7 +436,7 @@ typedef uint16_t qv16 __attribute__((vector_size(QL * sizeof(uint16_t))));
 typedef int8_t qvs8 __attribute__((vector_size(QL)));
 typedef uint8_t qvu8 __attribute__((vector_size(QL)));
 
-enum { QW_BF16, QW_F16, QW_I8, QW_I4 };
+enum { QW_BF16, QW_F16, QW_I8, QW_I4, QW_F32 /* bf16-input GEMMs only */ };
 
 static inline qv qload(const float* p) { qv x; memcpy(&x, p, sizeof x); return x; }
 static inline void qstore(float* p, qv x) { memcpy(p, &x, sizeof x); }
@@ -862,7 +862,9 @@ static int compact(const DLTensor* t) { /* row-major contiguous (strides absent 
   return 1;
 }
 
-static int run_qmatmul(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
+/* bf16_inputs: vlmc_qmatmul_bf16 (below), which takes float32 weights too */
+static int qmatmul_bf16_inputs(const QMat* q, const float* x, float* out);
+static int run_qmatmul(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret, int bf16_inputs) {
   ret->type_index = kTVMFFINone; ret->zero_padding = 0; ret->v_int64 = 0;
   if (n != 3 && n != 4) return fail("vlmc_qmatmul: expected (x, w, out) or (x, w, scale, out)");
   DLTensor *X = as_dl(args), *W = as_dl(args + 1), *S = n == 4 ? as_dl(args + 2) : 0, *O = as_dl(args + n - 1);
@@ -875,7 +877,9 @@ static int run_qmatmul(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
   else if (wt.code == kDLFloat && wt.bits == 16) kind = QW_F16;
   else if (wt.code == kDLInt && wt.bits == 8) kind = QW_I8;
   else if (wt.code == kDLUInt && wt.bits == 8) kind = QW_I4;
-  else return fail("vlmc_qmatmul: weights must be bfloat16, float16, int8 or uint8 (packed int4)");
+  else if (bf16_inputs && is_f32(W)) kind = QW_F32;
+  else return fail(bf16_inputs ? "vlmc_qmatmul_bf16: weights must be float32, bfloat16, float16, int8 or uint8 (packed int4)"
+                               : "vlmc_qmatmul: weights must be bfloat16, float16, int8 or uint8 (packed int4)");
   const int scaled = kind == QW_I8 || kind == QW_I4;
   if (scaled != (n == 4))
     return fail(scaled ? "vlmc_qmatmul: int8/int4 weights take (x, w, scale, out)"
@@ -906,6 +910,7 @@ static int run_qmatmul(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
   if (K == 0) { memset(out, 0, sizeof(float) * M * N); return 0; }
   const QMat q = {kind, M, N, K, G, K / G, data_of(W), scaled ? (const float*)data_of(S) : 0};
   const float* x = (const float*)data_of(X);
+  if (bf16_inputs) return qmatmul_bf16_inputs(&q, x, out) ? fail("vlmc_qmatmul_bf16: out of memory") : 0;
   if (M > 16) return qmatmul_blocks(&q, x, out) ? fail("vlmc_qmatmul: out of memory") : 0;
   float* xp = 0;
   const int i4_fold = kind == QW_I4 && M == 1 && q.group % I4F_CHUNK == 0;
@@ -931,7 +936,138 @@ static int run_qmatmul(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret) {
 }
 
 __attribute__((visibility("default")))
-int __tvm_ffi_vlmc_qmatmul(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) { return run_qmatmul(a, n, r); }
+int __tvm_ffi_vlmc_qmatmul(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) { return run_qmatmul(a, n, r, 0); }
+
+/* ---- bf16 GEMM inputs (backend.compute: bf16) --------------------------------------------------------------------
+ * vlmc_qmatmul_bf16(x, w[, scale], out): vlmc_qmatmul's product with both inputs rounded to bf16 (nearest even; NaN
+ * stays NaN) before it: out = bf16(x) @ bf16(W)^T, W the weight as vlmc_qmatmul defines it (float32 weights too; int8
+ * and int4: bf16(q * s)). Every product of two bf16 values is exact in fp32, so the result is the exact product
+ * up to fp32 accumulation order. Two paths, the same numbers:
+ *   mkl:  MKL's cblas_gemm_bf16bf16f32 (in torch's libtorch_cpu, opened on first use): AMX / AVX512-BF16 kernels
+ *         on Intel CPUs (measured 5x OpenBLAS fp32 on a Sapphire Rapids core). MKL has no fast path on other
+ *         vendors' CPUs (0.2-0.7x fp32 measured on an AMD EPYC), so it is the default on Intel CPUs with bf16
+ *         instructions only.
+ *   fp32: the rounded values widened to fp32 and multiplied by the BLAS sgemm (no speed-up; for every other host).
+ * VLMC_BF16_GEMM=mkl|fp32 overrides the choice (mkl falls back to fp32 when MKL cannot be opened). Work is split
+ * as in qmatmul_blocks: threads take blocks of weight rows, each call single-threaded. */
+#include <dlfcn.h>
+typedef void (*gemm_bf16_fn)(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
+                             float*, int);
+static gemm_bf16_fn mkl_gemm_bf16;
+static int (*mkl_threads_local)(int);
+enum { BF16_MKL = 1, BF16_FP32 = 2 };
+static int mkl_state; /* 0: not tried, 1: opened, 2: unavailable */
+static int intel_bf16 = -1;
+
+/* VLMC_BF16_GEMM is read on every call (a test or a benchmark may switch it); MKL is opened once */
+static int choose_bf16_path(void) {
+  const char* env = getenv("VLMC_BF16_GEMM");
+  int want_mkl;
+  if (env && !strcmp(env, "mkl")) want_mkl = 1;
+  else if (env && !strcmp(env, "fp32")) want_mkl = 0;
+  else {
+    if (intel_bf16 < 0) {
+      __builtin_cpu_init();
+      intel_bf16 = __builtin_cpu_is("intel") && (__builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16"));
+    }
+    want_mkl = intel_bf16;
+  }
+  if (!want_mkl) return BF16_FP32;
+#pragma omp critical(vlmc_mkl_open)
+  if (!mkl_state) {
+    mkl_state = 2;
+#ifdef VLMC_MKL_LIB
+    void* lib = dlopen(VLMC_MKL_LIB, RTLD_NOW | RTLD_LOCAL);
+    if (lib) {
+      mkl_threads_local = (int (*)(int))dlsym(lib, "MKL_Set_Num_Threads_Local");
+      mkl_gemm_bf16 = (gemm_bf16_fn)dlsym(lib, "cblas_gemm_bf16bf16f32");
+      if (mkl_gemm_bf16 && mkl_threads_local) mkl_state = 1;
+    }
+#endif
+  }
+  return mkl_state == 1 ? BF16_MKL : BF16_FP32;
+}
+
+static inline uint16_t bf16_rne(float f) {
+  uint32_t b;
+  memcpy(&b, &f, 4);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch rounds it */
+  return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1)) >> 16);
+}
+static void round_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_rne(src[i]);
+}
+static void round_in_fp32(const float* src, float* dst, int64_t n) { /* bf16(src) widened back */
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(bf16_rne(src[i]));
+}
+
+/* rows [n0, n0 + rows) of W rounded to bf16: as bf16 bits in b16 (mkl), else widened in f32 */
+static void qw_block_bf16(const QMat* q, int64_t n0, int64_t rows, float* f32, uint16_t* b16) {
+  const int64_t len = rows * q->K;
+  const float* src = (const float*)q->w + n0 * q->K; /* float32 weights: rounded straight from the parameter */
+  if (q->kind != QW_F32) { qw_dequant(q, n0, rows, f32); src = f32; }
+  if (b16) round_to_bf16(src, b16, len);
+  else round_in_fp32(src, f32, len);
+}
+
+static int qmatmul_bf16_inputs(const QMat* q, const float* x, float* out) {
+  const int64_t M = q->M, N = q->N, K = q->K;
+  const int path = choose_bf16_path(), mkl = path == BF16_MKL;
+  const int threads = omp_get_max_threads();
+  const int serial = 2. * M * N * K < SPLIT_MIN_FLOPS || threads == 1;
+  void* xr = malloc((mkl ? sizeof(uint16_t) : sizeof(float)) * M * K);
+  if (!xr) return 1;
+#pragma omp parallel for schedule(static) if (!serial)
+  for (int64_t m = 0; m < M; ++m) {
+    if (mkl) round_to_bf16(x + m * K, (uint16_t*)xr + m * K, K);
+    else round_in_fp32(x + m * K, (float*)xr + m * K, K);
+  }
+  int64_t rows = QBLOCK_BYTES / (int64_t)sizeof(float) / K / SPLIT_ALIGN * SPLIT_ALIGN;
+  rows = rows < SPLIT_ALIGN ? SPLIT_ALIGN : rows;
+  const int64_t n16 = (N + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
+  rows = rows > n16 ? n16 : rows;
+  const int64_t blocks = (N + rows - 1) / rows;
+  int64_t mparts = blocks >= threads ? 1 : (threads + blocks - 1) / blocks;
+  if (mparts > M / 16) mparts = M / 16 > 1 ? M / 16 : 1;
+  const int direct = mkl && q->kind == QW_BF16; /* MKL reads stored bf16 weights in place */
+  int failed = 0;
+#pragma omp parallel if (!serial) reduction(|| : failed)
+  {
+    float* f32 = direct || (mkl && q->kind == QW_F32) ? 0 : (float*)aligned_alloc(64, (sizeof(float) * rows * K + 63) / 64 * 64);
+    uint16_t* b16 = mkl && !direct ? (uint16_t*)aligned_alloc(64, (sizeof(uint16_t) * rows * K + 63) / 64 * 64) : 0;
+    int64_t have = -1;
+    if (mkl) mkl_threads_local(1);
+    else blas_thread_init();
+    failed = (!f32 && !direct && !(mkl && q->kind == QW_F32)) || (mkl && !direct && !b16);
+#pragma omp for schedule(dynamic)
+    for (int64_t it = 0; it < blocks * mparts; ++it) {
+      if (failed) continue;
+      const int64_t b = it / mparts, p = it % mparts, n0 = b * rows, nr = N - n0 < rows ? N - n0 : rows;
+      const int64_t m0 = M * p / mparts, m1 = M * (p + 1) / mparts;
+      if (!direct && have != b) { qw_block_bf16(q, n0, nr, f32, b16); have = b; }
+      if (mkl)
+        mkl_gemm_bf16(101, 111, 112, (int)(m1 - m0), (int)nr, (int)K, 1.f, (const uint16_t*)xr + m0 * K, (int)K,
+                      direct ? (const uint16_t*)q->w + n0 * K : b16, (int)K, 0.f, out + m0 * N + n0, (int)N);
+      else
+        gemm_ld(1, m1 - m0, nr, K, 1.f, (const float*)xr + m0 * K, K, f32, K, out + m0 * N + n0, N);
+    }
+    free(f32);
+    free(b16);
+  }
+  free(xr);
+  return failed;
+}
+
+__attribute__((visibility("default")))
+int __tvm_ffi_vlmc_qmatmul_bf16(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) {
+  return run_qmatmul(a, n, r, 1);
+}
+/* which path vlmc_qmatmul_bf16 takes in this process: 1 mkl, 2 fp32 */
+__attribute__((visibility("default")))
+int __tvm_ffi_vlmc_bf16_gemm_path(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) {
+  r->type_index = kTVMFFIInt; r->zero_padding = 0; r->v_int64 = choose_bf16_path();
+  return 0;
+}
 
 /* ---- decode attention over a low-precision KV cache: vlmc_cache_attention --------------------------------------
  * Work item: one (batch row, kv head), a block of its query rows (the group's heads x S positions, row r = head
