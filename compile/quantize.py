@@ -59,6 +59,7 @@ class Scheme:
     group_size: int | str | None = None  # None: the format's default
     kv_cache: str = "fp32"
     skip: tuple[str, ...] = field(default_factory=tuple)
+    compute: str = "fp32"  # GEMM input precision of the prompt / vision graphs (backend.compute; not in to_dict)
 
     @property
     def group(self) -> int | None:
@@ -69,6 +70,11 @@ class Scheme:
     @property
     def quantizes_weights(self) -> bool:
         return self.weights != "fp32"
+
+    @property
+    def changes_numerics(self) -> bool:
+        """Whether the graph computes other than the fp32 checkpoint would (weights, KV cache or GEMM inputs)."""
+        return self.quantizes_weights or self.kv_cache != "fp32" or self.compute != "fp32"
 
     def skips(self, name: str, parts: Iterable[str] = ()) -> bool:
         """Whether the layer `name` (a deploy-model module path; `parts`: the checkpoint layers fused into it) stays
@@ -82,10 +88,10 @@ class Scheme:
         return {**out, "kv_cache": self.kv_cache} if kv_cache else out
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "Scheme":
+    def from_dict(cls, data: dict | None, compute: str = "fp32") -> "Scheme":
         data = dict(data or {})
         data["skip"] = tuple(data.get("skip") or ())
-        return cls(**data)
+        return cls(**data, compute=compute)
 
 
 # ----------------------------------------------------------------------------------------------------- numerics

@@ -43,13 +43,15 @@ def quant_visual(checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("quant_visual")
     built = {}
 
-    def get(weights):
-        if weights not in built:
-            yaml = root / f"visual_{weights}.yaml"
-            yaml.write_text(f"name: visual_{weights}\nkind: visual\nfrontend: {{max_patches: 256, patch_buckets: []}}\n"
+    def get(weights, compute="fp32"):
+        if (weights, compute) not in built:
+            name = f"visual_{weights}_{compute}"
+            yaml = root / f"{name}.yaml"
+            yaml.write_text(f"name: {name}\nkind: visual\nfrontend: {{max_patches: 256, patch_buckets: []}}\n"
+                            f"backend: {{compute: {compute}}}\n"
                             f"quantize: {VISUAL_QUANTIZE.get(weights, '{weights: ' + weights + '}')}\n")
-            built[weights] = compile_in_process(yaml, checkpoints["tiny"], root)
-        return built[weights]
+            built[weights, compute] = compile_in_process(yaml, checkpoints["tiny"], root)
+        return built[weights, compute]
 
     return get
 
@@ -93,3 +95,45 @@ def test_tier_a_parity(checkpoints, quant_visual, quant_image, tmp_path, weights
     assert "tier B" in (report / "report.md").read_text()
     if weights == "int4":  # round-to-nearest int4 on random weights: far from the unquantized model (tier B)
         assert quality["kl_mean"] > 1e-4
+
+
+# bf16 GEMM inputs (backend.compute: bf16) with fp32 weights at tp 1, and with int8 weights and an int8 KV cache at
+# tp 2 (its reference: the deploy model in PyTorch, bf16 inputs in the prompt step only); on both kernel paths.
+@pytest.mark.parametrize("weights,kv_cache,tp,path", [("fp32", "fp32", 1, "mkl"), ("int8", "int8", 2, "fp32")])
+def test_tier_a_parity_bf16_gemm_inputs(checkpoints, quant_visual, quant_image, tmp_path, monkeypatch, weights,
+                                        kv_cache, tp, path):
+    from vlmc.eval.parity import THRESHOLDS
+
+    monkeypatch.setenv("VLMC_BF16_GEMM", path)  # the parity command runs in a child process: it inherits this
+    visual = quant_visual(weights, "bf16")
+    llm = compile_in_process("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / "ws", "--max-prefill", 128,
+                             "--max-context", 192, "--tp", tp, "--weights", weights, "--kv-cache", kv_cache,
+                             "--compute", "bf16")
+    for artifact in (visual, llm):
+        assert json.loads((artifact / "manifest.json").read_text())["compute"] == "bf16"
+    report = tmp_path / "report"
+    proc = vlmc("eval", "parity", "--checkpoint", checkpoints["tiny"], "--model", llm, "--vit_model", visual,
+                "--image", quant_image, "--max-new-tokens", 8, "--report", report, check=False)
+    data = json.loads((report / "parity.json").read_text())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert data["compute"] == {"visual": "bf16", "llm": "bf16"}
+    limits = THRESHOLDS["bf16"]
+    print(f"bf16 GEMM inputs, {weights} weights, {kv_cache} KV, tp {tp}, {path} path: image embedding",
+          data["image_embedding_rel_error"], "prefill logits", data["prefill_logits"]["rel_error"],
+          "decode logits (worst)", max(s["rel_error"] for s in data["decode_logits"]))
+    assert data["image_embedding_rel_error"][0] <= limits["embedding_rel"]
+    assert data["prefill_logits"]["rel_error"] <= limits["logits_rel"] and data["greedy"]["identical_tokens"] == 8
+    assert ("deploy model" in data["reference"]) == (kv_cache != "fp32")
+    assert "GEMM inputs: visual bf16, LLM prompt bf16" in (report / "report.md").read_text()
+
+
+def test_bf16_gemm_inputs_round(quant_visual, quant_image):
+    """The bf16 visual graph is not the fp32 one: its embeddings differ from the fp32 artifact's by about bf16's
+    rounding (the rounding is applied, and no more than that)."""
+    from vlmc.runtime.visual.runtime import VisualRuntime
+
+    embeds = {}
+    for compute in ("fp32", "bf16"):
+        embeds[compute] = VisualRuntime(quant_visual("fp32", compute)).encode(str(quant_image)).embeddings
+    rel = float(abs(embeds["bf16"] - embeds["fp32"]).max() / abs(embeds["fp32"]).max())
+    assert 1e-3 < rel < 5e-2, rel

@@ -180,3 +180,49 @@ def fake_quantize_modules(vision: dict, text, lm_head, vision_scheme, text_schem
             deploy, fused = deploy_name(prefix + name)
             if not scheme.skips(deploy, fused):
                 module.weight.copy_(effective_weight(module.weight, scheme, deploy))
+    # bf16 GEMM inputs (backend.compute): every layer of the visual artifact, on every call (the tower runs on
+    # prompts only); the text model's layers (not the lm_head: logits stay fp32) in forwards over more than one
+    # token, i.e. the prompt, which vlmc runs through its prompt graphs (decode steps keep fp32 inputs)
+    if vision_scheme is not None and vision_scheme.compute == "bf16":
+        for root in vision.values():
+            _bf16_gemm_inputs(root, lambda: True)
+    if text_scheme is not None and text_scheme.compute == "bf16":
+        _bf16_gemm_inputs(text, _prompt_flag(text))
+
+
+def _prompt_flag(text):
+    """A function telling whether the text model's current forward is over more than one token."""
+    state = {"prompt": False}
+
+    def hook(module, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        x = kwargs.get("input_ids") if x is None else x
+        x = args[0] if x is None and args else x
+        state["prompt"] = x is not None and x.shape[1] > 1
+
+    text.register_forward_pre_hook(hook, with_kwargs=True)
+    return lambda: state["prompt"]
+
+
+def _bf16_gemm_inputs(root, active) -> None:
+    """Every linear / patch-convolution layer under `root` rounds its input and its weight to bf16 (nearest even)
+    while `active()`, computing in fp32 otherwise: vlmc::qmatmul_bf16's numerics in transformers' own layers."""
+    import torch.nn as nn
+
+    from ....compile.quantize import bf16_round
+
+    for module in root.modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+            continue
+
+        def forward(x, *args, _module=module, _forward=module.forward, **kwargs):
+            if not active():
+                return _forward(x, *args, **kwargs)
+            weight = _module.weight.data
+            _module.weight.data = bf16_round(weight)
+            try:
+                return _forward(bf16_round(x), *args, **kwargs)
+            finally:
+                _module.weight.data = weight
+
+        module.forward = forward
