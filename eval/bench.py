@@ -178,8 +178,13 @@ def _timers_vlmc(args: dict):
         return step
 
     def final() -> dict:
+        from ..runtime.artifact import bf16_gemm_path
+
+        computes = {pipe.llm.manifest.get("compute", "fp32"), pipe.visual.manifest.get("compute", "fp32")}
         return {"weight_bytes_per_token": _weight_bytes(pipe.llm),
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                # how this process ran the bf16-input GEMMs (mkl or fp32), if any
+                "bf16_gemm_path": bf16_gemm_path(next(pipe.llm.path.glob("*.so"))) if "bf16" in computes else None}
 
     timers = {"vision_encode_s": vision, "ttft_s": ttft, "decode_s": decode,
               "decode_step_short_s": decode_step(args["short_context"]),
@@ -324,7 +329,9 @@ def run_bench(args: dict) -> dict:
     precision = {"llm": llm_manifest.get("quantize", {}), "visual": visual_manifest.get("quantize", {}),
                  "llm_weight_bytes": results["vlmc"]["weight_bytes_per_token"],
                  "visual_weight_bytes": visual_manifest.get("weight_bytes"),
-                 "kv_cache_bytes_per_token": llm_manifest.get("kv_cache_bytes_per_token")}
+                 "kv_cache_bytes_per_token": llm_manifest.get("kv_cache_bytes_per_token"),
+                 "compute": {"llm": llm_manifest.get("compute", "fp32"), "visual": visual_manifest.get("compute", "fp32")},
+                 "bf16_gemm_path": results["vlmc"].pop("bf16_gemm_path", None)}
     ratios = {k: results["vlmc"][k] / results["transformers"][k] for k, _ in METRICS
               if results["transformers"].get(k)}
     return {"inputs": args, "device": args.get("device", "cpu"), "transformers": results["transformers"],
@@ -350,6 +357,10 @@ def format_table(report: dict) -> str:
         rows.append(f"| weights (LLM / visual), KV cache | | {llm.get('weights', 'fp32')} / "
                     f"{p['visual'].get('weights', 'fp32')}, {llm.get('kv_cache', 'fp32')} | |")
         rows.append(f"| LLM weight bytes (MB) | | {p['llm_weight_bytes'] / 1e6:.4g} | |")
+        compute = p.get("compute", {})
+        if "bf16" in compute.values():
+            rows.append(f"| GEMM inputs (LLM prompt / visual) | | {compute['llm']} / {compute['visual']} "
+                        f"({p['bf16_gemm_path']} kernels) | |")
         if p.get("kv_cache_bytes_per_token"):
             rows.append(f"| KV cache bytes per token | | {p['kv_cache_bytes_per_token']} | |")
     rows.append(f"| decode floor: weight bytes / bandwidth (s) | | {report['decode_floor_s']:.3g} | |")

@@ -172,3 +172,19 @@ def test_encode_writes_every_output_group(family_checkpoint, family_artifacts, f
         assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max(), group
     assert sorted(p.name for p in tmp_path.glob("emb*.npy")) == sorted(
         "emb.npy" if g == "embeddings" else f"emb.{g}.npy" for g in want)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_parity_with_bf16_gemm_inputs(family_checkpoint, family_images, tmp_path, arch):
+    """backend.compute: bf16 on each family (Qwen3-VL: its deepstack mergers too): tier A against transformers
+    rounding the same layers' inputs, within the bf16 thresholds, greedy tokens identical."""
+    from vlmc.eval.parity import failures, run_parity
+
+    ck = family_checkpoint(arch, "tiny")
+    visual = compile_artifact(f"{arch}_visual.yaml", ck, tmp_path, "--max-patches", 512, "--compute", "bf16")
+    llm = compile_artifact(f"{arch}_llm.yaml", ck, tmp_path, "--max-prefill", 256, "--max-context", 320,
+                           "--compute", "bf16")
+    report = run_parity(ck, str(llm), str(visual), [str(family_images[0])], "Describe the image.", 16)
+    assert report["compute"] == {"visual": "bf16", "llm": "bf16"}
+    assert not failures(report), failures(report)
+    assert report["greedy"]["identical_tokens"] == 16

@@ -205,3 +205,19 @@ def test_budgets_of_the_other_kind_are_refused(tiled_checkpoint, tiled_artifacts
     proc = vlmc("serve", "--model", llm, "--vit_model", visual, "--port", 0, "--max_pixels", 10000, check=False,
                 timeout=120)
     assert proc.returncode == 2 and "tiles" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("arch,text", [("internvl", "qwen2"), ("smolvlm", "qwen3")])
+def test_parity_with_bf16_gemm_inputs(tiled_checkpoint, tiled_images, tmp_path, arch, text):
+    """backend.compute: bf16 on the tiling families (their projector / connector included): tier A within the bf16
+    thresholds, greedy tokens identical."""
+    from vlmc.eval.parity import failures, run_parity
+
+    ck = tiled_checkpoint(arch, text, "tiny")
+    visual = compile_artifact(f"{arch}_visual.yaml", ck, tmp_path, "--compute", "bf16")
+    llm = compile_artifact(f"{arch}_llm.yaml", ck, tmp_path, "--max-prefill", 256, "--max-context", 320,
+                           "--compute", "bf16")
+    report = run_parity(ck, str(llm), str(visual), [str(tiled_images[0])], "Describe the image.", 16)
+    assert report["compute"] == {"visual": "bf16", "llm": "bf16"}
+    assert not failures(report), failures(report)
+    assert report["greedy"]["identical_tokens"] == 16
