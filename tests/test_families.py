@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from compiled import BUILD, compile_artifact, generate_json, vlmc
+from compiled import BUILD, assert_bf16_gemm_parity, compile_artifact, generate_json, vlmc
 from conftest import random_image, write_video
 
 FAMILIES = ["qwen2_vl", "qwen3_vl"]
@@ -176,15 +176,5 @@ def test_encode_writes_every_output_group(family_checkpoint, family_artifacts, f
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_parity_with_bf16_gemm_inputs(family_checkpoint, family_images, tmp_path, arch):
-    """backend.compute: bf16 on each family (Qwen3-VL: its deepstack mergers too): tier A against transformers
-    rounding the same layers' inputs, within the bf16 thresholds, greedy tokens identical."""
-    from vlmc.eval.parity import failures, run_parity
-
-    ck = family_checkpoint(arch, "tiny")
-    visual = compile_artifact(f"{arch}_visual.yaml", ck, tmp_path, "--max-patches", 512, "--compute", "bf16")
-    llm = compile_artifact(f"{arch}_llm.yaml", ck, tmp_path, "--max-prefill", 256, "--max-context", 320,
-                           "--compute", "bf16")
-    report = run_parity(ck, str(llm), str(visual), [str(family_images[0])], "Describe the image.", 16)
-    assert report["compute"] == {"visual": "bf16", "llm": "bf16"}
-    assert not failures(report), failures(report)
-    assert report["greedy"]["identical_tokens"] == 16
+    """backend.compute: bf16 on each family (Qwen3-VL: its deepstack mergers too)."""
+    assert_bf16_gemm_parity(arch, family_checkpoint(arch, "tiny"), tmp_path, family_images[0], ("--max-patches", 512))

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from compiled import BUILD, compile_artifact, generate_json, vlmc
+from compiled import BUILD, assert_bf16_gemm_parity, compile_artifact, generate_json, vlmc
 from conftest import random_image
 
 # (architecture, text model); each on both presets, Idefics3 on the tiny one
@@ -209,15 +209,5 @@ def test_budgets_of_the_other_kind_are_refused(tiled_checkpoint, tiled_artifacts
 
 @pytest.mark.parametrize("arch,text", [("internvl", "qwen2"), ("smolvlm", "qwen3")])
 def test_parity_with_bf16_gemm_inputs(tiled_checkpoint, tiled_images, tmp_path, arch, text):
-    """backend.compute: bf16 on the tiling families (their projector / connector included): tier A within the bf16
-    thresholds, greedy tokens identical."""
-    from vlmc.eval.parity import failures, run_parity
-
-    ck = tiled_checkpoint(arch, text, "tiny")
-    visual = compile_artifact(f"{arch}_visual.yaml", ck, tmp_path, "--compute", "bf16")
-    llm = compile_artifact(f"{arch}_llm.yaml", ck, tmp_path, "--max-prefill", 256, "--max-context", 320,
-                           "--compute", "bf16")
-    report = run_parity(ck, str(llm), str(visual), [str(tiled_images[0])], "Describe the image.", 16)
-    assert report["compute"] == {"visual": "bf16", "llm": "bf16"}
-    assert not failures(report), failures(report)
-    assert report["greedy"]["identical_tokens"] == 16
+    """backend.compute: bf16 on the tiling families (their projector / connector included)."""
+    assert_bf16_gemm_parity(arch, tiled_checkpoint(arch, text, "tiny"), tmp_path, tiled_images[0])

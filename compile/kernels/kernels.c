@@ -816,12 +816,11 @@ static void qw_dequant(const QMat* q, int64_t n0, int64_t rows, float* buf) {
 
 #define QBLOCK_BYTES (1 << 20) /* fp32 weight block per thread for the GEMM path (about L2-sized) */
 
-/* M > 16: threads take blocks of weight rows dynamically, widen each into their own buffer and multiply it with a
- * single-threaded BLAS GEMM (when there are fewer blocks than threads, x's rows are split too). Returns nonzero
- * when out of memory. */
-static int qmatmul_blocks(const QMat* q, const float* x, float* out) {
+/* How the GEMM paths split a product: blocks of `rows` weight rows (about QBLOCK_BYTES of fp32, whole cache lines
+ * of the output), and x's rows in `mparts` parts when there are fewer blocks than threads. */
+typedef struct { int64_t rows, blocks, mparts; } BlockPlan;
+static BlockPlan block_plan(const QMat* q, int threads) {
   const int64_t M = q->M, N = q->N, K = q->K;
-  const int threads = omp_get_max_threads();
   int64_t rows = QBLOCK_BYTES / (int64_t)sizeof(float) / K / SPLIT_ALIGN * SPLIT_ALIGN;
   rows = rows < SPLIT_ALIGN ? SPLIT_ALIGN : rows;
   const int64_t n16 = (N + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
@@ -829,6 +828,17 @@ static int qmatmul_blocks(const QMat* q, const float* x, float* out) {
   const int64_t blocks = (N + rows - 1) / rows;
   int64_t mparts = blocks >= threads ? 1 : (threads + blocks - 1) / blocks;
   if (mparts > M / 16) mparts = M / 16 > 1 ? M / 16 : 1;
+  return (BlockPlan){rows, blocks, mparts};
+}
+
+/* M > 16: threads take blocks of weight rows dynamically, widen each into their own buffer and multiply it with a
+ * single-threaded BLAS GEMM (when there are fewer blocks than threads, x's rows are split too). Returns nonzero
+ * when out of memory. */
+static int qmatmul_blocks(const QMat* q, const float* x, float* out) {
+  const int64_t M = q->M, N = q->N, K = q->K;
+  const int threads = omp_get_max_threads();
+  const BlockPlan bp = block_plan(q, threads);
+  const int64_t rows = bp.rows, blocks = bp.blocks, mparts = bp.mparts;
   const int serial = 2. * M * N * K < SPLIT_MIN_FLOPS || threads == 1;
   int failed = 0;
 #pragma omp parallel if (!serial) reduction(|| : failed)
@@ -1022,13 +1032,8 @@ static int qmatmul_bf16_inputs(const QMat* q, const float* x, float* out) {
     if (mkl) round_to_bf16(x + m * K, (uint16_t*)xr + m * K, K);
     else round_in_fp32(x + m * K, (float*)xr + m * K, K);
   }
-  int64_t rows = QBLOCK_BYTES / (int64_t)sizeof(float) / K / SPLIT_ALIGN * SPLIT_ALIGN;
-  rows = rows < SPLIT_ALIGN ? SPLIT_ALIGN : rows;
-  const int64_t n16 = (N + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
-  rows = rows > n16 ? n16 : rows;
-  const int64_t blocks = (N + rows - 1) / rows;
-  int64_t mparts = blocks >= threads ? 1 : (threads + blocks - 1) / blocks;
-  if (mparts > M / 16) mparts = M / 16 > 1 ? M / 16 : 1;
+  const BlockPlan bp = block_plan(q, threads);
+  const int64_t rows = bp.rows, blocks = bp.blocks, mparts = bp.mparts;
   const int direct = mkl && q->kind == QW_BF16; /* MKL reads stored bf16 weights in place */
   int failed = 0;
 #pragma omp parallel if (!serial) reduction(|| : failed)

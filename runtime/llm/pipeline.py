@@ -179,4 +179,7 @@ class Pipeline:
         return {"weights": quant.get("weights", "fp32"), "kv_cache": quant.get("kv_cache", "fp32"),
                 "kv_cache_bytes_per_token": self.llm.manifest.get("kv_cache_bytes_per_token"),
                 "visual_weights": (self.visual.manifest.get("quantize", {}).get("weights", "fp32")
-                                   if self.visual else None)}
+                                   if self.visual else None),
+                # GEMM input precision of the prompt graphs and of the visual graphs (backend.compute)
+                "compute": self.llm.manifest.get("compute", "fp32"),
+                "visual_compute": self.visual.manifest.get("compute", "fp32") if self.visual else None}
