@@ -125,7 +125,8 @@ def test_tier_a_parity_bf16_gemm_inputs(checkpoints, quant_visual, quant_image, 
     assert data["prefill_logits"]["rel_error"] <= limits["logits_rel"] and data["greedy"]["identical_tokens"] == 8
     assert ("deploy model" in data["reference"]) == (kv_cache != "fp32")
     assert "GEMM inputs: visual bf16, LLM prompt bf16" in (report / "report.md").read_text()
-    out = generate_json("--model", llm, "--vit_model", visual, "--image", quant_image, "--max-new-tokens", 2)
+    out = generate_json("--model", llm, "--vit_model", visual, "--image", quant_image, "--prompt", "Describe.",
+                        "--max-new-tokens", 2)
     assert (out["precision"]["compute"], out["precision"]["visual_compute"]) == ("bf16", "bf16")
 
 
