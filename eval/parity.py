@@ -249,9 +249,13 @@ def _deploy_reference(arch, checkpoint, scheme, pipe, embeds, extras, positions,
     config = arch.load_config(checkpoint).text_config
     step = TorchStep(arch.load_language_model(checkpoint, config, scheme=scheme))
 
-    def with_compute(compute):  # the prompt graphs' GEMM inputs, and the decode graph's
+    current = {"compute": None}
+
+    def with_compute(compute):  # the prompt graphs' GEMM inputs, and the decode graph's (set when they change)
         def call(*arrays):
-            set_compute(step.module, compute, keep=FP32_LAYERS)
+            if current["compute"] != compute:
+                set_compute(step.module, compute, keep=FP32_LAYERS)
+                current["compute"] = compute
             return step(*arrays)
         return call
 

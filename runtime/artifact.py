@@ -52,7 +52,6 @@ def quick_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-
 def read_manifest(folder: str | Path, kind: str | None = None, verify: bool = False) -> dict:
     """Load and check an artifact's manifest and every listed file's size and quick hash (see quick_sha256);
     `verify` checks each file's full sha256 too (`vlmc verify`, `--verify`)."""
@@ -229,4 +228,3 @@ def bf16_gemm_path(library: str | os.PathLike) -> str:
 
     path = tvm.runtime.load_module(str(library)).get_function("vlmc_bf16_gemm_path", query_imports=True)()
     return {1: "mkl", 2: "fp32"}[int(path)]
-

@@ -1015,7 +1015,11 @@ static void round_in_fp32(const float* src, float* dst, int64_t n) { /* bf16(src
 static void qw_block_bf16(const QMat* q, int64_t n0, int64_t rows, float* f32, uint16_t* b16) {
   const int64_t len = rows * q->K;
   const float* src = (const float*)q->w + n0 * q->K; /* float32 weights: rounded straight from the parameter */
-  if (q->kind != QW_F32) { qw_dequant(q, n0, rows, f32); src = f32; }
+  if (q->kind != QW_F32) {
+    qw_dequant(q, n0, rows, f32);
+    if (q->kind == QW_BF16 && !b16) return; /* widened bf16 values: already rounded */
+    src = f32;
+  }
   if (b16) round_to_bf16(src, b16, len);
   else round_in_fp32(src, f32, len);
 }
@@ -1035,15 +1039,18 @@ static int qmatmul_bf16_inputs(const QMat* q, const float* x, float* out) {
   const BlockPlan bp = block_plan(q, threads);
   const int64_t rows = bp.rows, blocks = bp.blocks, mparts = bp.mparts;
   const int direct = mkl && q->kind == QW_BF16; /* MKL reads stored bf16 weights in place */
+  /* per-thread buffers: fp32 for widened or dequantized rows (not needed when MKL reads the weights in place or
+   * rounds fp32 weights straight from the parameter), bf16 for the rows MKL reads */
+  const int need_f32 = !mkl || (q->kind != QW_BF16 && q->kind != QW_F32), need_b16 = mkl && !direct;
   int failed = 0;
 #pragma omp parallel if (!serial) reduction(|| : failed)
   {
-    float* f32 = direct || (mkl && q->kind == QW_F32) ? 0 : (float*)aligned_alloc(64, (sizeof(float) * rows * K + 63) / 64 * 64);
-    uint16_t* b16 = mkl && !direct ? (uint16_t*)aligned_alloc(64, (sizeof(uint16_t) * rows * K + 63) / 64 * 64) : 0;
+    float* f32 = need_f32 ? (float*)aligned_alloc(64, (sizeof(float) * rows * K + 63) / 64 * 64) : 0;
+    uint16_t* b16 = need_b16 ? (uint16_t*)aligned_alloc(64, (sizeof(uint16_t) * rows * K + 63) / 64 * 64) : 0;
     int64_t have = -1;
     if (mkl) mkl_threads_local(1);
     else blas_thread_init();
-    failed = (!f32 && !direct && !(mkl && q->kind == QW_F32)) || (mkl && !direct && !b16);
+    failed = (need_f32 && !f32) || (need_b16 && !b16);
 #pragma omp for schedule(dynamic)
     for (int64_t it = 0; it < blocks * mparts; ++it) {
       if (failed) continue;

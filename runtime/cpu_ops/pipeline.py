@@ -116,6 +116,15 @@ class HostSpec:
         return get_rope_index(input_ids, grids, self.text.image_token_id, self.image.merge_size, video_grids,
                               self.text.video_token_id, second_per_grid_ts, self.text.tokens_per_second)
 
+    def prompt(self, tokenizer, text: str, layouts, messages: list[dict] | None = None,
+               videos=()) -> tuple[np.ndarray, np.ndarray, int]:
+        """Token ids, position ids [3, seq] and rope delta of a prompt with images of `layouts` and `videos` (each a
+        VideoLayout or a PreparedVideo): prompt_ids and positions with the videos' grids and timing."""
+        video_grids = np.asarray([v.grid_thw for v in videos], np.int64).reshape(-1, 3)
+        ids = self.prompt_ids(tokenizer, text, layouts, messages, video_grids, [list(v.patch_times) for v in videos])
+        positions, delta = self.positions(ids, layouts, video_grids, [v.second_per_grid_t for v in videos])
+        return ids, positions, delta
+
     def prepare_video(self, source, request: VideoRequest | None = None, budget: int | None = None,
                       name: str | None = None) -> PreparedVideo:
         """A video (path, file:// URL, data: URI or bytes) -> its temporal patches, grid and timing; `budget`:
@@ -182,9 +191,5 @@ def prepare_prompt(tokenizer, spec: HostSpec, images, text: str, messages: list[
     empty = (0, 3, cfg.tile_size, cfg.tile_size) if spec.tiled else (0, cfg.patch_dim)
     pixel_values = np.concatenate(values, axis=0) if values else np.zeros(empty, np.float32)
     grids = np.asarray(grids, dtype=np.int64).reshape(-1, 3)
-    video_grids = np.asarray([v.grid_thw for v in prepared_videos], np.int64).reshape(-1, 3)
-    input_ids = spec.prompt_ids(tokenizer, text, grids, messages, video_grids,
-                                [v.patch_times for v in prepared_videos])
-    position_ids, delta = spec.positions(input_ids, grids, video_grids,
-                                         [v.second_per_grid_t for v in prepared_videos])
+    input_ids, position_ids, delta = spec.prompt(tokenizer, text, grids, messages, prepared_videos)
     return PreparedPrompt(pixel_values, grids, input_ids, position_ids, delta, prepared_videos)

@@ -132,6 +132,16 @@ class VideoRequest:
             raise VideoInputError(f"the video length limit must be positive, got {self.max_seconds}")
 
 
+@dataclass(frozen=True)
+class VideoLayout:
+    """What a prompt needs of a video (HostSpec.prompt): its grid, seconds per temporal patch (Qwen2.5-VL's
+    positions) and each temporal patch's time (Qwen3-VL's timestamps)."""
+
+    grid_thw: tuple[int, int, int]
+    second_per_grid_t: float
+    patch_times: tuple[float, ...] = ()
+
+
 @dataclass
 class PreparedVideo:
     pixel_values: np.ndarray  # [t * h * w, patch_dim]: temporal patches in the processor's order
@@ -145,6 +155,10 @@ class PreparedVideo:
     # seconds of each temporal patch: the mean of its first and last frame's (the last frame repeated to fill the
     # last patch), as Qwen3-VL's processor writes them before each patch
     patch_times: list[float] = field(default_factory=list)
+
+    @property
+    def layout(self) -> VideoLayout:
+        return VideoLayout(tuple(int(g) for g in self.grid_thw), self.second_per_grid_t, tuple(self.patch_times))
 
     def describe(self) -> dict:
         return {"grid_thw": [int(g) for g in self.grid_thw], "frames": len(self.frame_indices),

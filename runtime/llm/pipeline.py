@@ -131,12 +131,8 @@ class Pipeline:
         image_embeds, grids, info = self.encode_images(list(images), min_pixels, max_pixels)
         video_outputs, prepared, video_info = self.encode_videos(list(videos), video_request)
         t_visual = time.perf_counter() - t0
-        video_grids = np.asarray([v.grid_thw for v in prepared], np.int64).reshape(-1, 3)
-        input_ids = self.spec.prompt_ids(self.tokenizer, prompt, grids, messages, video_grids,
-                                         [v.patch_times for v in prepared])
+        input_ids, position_ids, delta = self.spec.prompt(self.tokenizer, prompt, grids, messages, prepared)
         self.engine.check_budget(len(input_ids), max_new_tokens)
-        position_ids, delta = self.spec.positions(input_ids, grids, video_grids,
-                                                  [v.second_per_grid_t for v in prepared])
         embeds = splice_image_embeddings(self.engine.embed.lookup(input_ids), input_ids,
                                          self.spec.text.image_token_id, image_embeds)
         if prepared:

@@ -26,8 +26,8 @@ def register(sub) -> None:
                    help="folder under which image_url and video_url may name local files (default: none "
                         "allowed)")
     p.add_argument("--allow-remote-media", dest="allow_remote_media", action="store_true",
-                   help="let image_url and video_url fetch http(s) URLs (off by default: the server would fetch any address a "
-                        "client names, including ones on its own network)")
+                   help="let image_url and video_url fetch http(s) URLs (off by default: the server would fetch "
+                        "any address a client names, including ones on its own network)")
     p.add_argument("--remote-media-timeout", dest="remote_media_timeout", type=float, default=10.0,
                    help="seconds allowed for one remote image or video download (default: 10)")
     p.add_argument("--remote-media-max-mb", dest="remote_media_max_mb", type=int, default=20,

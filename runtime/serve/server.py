@@ -285,7 +285,8 @@ class Engine:
         queue = asyncio.Queue()
         self.pending[request_id] = Pending(queue)
         await self.to_visual.send_pyobj({"id": request_id, "messages": messages, "images": images,
-                                         "videos": list(videos), "max_tokens": max_tokens, "sampling": sampling, "epoch": self.epoch})
+                                         "videos": list(videos), "max_tokens": max_tokens, "sampling": sampling,
+                                         "epoch": self.epoch})
         return queue
 
     def cancel(self, request_id: str, reason: str) -> None:

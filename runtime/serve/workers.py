@@ -53,7 +53,7 @@ class EmbeddingCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self.entries: OrderedDict[str, tuple[dict[str, np.ndarray], list[int]]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[dict[str, np.ndarray], object]] = OrderedDict()
 
     @staticmethod
     def key(image, settings: tuple) -> str:
@@ -80,7 +80,7 @@ class EmbeddingCache:
         return sum(a.nbytes for a in outputs.values())
 
     def put(self, key: str, outputs: dict[str, np.ndarray], grid) -> None:
-        """`grid`: what the LLM needs besides the outputs (an image's grid; a video's grid and timing)."""
+        """`grid`: what the LLM needs besides the outputs (an image's grid; a video's VideoLayout)."""
         if self._size(outputs) > self.max_bytes:
             return  # also covers max_bytes == 0 (cache disabled)
         self.entries[key] = (outputs, grid)
@@ -112,8 +112,7 @@ def visual_main(vit_model: str, requests_addr: str, llm_addr: str, results_addr:
     def encode_video(video):
         prepared = visual.prepare_video(video["data"], video["request"])
         outputs, _ = visual.encode_video(prepared)
-        return outputs, {"grid": [int(g) for g in prepared.grid_thw],
-                         "second_per_grid_t": prepared.second_per_grid_t, "patch_times": prepared.patch_times}
+        return outputs, prepared.layout
 
     def encode_cached(items, key_of, encode):
         """Each item's embeddings, other output groups and what the LLM needs besides (grid, timing), from the
@@ -206,17 +205,14 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
     def admit(req) -> None:
         slot = next(s for s in range(usable) if s not in running)
         try:
-            videos = req.get("videos") or []
-            video_grids = np.asarray([v["grid"] for v in videos], np.int64).reshape(-1, 3)
-            ids = spec.prompt_ids(tokenizer, "", req["grids"], req["messages"], video_grids,
-                                  [v["patch_times"] for v in videos])
+            videos = req.get("videos") or []  # VideoLayouts, from the visual worker
+            ids, positions, delta = spec.prompt(tokenizer, "", req["grids"], req["messages"], videos)
             max_tokens = req["max_tokens"] if req["max_tokens"] is not None else engine.context - len(ids)
             engine.check_budget(len(ids), max(max_tokens, 1))
         except (BudgetError, ValueError) as exc:
             code = "context_length_exceeded" if isinstance(exc, BudgetError) else "invalid_request"
             results.send_pyobj({"id": req["id"], "error": str(exc), "status": 400, "code": code})
             return
-        positions, delta = spec.positions(ids, req["grids"], video_grids, [v["second_per_grid_t"] for v in videos])
         embeds = splice_image_embeddings(engine.embed.lookup(ids), ids, image_id, req["image_embeds"])
         if videos:
             embeds = splice_image_embeddings(embeds, ids, spec.text.video_token_id, req["video_embeds"])
