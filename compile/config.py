@@ -224,6 +224,14 @@ class LLMModelKwargs(_Strict):
     tp: int = Field(default=1, ge=1)
     batch_size: int = Field(default=1, ge=1)  # decode batch (continuous batching)
     prefill_buckets: list[int] | None = None
+    decode_buckets: list[int] | None = None  # decode graphs' batch sizes (batch_size is always one)
+
+    @model_validator(mode="after")
+    def _decode_buckets(self):
+        for b in self.decode_buckets or []:
+            if not 1 <= b <= self.batch_size:
+                raise ValueError(f"decode bucket {b} must be between 1 and batch_size={self.batch_size}")
+        return self
 
 
 class LLMFrontend(_Strict):

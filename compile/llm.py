@@ -66,6 +66,15 @@ def prefill_buckets(cfg: LLMConfig) -> list[int]:
     return sorted(set(buckets) | {p})
 
 
+def decode_buckets(cfg: LLMConfig) -> list[int]:
+    """Batch sizes of the decode graphs: default 1, 2, 4, 8, ... below batch_size, and batch_size. A step runs
+    the smallest that holds the running sequences, so one stream on a batch-16 artifact costs a batch-1 step."""
+    kwargs = cfg.frontend.model_kwargs
+    batch = kwargs.batch_size
+    buckets = kwargs.decode_buckets or [2**i for i in range(batch.bit_length()) if 2**i < batch]
+    return sorted(set(buckets) | {batch})
+
+
 def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
     """Build the LLM artifact; returns its folder."""
     from . import tvm_backend
@@ -76,8 +85,9 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
 
     kwargs = cfg.frontend.model_kwargs
     tp, batch, context = kwargs.tp, kwargs.batch_size, cfg.frontend.context
-    buckets = prefill_buckets(cfg)
-    graphs = [(f"prefill_{s}", 1, s, 0) for s in buckets] + [("decode", batch, 1, context)]  # name, B, S, cache T
+    buckets, batches = prefill_buckets(cfg), decode_buckets(cfg)
+    graphs = ([(f"prefill_{s}", 1, s, 0) for s in buckets]  # name, B, S, cache T
+              + [(f"decode_{b}", b, 1, context) for b in batches])
     if tp > 1 and tvm_backend.target_device(cfg.backend.target) != "cpu":
         # The all-reduce is a torch.distributed (gloo) call on host memory; there is no GPU collective yet.
         raise VlmcError(f"tensor parallelism (tp={tp}) is supported on CPU targets only; compile for "
@@ -114,7 +124,9 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
             # prompt graphs take the architecture's extra per-token inputs (e.g. deepstack features) last
             extras = tuple(ranks[0].prefill_extras(s).values()) if not t else ()
             exported[name] = tvm_backend.export_module(ranks[0], graph_inputs(b, s, context=t, **dims) + extras)
-        param_names = list(exported["decode"].graph_signature.parameters)
+        param_names = list(exported[f"decode_{batch}"].graph_signature.parameters)
+        if any(list(ep.graph_signature.parameters) != param_names for ep in exported.values()):
+            raise VlmcError("internal error: the graphs of one artifact take their parameters in different orders")
     modules = {}
     with stages.stage("import into TVM"):
         for name, ep in exported.items():
@@ -139,7 +151,7 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
         write_manifest(tmp, {
             "kind": "llm", "name": cfg.name, "arch": arch_name, "checkpoint": str(checkpoint),
             "tp": tp, "max_prefill": cfg.frontend.max_prefill, "context": context, "prefill_buckets": buckets,
-            "batch_size": batch, "graphs": {n: {"batch": b, "seq": s, "cache": t} for n, b, s, t in graphs},
+            "batch_size": batch, "decode_buckets": batches, "graphs": {n: {"batch": b, "seq": s, "cache": t} for n, b, s, t in graphs},
             "layers": text.num_hidden_layers, "kv_heads_per_rank": plan.num_kv_heads, "head_dim": spec.text.head_dim,
             "hidden_size": text.hidden_size, "vocab_size": text.vocab_size, "param_names": param_names,
             # per-token visual features the prompt graphs take after the key ranges: [count, 1, S, hidden] each,

@@ -18,7 +18,10 @@ import numpy as np
 
 METRICS = [("vision_encode_s", "vision encode (s)"), ("ttft_s", "time to first token (s)"),
            ("decode_tokens_per_s", "decode tokens/s"), ("decode_step_short_s", "decode step, short context (s)"),
-           ("decode_step_long_s", "decode step, long context (s)"), ("peak_rss_mib", "peak memory (MiB)")]
+           ("decode_step_long_s", "decode step, long context (s)"),
+           # with the artifact's compiled batch > 1: one decode step of that many sequences at the short context
+           ("decode_step_streams_s", "decode step, all streams (s)"),
+           ("decode_tokens_per_s_streams", "decode tokens/s, all streams"), ("peak_rss_mib", "peak memory (MiB)")]
 
 
 PAUSE_S = 0.02  # between turns
@@ -120,14 +123,14 @@ def _timers_hf(args: dict):
         model.generate(**kwargs, do_sample=False, max_new_tokens=n, min_new_tokens=n, streamer=tokens)
         return tokens.times[-1] - tokens.times[1]  # first new token -> last: n - 1 decode steps
 
-    def decode_step(length: int):
+    def decode_step(length: int, batch: int = 1):
         cache = DynamicCache(config=model.config)
         for layer in range(text.num_hidden_layers):
-            kv = torch.randn(1, text.num_key_value_heads, length, head_dim, device=device)
+            kv = torch.randn(batch, text.num_key_value_heads, length, head_dim, device=device)
             cache.update(kv, kv.clone(), layer)
-        token = torch.tensor([[1]], device=device)
-        mask = torch.ones(1, length + 1, dtype=torch.long, device=device)
-        position_ids = torch.full((3, 1, 1), length, device=device)
+        token = torch.ones((batch, 1), dtype=torch.long, device=device)
+        mask = torch.ones(batch, length + 1, dtype=torch.long, device=device)
+        position_ids = torch.full((3, batch, 1), length, device=device)
 
         def step():
             model(input_ids=token, cache=cache, attention_mask=mask, position_ids=position_ids,
@@ -146,6 +149,8 @@ def _timers_hf(args: dict):
     timers = {"vision_encode_s": vision, "ttft_s": ttft, "decode_s": decode,
               "decode_step_short_s": decode_step(args["short_context"]),
               "decode_step_long_s": decode_step(args["long_context"])}
+    if args["streams"] > 1:
+        timers["decode_step_streams_s"] = decode_step(args["short_context"], args["streams"])
     return timers, final, lambda: None
 
 
@@ -168,12 +173,13 @@ def _timers_vlmc(args: dict):
     def decode() -> float:
         return pipe.generate([args["image"]], prompt, n, SamplingParams(min_tokens=n)).timings["decode_s"]
 
-    def decode_step(length: int):
+    def decode_step(length: int, batch: int = 1):
         def step():
-            seq = Sequence(0, 0)
-            engine.cache.lengths[0] = length  # the cache contents do not change the cost
-            pipe.decode_step(seq, 1)
-            engine.release(seq)
+            seqs = [Sequence(slot, 0) for slot in range(batch)]
+            engine.cache.lengths[:batch] = length  # the cache contents do not change the cost
+            pipe.engine.decode(seqs, [1] * batch)
+            for seq in seqs:
+                pipe.engine.release(seq)
 
         return step
 
@@ -189,6 +195,8 @@ def _timers_vlmc(args: dict):
     timers = {"vision_encode_s": vision, "ttft_s": ttft, "decode_s": decode,
               "decode_step_short_s": decode_step(args["short_context"]),
               "decode_step_long_s": decode_step(args["long_context"])}
+    if args["streams"] > 1:
+        timers["decode_step_streams_s"] = decode_step(args["short_context"], args["streams"])
     return timers, final, pipe.close
 
 
@@ -232,7 +240,8 @@ class _Side:
     def __init__(self, name: str, args: dict, ctx):
         self.name = name
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve_side, args=(name, args, child), daemon=True)
+        # Not a daemon: a tp > 1 artifact's side spawns its rank processes. It ends when the parent's pipe closes.
+        self.proc = ctx.Process(target=_serve_side, args=(name, args, child))
         with _reference_thread_env(name == "transformers"):
             self.proc.start()
         child.close()
@@ -291,9 +300,10 @@ def run_bench(args: dict) -> dict:
         for name in ("transformers", "vlmc"):  # one at a time: their start-ups would otherwise compete
             sides.append(_Side(name, args, ctx))
             sides[-1].ask(None)
-        samples = {side.name: {figure: [] for figure in TIMED} for side in sides}
+        timed = TIMED + (["decode_step_streams_s"] if args["streams"] > 1 else [])
+        samples = {side.name: {figure: [] for figure in timed} for side in sides}
         bandwidths = []
-        for figure in TIMED:
+        for figure in timed:
             per_turn = STEPS_PER_TURN if figure.startswith("decode_step") else 1
             for r in range(args["repeats"]):
                 for side in sides if r % 2 == 0 else sides[::-1]:
@@ -308,6 +318,8 @@ def run_bench(args: dict) -> dict:
         for side in sides:
             out = {figure: statistics.median(times) for figure, times in samples[side.name].items()}
             out["decode_tokens_per_s"] = (args["new_tokens"] - 1) / max(out.pop("decode_s"), 1e-9)
+            if "decode_step_streams_s" in out:
+                out["decode_tokens_per_s_streams"] = args["streams"] / out["decode_step_streams_s"]
             results[side.name] = {**out, **side.finish()}
     finally:
         for side in sides:
@@ -346,6 +358,10 @@ def format_table(report: dict) -> str:
     for key, label in METRICS:
         hf, ours = report["transformers"].get(key), report["vlmc"].get(key)
         ratio = report["ratio_vlmc_over_transformers"].get(key)
+        if ours is None:  # e.g. the all-streams rows of a batch-1 artifact
+            continue
+        if key.endswith("_streams"):
+            label = label.replace("all streams", f"{report['inputs']['streams']} streams")
         rows.append(f"| {label} | {hf:.4g} | {ours:.4g} | {ratio:.3g} |")
     if "peak_gpu_mib" in report["transformers"]:  # TVM's GPU allocations are not visible to torch's counter
         rows.append(f"| peak GPU memory, torch allocator (MiB) | {report['transformers']['peak_gpu_mib']:.4g} | | |")

@@ -49,7 +49,8 @@ def register(sub) -> None:
         "bench", help="time transformers eager and vlmc side by side",
         description="Time, in one run on this machine, transformers eager and vlmc on the same image and prompt: "
                     "vision encode, time to first token, decode tokens/s, decode step at a short and a long "
-                    "context, peak memory. Also measures memory read bandwidth (the fastest of a few all-core "
+                    "context (one sequence), for an LLM artifact compiled with --batch-size N > 1 one decode step "
+                    "of N sequences (and its aggregate tokens/s), peak memory. Also measures memory read bandwidth (the fastest of a few all-core "
                     "reads, taken between the decode steps) and the decode floor (weight bytes per token / "
                     "bandwidth), and lists each artifact's compile time by stage. Each side runs in its own "
                     "process, transformers with its default thread settings; both stay loaded and take turns (a "
@@ -193,6 +194,7 @@ def run_bench_command(args) -> int:
         report = run_bench({"checkpoint": args.checkpoint, "model": args.model, "vit_model": args.vit_model,
                             "image": image, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                             "short_context": args.short_context, "long_context": long_context,
-                            "repeats": args.repeats, "device": device})
+                            "repeats": args.repeats, "device": device,
+                            "streams": int(manifest["batch_size"])})
     print(json.dumps(report) if args.json else format_table(report))
     return 0

@@ -48,15 +48,19 @@ def test_bench_json_reports_both_sides_and_ratios(checkpoints, tmp_path):
     ws = tmp_path / "ws"
     visual = compile_artifact("qwen2_5_vl_visual.yaml", checkpoints["small"], ws, "--max-patches", 1024)
     llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["small"], ws, "--max-prefill", 384,
-                           "--max-context", 512)
+                           "--max-context", 512, "--batch-size", 2)
     proc = vlmc("bench", "--checkpoint", checkpoints["small"], "--model", llm, "--vit_model", visual,
                 "--new-tokens", 8, "--repeats", 1, "--json")
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     print("bench ratios (small preset):", report["ratio_vlmc_over_transformers"])  # shown with pytest -s
-    assert report["compile_seconds"]["llm"]["graphs"] == 6 and report["compile_seconds"]["visual"]["build"] > 0
+    # 5 prefill lengths and decode batches 1 and 2
+    assert report["compile_seconds"]["llm"]["graphs"] == 7 and report["compile_seconds"]["visual"]["build"] > 0
     for side in ("transformers", "vlmc"):
         assert all(report[side][k] > 0 for k in ("vision_encode_s", "ttft_s", "decode_tokens_per_s",
-                                                  "decode_step_short_s", "decode_step_long_s", "peak_rss_mib"))
+                                                  "decode_step_short_s", "decode_step_long_s",
+                                                  "decode_step_streams_s", "peak_rss_mib"))
+        assert report[side]["decode_tokens_per_s_streams"] == 2 / report[side]["decode_step_streams_s"]
+    assert report["inputs"]["streams"] == 2
     ratios = report["ratio_vlmc_over_transformers"]
     assert abs(ratios["ttft_s"] - report["vlmc"]["ttft_s"] / report["transformers"]["ttft_s"]) < 1e-9
     assert report["memory_read_bandwidth_gb_s"] > 0 and report["decode_floor_s"] > 0

@@ -200,6 +200,28 @@ def test_concurrent_requests_batch_together(server):
     assert float(peak[0].split()[1]) > 1
 
 
+def test_requests_finishing_apart_decode_as_alone(server):
+    """Requests that finish at different times (the last running one moves into a finished one's slot) get the
+    text each gets alone, and a lone request's steps all run the batch-1 decode graph."""
+    c = client(server)
+
+    def ask(i):
+        return c.chat.completions.create(model="m", max_tokens=3 + 6 * i, temperature=0, extra_body={
+            "ignore_eos": True}, messages=[{"role": "user", "content": f"Tell story number {i}."}]).choices[0] \
+            .message.content
+
+    def graph_steps(le):
+        return metric(server, f'vlmc_decode_graph_batch_bucket{{le="{le}"}}')
+
+    steps, batch1 = metric(server, "vlmc_decode_graph_batch_count"), graph_steps("1.0")
+    alone = [ask(i) for i in range(4)]
+    assert metric(server, "vlmc_decode_graph_batch_count") - steps == sum(2 + 6 * i for i in range(4))
+    assert graph_steps("1.0") - batch1 == sum(2 + 6 * i for i in range(4))
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(ask, range(4)))
+    assert together == alone
+
+
 def post(base, body, key="k"):
     req = urllib.request.Request(base + "/v1/chat/completions", data=body if isinstance(body, bytes) else
                                  json.dumps(body).encode(), headers={"Authorization": f"Bearer {key}"})
@@ -377,6 +399,139 @@ def test_client_disconnect_frees_its_slot(server):
     wait_for(lambda: metric(server, "vlmc_running_batch_size") == 0, 30, "an empty decode batch")
     code, out = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     assert code == 200 and out["usage"]["completion_tokens"] <= 3
+
+
+# --- request limits: a server with small ones; after each refusal it still answers a good request ---
+
+@pytest.fixture(scope="module")
+def limited_server(artifacts):
+    base, proc = start_server(artifacts["llm"], artifacts["visual"], "--api-key", "k", "--max-request-mb", "1",
+                              "--max-images-per-request", "2", "--max-image-pixels", "1000000",
+                              "--max-prompt-tokens", "100", "--body-timeout", "2",
+                              "--allowed-origins", "http://app.example")
+    yield base
+    stop_server(proc)
+
+
+def bomb_png(width, height):
+    """A valid 1-bit PNG of width x height zeros: a few KB of file, width * height pixels once decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row, idat = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8), b""
+    for _ in range(height):
+        idat += packer.compress(row)
+    idat += packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_png_is_a_valid_png():
+    from PIL import Image
+
+    data = bomb_png(64, 48)
+    assert len(data) < 200
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    assert image.size == (64, 48) and image.mode == "1"
+
+
+def chunked_post(base, parts):
+    """POST with Transfer-Encoding: chunked (no Content-Length for the server to check first)."""
+    host, port = base.rsplit("/", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=iter(parts), encode_chunked=True,
+                 headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+@pytest.mark.parametrize("case", ["body_length", "body_chunked", "images", "bomb", "prompt_tokens"])
+def test_request_limits_refuse_with_the_limit_named(limited_server, case):
+    image = data_uri(random_image(28, 28, seed=3))
+    t0 = time.monotonic()
+    if case == "body_length":  # refused from the header: the client has sent only a part of its body yet
+        reply = raw_request(limited_server, f"Content-Length: {2 * 2**20}\r\n\r\n" + "x" * 2**16)
+        assert reply.startswith("HTTP/1.1 413") and "request_too_large" in reply and "--max-request-mb" in reply
+    elif case == "body_chunked":
+        code, out = chunked_post(limited_server, [b'{"messages": [{"role": "user", "content": "'] +
+                                 [b"x" * 2**16] * 24 + [b'"}]}'])
+        assert (code, out["error"]["code"]) == (413, "request_too_large") and "--max-request-mb" in str(out)
+    elif case == "images":
+        parts = [{"type": "image_url", "image_url": {"url": image}}] * 3 + [{"type": "text", "text": "hi"}]
+        code, out = post(limited_server, {"messages": [{"role": "user", "content": parts}]})
+        assert (code, out["error"]["code"]) == (400, "too_many_images")
+        assert "3 images" in out["error"]["message"] and "--max-images-per-request" in out["error"]["message"]
+    elif case == "bomb":
+        data = bomb_png(20000, 20000)
+        assert len(data) < 100_000  # a few tens of KB on the wire, 400 million pixels decoded
+        code, out = post(limited_server, image_msg("data:image/png;base64," + base64.b64encode(data).decode()))
+        assert (code, out["error"]["code"]) == (413, "image_too_large")
+        assert "20000x20000" in out["error"]["message"] and "--max-image-pixels" in out["error"]["message"]
+        assert time.monotonic() - t0 < 10  # refused from the header, not after decoding 400 Mpixels
+    else:
+        code, out = post(limited_server, {"messages": [{"role": "user", "content": "word " * 150}]})
+        assert (code, out["error"]["code"]) == (400, "context_length_exceeded")
+        assert "--max-prompt-tokens" in out["error"]["message"] and "limit of 100" in out["error"]["message"]
+    parts = [{"type": "image_url", "image_url": {"url": image}}] * 2 + [{"type": "text", "text": "hi"}]
+    code, out = post(limited_server, {"messages": [{"role": "user", "content": parts}], "max_tokens": 3})
+    assert code == 200 and out["usage"]["completion_tokens"] <= 3
+
+
+def raw_request(base, rest):
+    """POST over a plain socket: the request line and headers, then `rest` (more headers and a body, maybe a
+    part of it); returns what the server answers (before the client would have sent everything)."""
+    host, port = base.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer k\r\n"
+                     f"Content-Type: application/json\r\n{rest}".encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < int(
+                re.search(rb"content-length: (\d+)", reply, re.I).group(1)):
+            if not (data := sock.recv(65536)):
+                break
+            reply += data
+        return reply.decode()
+
+
+def test_stalled_body_times_out(limited_server):
+    t0 = time.monotonic()
+    reply = raw_request(limited_server, 'Content-Length: 1000\r\n\r\n{"messa')
+    assert reply.startswith("HTTP/1.1 408") and "--body-timeout" in reply
+    assert 1.5 < time.monotonic() - t0 < 15
+    code, out = post(limited_server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert code == 200
+
+
+def preflight(base, origin):
+    req = urllib.request.Request(base + "/v1/chat/completions", method="OPTIONS", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers
+
+
+def test_cors_only_for_allowed_origins(limited_server, server):
+    status, headers = preflight(limited_server, "http://app.example")
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == "http://app.example"
+    status, headers = preflight(limited_server, "http://evil.example")
+    assert headers.get("Access-Control-Allow-Origin") is None
+    status, headers = preflight(server, "http://app.example")  # no --allowed-origins: CORS off
+    assert headers.get("Access-Control-Allow-Origin") is None
+
+
+def test_limit_flags_are_validated(artifacts):
+    for flag, value in (("--max-request-mb", "0"), ("--max-image-pixels", "-1"), ("--body-timeout", "0"),
+                        ("--max-images-per-request", "-2")):
+        proc = subprocess.run([sys.executable, "-m", "vlmc", "serve", "--model", artifacts["llm"], "--vit_model",
+                               artifacts["visual"], flag, value], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and flag in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 # --- faults: a separate server (remote media on), so that killing workers disturbs nobody else ---

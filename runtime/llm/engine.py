@@ -6,7 +6,9 @@ A step function has the deploy graph's signature
 (prefill steps: B = 1, no caches, int32 key ranges [S, 2] in place of the mask, then the artifact's declared
 per-token extras [count, 1, S, H], e.g. deepstack features)
 and never writes the cache: the engine copies the S new rows into place, so a decode step moves O(layers * kv * D)
-bytes of cache, not the cache. Prompts are left-padded to the smallest compiled prefill length that fits.
+bytes of cache, not the cache. Prompts are left-padded to the smallest compiled prefill length that fits; a decode
+step runs the smallest compiled decode batch that holds its sequences, whose slots must be consecutive (callers
+keep them so with `move`), and the rows past them are padding that is computed but never stored.
 """
 
 from __future__ import annotations
@@ -72,6 +74,20 @@ class KVCache:
             self.k_scale, self.v_scale = aligned_zeros(dims[:-1]), aligned_zeros(dims[:-1])
         self.lengths = np.zeros(slots, dtype=np.int64)
 
+    @property
+    def slots(self) -> int:
+        return len(self.lengths)
+
+    def move(self, source: int, target: int) -> None:
+        """Move a sequence's cached rows from slot `source` to the empty slot `target`."""
+        if self.lengths[target]:
+            raise ValueError(f"slot {target} is not empty")
+        n = int(self.lengths[source])
+        for array in (self.k, self.v, self.k_scale, self.v_scale):
+            if array is not None:
+                array[:, target, :, :n] = array[:, source, :, :n]
+        self.lengths[target], self.lengths[source] = n, 0
+
     def views(self, first_slot: int, count: int) -> list:
         """Per-layer cache views [count, kv, T, D] of consecutive slots, keys of every layer then values (then the
         int8 scales likewise): the graphs' cache inputs, contiguous and aligned, so graphs read them in place."""
@@ -111,13 +127,17 @@ class Sequence:
 
 
 class LLMEngine:
-    def __init__(self, prefill: dict[int, StepFunction], decode: StepFunction, spec: TextSpec, embed,
-                 cache_shape: CacheShape, slots: int = 1, dtype=np.float32, prefill_extras: list[dict] = ()):
+    def __init__(self, prefill: dict[int, StepFunction], decode: dict[int, StepFunction] | StepFunction,
+                 spec: TextSpec, embed, cache_shape: CacheShape, slots: int = 1, dtype=np.float32,
+                 prefill_extras: list[dict] = ()):
+        """`decode`: step functions by batch size, or one that takes any batch (e.g. a TorchStep)."""
         if not prefill:
             raise ValueError("at least one prefill length is needed")
         self.prefill_steps = dict(sorted(prefill.items()))
         self.prefill_extras = list(prefill_extras)  # [{"name", "count"}]: per-token inputs of the prompt graphs
-        self.decode_step = decode
+        self.decode_steps = dict(sorted(decode.items())) if isinstance(decode, dict) else \
+            {b: decode for b in range(1, slots + 1)}
+        self.last_decode_batch = 0  # the compiled batch the last decode step ran (metrics)
         self.spec = spec
         self.embed = embed
         self.cache_shape = cache_shape
@@ -189,14 +209,28 @@ class LLMEngine:
                                       aligned_zeros((b, 1, d), self.dtype), aligned_zeros((b, 1, 1, t + 1), self.dtype))
         return self._decode_inputs[b]
 
+    def decode_batch(self, count: int) -> int:
+        """The compiled decode batch a step over `count` sequences runs: the smallest that holds them."""
+        batch = next((b for b in self.decode_steps if b >= count), None)
+        if batch is None:
+            raise ValueError(f"{count} sequences exceed the largest compiled decode batch of {max(self.decode_steps)}")
+        return batch
+
     def decode(self, seqs: list[Sequence], tokens: list[int]) -> np.ndarray:
-        """One decode step for sequences in cache slots 0..B-1 of a batch; returns logits [B, vocab]."""
-        b = len(seqs)
-        cached = [int(self.cache.lengths[s.slot]) for s in seqs]
+        """One decode step for sequences in consecutive cache slots; returns logits [len(seqs), vocab]."""
+        n = len(seqs)
+        slots = [s.slot for s in seqs]
+        if slots != list(range(slots[0], slots[0] + n)):
+            raise ValueError(f"a decode batch must use consecutive cache slots, got {slots}")
+        b = self.decode_batch(n)
+        if slots[0] + b > self.cache.slots:
+            raise ValueError(f"a batch-{b} decode step from slot {slots[0]} runs past the {self.cache.slots} cache "
+                             f"slots")
+        cached = [int(self.cache.lengths[s]) for s in slots]
         if max(cached) + 1 > self.context:
             raise BudgetError(f"the sequence reached the compiled context of {self.context}")
         embeds, cos, sin, mask = self._decode_buffers(b)
-        embeds[:, 0] = self.embed.lookup(np.asarray(tokens))
+        embeds[:n, 0] = self.embed.lookup(np.asarray(tokens))
         table_cos, table_sin = self._rope_table
         neg = np.finfo(self.dtype).min
         for i, (s, c) in enumerate(zip(seqs, cached)):
@@ -209,13 +243,19 @@ class LLMEngine:
             mask[i, 0, 0, :c] = 0
             mask[i, 0, 0, c:self.context] = neg
             mask[i, 0, 0, self.context] = 0
-        slots = [s.slot for s in seqs]
-        if slots != list(range(slots[0], slots[0] + b)):
-            raise ValueError(f"a decode batch must use consecutive cache slots, got {slots}")
-        logits, new_k, new_v = self.decode_step(embeds, cos, sin, mask, *self.cache.views(slots[0], b))
+        # Padding rows attend to themselves only (finite, whatever their slots hold); their outputs are dropped.
+        mask[n:, 0, 0, :self.context] = neg
+        mask[n:, 0, 0, self.context] = 0
+        logits, new_k, new_v = self.decode_steps[b](embeds, cos, sin, mask, *self.cache.views(slots[0], b))
+        self.last_decode_batch = b
         for i, s in enumerate(seqs):
             self.cache.write(s.slot, new_k, new_v, 1, batch_index=i)
-        return logits
+        return logits[:n]
+
+    def move(self, seq: Sequence, slot: int) -> None:
+        """Move `seq` to the empty cache slot `slot` (to keep running sequences in consecutive slots)."""
+        self.cache.move(seq.slot, slot)
+        seq.slot = slot
 
     def release(self, seq: Sequence) -> None:
         self.cache.lengths[seq.slot] = 0

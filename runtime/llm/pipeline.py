@@ -63,20 +63,14 @@ class Pipeline:
         self.tokenizer = self.llm.tokenizer()
         self.last_image_extras: list[dict] = []  # set by encode_images
         self.spec = self.llm.spec
-        # The decode graph has a fixed batch (the serving batch size); one request fills row 0, the rest idle.
-        self.batch = int(self.llm.manifest["batch_size"])
-        self.engine = DistributedEngine(self.llm, device, slots=self.batch)
+        self.engine = DistributedEngine(self.llm, device)
 
     def close(self) -> None:
         self.engine.close()
 
     def decode_step(self, seq: Sequence, token: int) -> np.ndarray:
-        """One decode step for `seq` (in slot 0); idle rows decode a dummy token and are reset afterwards."""
-        idle = [Sequence(slot, 0) for slot in range(1, self.batch)]
-        logits = self.engine.decode([seq, *idle], [token] + [0] * len(idle))[0]
-        for s in idle:
-            self.engine.release(s)
-        return logits
+        """One decode step for `seq` alone (the smallest compiled decode batch)."""
+        return self.engine.decode([seq], [token])[0]
 
     def encode_images(self, images, min_pixels=None, max_pixels=None):
         if images and self.visual is None:

@@ -20,7 +20,8 @@ from .engine import CacheShape, LLMEngine
 
 
 def load_rank_steps(artifact: Path, manifest: dict, rank: int, device: str = "cpu"):
-    """The artifact's prefill and decode graphs bound to `rank`'s parameters."""
+    """The artifact's prefill graphs {length: step} and decode graphs {batch: step} bound to `rank`'s
+    parameters (an artifact from before decode buckets has one `decode` graph of the compiled batch)."""
     from .collective import register_packed_all_reduce
 
     register_packed_all_reduce()
@@ -29,7 +30,10 @@ def load_rank_steps(artifact: Path, manifest: dict, rank: int, device: str = "cp
     steps = {name: load_library(artifact / f"{name}.so", params, device)
              for name in manifest["graphs"]}
     prefill = {int(name.split("_")[1]): fn for name, fn in steps.items() if name.startswith("prefill_")}
-    return prefill, steps["decode"]
+    decode = {int(name.split("_")[1]): fn for name, fn in steps.items() if name.startswith("decode_")}
+    if "decode" in steps:
+        decode[int(manifest["batch_size"])] = steps["decode"]
+    return prefill, decode
 
 
 class LLMArtifact:
@@ -146,6 +150,10 @@ class DistributedEngine:
         self._broadcast("release", seq.slot, seq.rope_delta)
         self.local.release(seq)
 
+    def move(self, seq, slot):
+        self._broadcast("move", seq.slot, slot)
+        self.local.move(seq, slot)
+
     def keepalive(self) -> None:
         """Wake the ranks: an idle rank waits in a collective, which fails after the group timeout (120 s)."""
         self._broadcast("ping")
@@ -187,5 +195,8 @@ def _worker_main(path: str, rank: int, world: int, port: int, device: str, slots
             engine.decode([Sequence(slot, delta) for slot, delta in pairs], tokens)
         elif op == "release":
             engine.release(Sequence(*args))
+        elif op == "move":
+            source, target = args
+            engine.move(Sequence(source, 0), target)
         # "ping" (keepalive) needs nothing done
     dist.destroy_process_group()

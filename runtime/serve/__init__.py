@@ -45,6 +45,23 @@ def register(sub) -> None:
                    help="MiB of image and video embeddings kept so that a repeated image (same decoded pixels "
                         "and resize settings) or video (same bytes and sampling) skips the visual graph; least "
                         "recently used go first; 0 disables (default: 256)")
+    p.add_argument("--max-request-mb", dest="max_request_mb", type=int, default=64,
+                   help="largest request body accepted, in MiB (413 beyond; default: 64)")
+    p.add_argument("--body-timeout", dest="body_timeout", type=float, default=30.0,
+                   help="seconds a client has to send its request body (408 after; default: 30)")
+    p.add_argument("--max-images-per-request", dest="max_images_per_request", type=int, default=16,
+                   help="most image parts in one request (default: 16)")
+    p.add_argument("--max-videos-per-request", dest="max_videos_per_request", type=int, default=2,
+                   help="most video parts in one request (default: 2)")
+    p.add_argument("--max-image-pixels", dest="max_image_pixels", type=int, default=50_000_000,
+                   help="largest image accepted, width x height as its file declares, checked before it is "
+                        "decoded (a few KB of PNG can declare 20000x20000; 413 beyond; default: 50000000)")
+    p.add_argument("--max-prompt-tokens", dest="max_prompt_tokens", type=int,
+                   help="most prompt tokens (text, images and videos) in one request (default: the LLM artifact's "
+                        "compiled prefill length)")
+    p.add_argument("--allowed-origins", dest="allowed_origins", nargs="+", metavar="ORIGIN",
+                   help="let browsers call the API from these origins (CORS), e.g. https://app.example.com, or * "
+                        "for any (default: none: CORS off)")
     p.add_argument("--verify", action="store_true",
                    help="check every artifact file's full hash before starting (a start checks sizes and the first "
                         "and last MiB of each file; see vlmc verify)")

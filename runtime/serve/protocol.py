@@ -83,17 +83,40 @@ def read_media_url(url, allowed_dir: str | None, remote: RemoteMedia | None, kin
         raise ApiError(f"cannot read {kind} {path.name}", code=f"invalid_{kind}") from None
 
 
-def load_image_url(url: str, allowed_dir: str | None, remote: RemoteMedia | None = None):
-    """An image_url as a decoded RGB PIL image (see read_media_url for what a URL may be)."""
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for (--max-images-per-request, --max-videos-per-request, --max-image-pixels)."""
+
+    max_images: int = 16
+    max_videos: int = 2
+    max_image_pixels: int = 50_000_000
+
+
+def load_image_url(url: str, allowed_dir: str | None, remote: RemoteMedia | None = None,
+                   max_pixels: int = RequestLimits.max_image_pixels):
+    """An image_url as a decoded RGB PIL image (see read_media_url for what a URL may be). The size in the
+    file's header is checked before the pixels are decoded: a small file can declare a huge image."""
+    import warnings
+
     from PIL import Image
 
     from ..cpu_ops.image import load_image
 
     data = read_media_url(url, allowed_dir, remote, "image")
+
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        with warnings.catch_warnings():  # PIL's own bomb check, where still on (serve replaces it by this one)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+            if image.width * image.height > max_pixels:
+                raise ApiError(f"the image is {image.width}x{image.height} pixels, more than the limit of "
+                               f"{max_pixels} pixels (--max-image-pixels)", 413, "image_too_large")
+            image.load()
         return load_image(image)  # the same RGB conversion (alpha onto white) as `vlmc generate`
+    except ApiError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ApiError(f"the image is too large to decode: {exc}", 413, "image_too_large") from None
     except Exception:
         raise ApiError("the image could not be decoded", code="invalid_image") from None
 
@@ -134,12 +157,23 @@ def video_part(ref, allowed_dir: str | None, remote: RemoteMedia | None, limits:
     return {"data": read_media_url(ref.get("url"), allowed_dir, remote, "video"), "request": request}
 
 
+def count_parts(messages: list, kind: str) -> int:
+    return sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+               for part in m["content"] if isinstance(part, dict) and part.get("type") == kind)
+
+
 def convert_messages(messages, allowed_dir: str | None, remote: RemoteMedia | None = None,
-                     video_limits: VideoLimits = VideoLimits()):
+                     video_limits: VideoLimits = VideoLimits(), limits: RequestLimits = RequestLimits()):
     """OpenAI messages -> (chat-template messages with {"type": "image"} / {"type": "video"} parts, images in
     prompt order, videos in prompt order as video_part's)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError("`messages` must be a non-empty list", code="missing_messages")
+    # Counted before anything is fetched or decoded.
+    for kind, limit, flag in (("image_url", limits.max_images, "--max-images-per-request"),
+                              ("video_url", limits.max_videos, "--max-videos-per-request")):
+        if (count := count_parts(messages, kind)) > limit:
+            raise ApiError(f"the request has {count} {kind.split('_')[0]}s, more than the limit of {limit} per "
+                           f"request ({flag})", code=f"too_many_{kind.split('_')[0]}s")
     converted, images, videos = [], [], []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
@@ -156,7 +190,7 @@ def convert_messages(messages, allowed_dir: str | None, remote: RemoteMedia | No
                 elif kind == "image_url":
                     ref = part.get("image_url")
                     images.append(load_image_url(ref.get("url") if isinstance(ref, dict) else ref, allowed_dir,
-                                                 remote))
+                                                 remote, limits.max_image_pixels))
                     parts.append({"type": "image"})
                 elif kind == "video_url":
                     videos.append(video_part(part.get("video_url"), allowed_dir, remote, video_limits))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import hmac
 import json
 import logging
 import multiprocessing
@@ -24,7 +25,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ... import __version__
 from .openapi import ERRORS, ModelList, add_request_schemas, chat_route_docs
-from .protocol import ApiError, RemoteMedia, VideoLimits, convert_messages, sampling_params, stop_strings
+from .protocol import (ApiError, RemoteMedia, RequestLimits, VideoLimits, convert_messages, sampling_params,
+                       stop_strings)
 from .workers import QUEUE_HWM, llm_main, visual_main
 
 log = logging.getLogger("vlmc.serve")
@@ -43,6 +45,9 @@ class Metrics:
         self.queue_depth = Gauge("vlmc_queue_depth", "requests accepted and not yet prefilled", registry=self.registry)
         self.batch = Gauge("vlmc_running_batch_size", "sequences in the last decode step", registry=self.registry)
         self.max_batch = Gauge("vlmc_max_running_batch_size", "largest decode batch so far", registry=self.registry)
+        self.graph_batch = Histogram("vlmc_decode_graph_batch", "compiled batch of the decode graph each step ran "
+                                     "(the smallest decode bucket holding the running sequences)",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.visual_s = Histogram("vlmc_visual_encode_seconds", "visual encode time per request",
                                   registry=self.registry)
         self.tokens_in = Counter("vlmc_prompt_tokens", "prompt tokens", registry=self.registry)
@@ -175,7 +180,8 @@ class Engine:
         self.to_visual.bind(addr["visual"])
         self.epoch = 0  # bumped on every LLM restart; the new LLM worker drops requests stamped earlier
         self.llm = Worker("llm", llm_main, lambda: (args.model, addr["llm"], addr["control"], addr["results"],
-                                                    args.batch_size, self.epoch), args.llm_devices)
+                                                    args.batch_size, args.max_prompt_tokens, self.epoch),
+                          args.llm_devices)
         self.visual = Worker("visual", visual_main,
                              lambda: (args.vit_model, addr["visual"], addr["llm"], addr["results"],
                                       args.min_pixels, args.max_pixels, args.image_cache_mb), args.vit_devices)
@@ -216,6 +222,8 @@ class Engine:
             msg = await self.results.recv_pyobj()
             if "batch" in msg:
                 m.batch.set(msg["batch"])
+                if msg.get("graph_batch"):
+                    m.graph_batch.observe(msg["graph_batch"])
                 if msg["batch"] > m.max_batch._value.get():
                     m.max_batch.set(msg["batch"])
                 continue
@@ -340,7 +348,34 @@ def event_error(event: dict) -> ApiError:
     return ApiError(event["error"], status, event.get("code") or "internal_error", "server_error")
 
 
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The request body, refused (413) past `max_bytes` before more is read, and (408) when it does not arrive in
+    `timeout_s`: a slow client cannot hold the request open."""
+    too_large = ApiError(f"the request body is larger than {max_bytes // 2**20} MiB (--max-request-mb)", 413,
+                         "request_too_large")
+    try:
+        if int(request.headers.get("content-length") or 0) > max_bytes:
+            raise too_large
+    except ValueError:
+        raise ApiError("the Content-Length header is not a number", code="invalid_request") from None
+
+    async def receive() -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise too_large
+        return bytes(body)
+
+    try:
+        return await asyncio.wait_for(receive(), timeout_s)
+    except TimeoutError:
+        raise ApiError(f"the request body did not arrive within {timeout_s:g} s (--body-timeout)", 408,
+                       "request_timeout") from None
+
+
 def build_app(args, tokenizer, context: int, stopping=lambda: False):
+    from PIL import Image
     from prometheus_client import generate_latest
 
     model_name = args.served_model_name or Path(args.model).name
@@ -348,6 +383,10 @@ def build_app(args, tokenizer, context: int, stopping=lambda: False):
         if args.allow_remote_media else None
     video_limits = VideoLimits(args.max_video_seconds, args.max_video_frames, args.video_min_pixels,
                                args.video_max_pixels)
+    limits = RequestLimits(args.max_images_per_request, args.max_videos_per_request, args.max_image_pixels)
+    Image.MAX_IMAGE_PIXELS = None  # replaced by --max-image-pixels, checked on each image's header before decoding
+    max_body = args.max_request_mb * 2**20
+    expected_key = f"Bearer {args.api_key}".encode() if args.api_key else None
     state = {}
 
     @contextlib.asynccontextmanager
@@ -365,9 +404,16 @@ def build_app(args, tokenizer, context: int, stopping=lambda: False):
     app = FastAPI(title="vlmc", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible chat completions over vlmc's compiled visual and LLM graphs.")
     add_request_schemas(app)
+    if args.allowed_origins:  # browsers may call the API from these origins; off by default
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     def check_key(request: Request):
-        if args.api_key and request.headers.get("authorization") != f"Bearer {args.api_key}":
+        # Constant-time: the comparison takes as long whatever prefix of the key a guess gets right.
+        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        if expected_key and not hmac.compare_digest(given, expected_key):
             raise ApiError("invalid API key", 401, "invalid_api_key", "authentication_error")
 
     @app.exception_handler(ApiError)
@@ -400,14 +446,15 @@ def build_app(args, tokenizer, context: int, stopping=lambda: False):
         try:
             check_key(request)
             try:
-                body = json.loads(await request.body())
+                body = json.loads(await read_body(request, max_body, args.body_timeout))
             except ValueError:
                 raise ApiError("the request body is not valid JSON", code="invalid_json") from None
             if not isinstance(body, dict):
                 raise ApiError("the request body must be a JSON object", code="invalid_json")
             # In a thread: decoding large images or fetching remote ones must not stall the event loop.
             messages, images, videos = await asyncio.to_thread(convert_messages, body.get("messages"),
-                                                               args.allowed_local_media_path, remote, video_limits)
+                                                               args.allowed_local_media_path, remote, video_limits,
+                                                               limits)
             sampling = sampling_params(body)
             stops = stop_strings(body)
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -602,6 +649,12 @@ def serve(args) -> int:
         raise VlmcError(f"--batch_size must be between 1 and the LLM artifact's compiled batch of {compiled}")
     if args.image_cache_mb < 0:
         raise VlmcError("--image_cache_mb must be 0 (off) or a positive number of MiB")
+    for flag in ("max_request_mb", "body_timeout", "max_image_pixels", "max_prompt_tokens"):
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
+            raise VlmcError(f"--{flag.replace('_', '-')} must be positive")
+    for flag in ("max_images_per_request", "max_videos_per_request"):
+        if getattr(args, flag) < 0:
+            raise VlmcError(f"--{flag.replace('_', '-')} must be 0 or more")
     if args.remote_media_timeout <= 0 or args.remote_media_max_mb <= 0:
         raise VlmcError("--remote-media-timeout and --remote-media-max-mb must be positive")
     if not args.max_video_seconds > 0 or args.max_video_frames <= 0:

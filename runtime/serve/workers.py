@@ -4,7 +4,8 @@ visual worker: PULL requests from HTTP -> decode and encode images and videos (o
 cache) -> PUSH (bounded
 by HWM: a flood of images blocks here instead of filling memory) to the LLM worker.
 LLM worker: a scheduler loop. Between decode steps it admits waiting requests into free cache slots and prefills
-them; then one decode step runs for ALL slots together (idle slots get a dummy token and are reset afterwards),
+them; then one decode step runs for all running sequences together, through the smallest compiled decode batch
+that holds them (running sequences are kept in slots 0..n-1: when one finishes, the last moves into its slot),
 and every token is PUSHed back to HTTP. Encoding in the visual process overlaps this loop. Cancellations arrive
 on a separate control socket so that they are read even when every slot is busy.
 
@@ -173,8 +174,8 @@ class Running:
     logits: np.ndarray | None = None
 
 
-def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, batch_size, epoch: int,
-             info) -> None:
+def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, batch_size, max_prompt_tokens,
+             epoch: int, info) -> None:
     from ..cpu_ops.sampling import Sampler, SamplingParams
     from ..llm.engine import BudgetError, Sequence, splice_image_embeddings
     from ..llm.pipeline import prompt_extras
@@ -185,7 +186,7 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
     artifact = LLMArtifact(model, verify=False)  # quick checks: the HTTP process checked it (in full with --verify)
     tokenizer = artifact.tokenizer()
     spec = artifact.spec
-    engine = DistributedEngine(artifact)  # one cache slot per row of the compiled decode batch
+    engine = DistributedEngine(artifact)  # one cache slot per row of the largest compiled decode batch
     slots = int(artifact.manifest["batch_size"])
     usable = min(batch_size or slots, slots)
     ctx = zmq.Context()
@@ -196,17 +197,20 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
     poller.register(inbox, zmq.POLLIN)
     poller.register(control, zmq.POLLIN)
     image_id = spec.text.image_token_id
-    running: dict[int, Running] = {}
+    running: dict[int, Running] = {}  # by cache slot: always slots 0..len(running)-1
     # Ids cancelled before their request got here (client gone while its image was encoding, or failed by the
     # HTTP process after the visual worker died): dropped on arrival. Bounded; old entries fall off.
     cancelled: OrderedDict[str, bool] = OrderedDict()
     info.send({"pid": os.getpid(), "ranks": [p.pid for p in engine.workers]})
 
     def admit(req) -> None:
-        slot = next(s for s in range(usable) if s not in running)
+        slot = len(running)
         try:
             videos = req.get("videos") or []  # VideoLayouts, from the visual worker
             ids, positions, delta = spec.prompt(tokenizer, "", req["grids"], req["messages"], videos)
+            if max_prompt_tokens and len(ids) > max_prompt_tokens:
+                raise BudgetError(f"the prompt has {len(ids)} tokens (text, images and videos), more than the "
+                                  f"limit of {max_prompt_tokens} (--max-prompt-tokens)")
             max_tokens = req["max_tokens"] if req["max_tokens"] is not None else engine.context - len(ids)
             engine.check_budget(len(ids), max(max_tokens, 1))
         except (BudgetError, ValueError) as exc:
@@ -224,9 +228,15 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
         running[slot] = run
         results.send_pyobj({"id": run.id, "started": True, "prompt_tokens": run.prompt_tokens})
 
-    def finish(slot: int, reason: str, cancel_reason: str | None = None) -> None:
-        run = running.pop(slot)
+    def finish(run: Running, reason: str, cancel_reason: str | None = None) -> None:
+        slot = run.seq.slot
+        del running[slot]
         engine.release(run.seq)
+        last = len(running)
+        if slot < last:  # keep the running sequences in consecutive slots
+            moved = running.pop(last)
+            engine.move(moved.seq, slot)
+            running[slot] = moved
         results.send_pyobj({"id": run.id, "done": True, "finish_reason": reason, "cancel_reason": cancel_reason,
                             "prompt_tokens": run.prompt_tokens, "completion_tokens": len(run.tokens)})
 
@@ -236,9 +246,9 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
             msg = control.recv_pyobj()
             if msg.get("stop"):
                 return False
-            slot = next((s for s, run in running.items() if run.id == msg["cancel"]), None)
-            if slot is not None:
-                finish(slot, "abort", msg.get("reason"))
+            run = next((run for run in running.values() if run.id == msg["cancel"]), None)
+            if run is not None:
+                finish(run, "abort", msg.get("reason"))
             else:
                 cancelled[msg["cancel"]] = True
                 while len(cancelled) > 4096:
@@ -281,27 +291,23 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
         if not running:
             continue
         # Sample each sequence's next token from its last logits; retire those that are finished.
-        for slot, run in list(running.items()):
+        for run in list(running.values()):
             token = run.sampler(run.logits, len(run.tokens))
             if run.sampler.is_eos(token):
-                finish(slot, "stop")
+                finish(run, "stop")
                 continue
             run.tokens.append(token)
             results.send_pyobj({"id": run.id, "token": token})
             if len(run.tokens) >= run.max_tokens:
-                finish(slot, "length")
+                finish(run, "length")
         if not running:
             continue
-        # One decode step over every compiled batch row; idle rows decode a dummy token and are reset after.
-        seqs = [running[s].seq if s in running else Sequence(s, 0) for s in range(slots)]
-        tokens = [running[s].tokens[-1] if s in running else 0 for s in range(slots)]
-        results.send_pyobj({"batch": len(running)})
+        # One decode step over the running sequences (slots 0..n-1), in the smallest decode graph that holds them.
+        batch = [running[s] for s in range(len(running))]
+        results.send_pyobj({"batch": len(batch), "graph_batch": engine.decode_batch(len(batch))})
         busy = True
         last_step = time.monotonic()
-        logits = engine.decode(seqs, tokens)
-        for s in range(slots):
-            if s in running:
-                running[s].logits = logits[s]
-            else:
-                engine.release(seqs[s])
+        logits = engine.decode([run.seq for run in batch], [run.tokens[-1] for run in batch])
+        for run, row in zip(batch, logits):
+            run.logits = row
     engine.close()
