@@ -49,6 +49,6 @@ def test_reduced_precision_compiles_for_cuda(checkpoints, tmp_path):
                            "--max-context", 192, "--target", target, "--weights", "int8", "--kv-cache", "int8")
     manifest = json.loads((llm / "manifest.json").read_text())
     assert manifest["device"] == "cuda" and manifest["quantize"]["weights"] == "int8"
-    code = (llm / "decode.so").read_bytes()
+    code = (llm / "decode_1.so").read_bytes()
     assert b"vlmc_qmatmul" not in code and b"vlmc_cache_attention" not in code
     assert code.count(b'extern "C" __global__') > 5

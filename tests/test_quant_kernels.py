@@ -39,6 +39,10 @@ BF16_INPUT_CASES = [
 ]
 BF16_INPUT_M = (1, 17, 70)
 
+# vlmc_matmul_nt (float32 weights): M 2..16 runs the GEMV kernel (batched decode steps), other M the BLAS; (N, K)
+F32_MATMUL_SHAPES = [(40, 1176), (600, 256), (37, 72)]  # K % 16 != 0: scalar tails; N not a multiple of the steps
+F32_MATMUL_M = (1, 2, 3, 5, 16, 17, 70)
+
 # (name, cache dtype, B, H, Hk, S, D)
 ATTENTION_CASES = [
     (f"{dtype}_{name}", dtype, *shape)
@@ -108,6 +112,11 @@ def library(tmp_path_factory):
         for m in BF16_INPUT_M:
             xs = _x_shape(m, k)
             _add_function(bb, f"bf16in_{name}_m{m}", "vlmc_qmatmul_bf16", [(xs, "float32"), w, *scale],
+                          (*xs[:-1], n))
+    for n, k in F32_MATMUL_SHAPES:
+        for m in F32_MATMUL_M:
+            xs = _x_shape(m, k)
+            _add_function(bb, f"f32_n{n}_k{k}_m{m}", "vlmc_matmul_nt", [(xs, "float32"), ((n, k), "float32")],
                           (*xs[:-1], n))
     # argument errors: a bf16 weight with a scale, an int8 weight without one
     _add_function(bb, "bf16_with_scale", "vlmc_qmatmul", [((2, 64), "float32"), ((8, 64), "bfloat16"),
@@ -179,6 +188,17 @@ def test_qmatmul(library, case, m):
     args = [torch.from_numpy(x), w] + ([scale] if scale is not None else [])
     out = _call(library, f"{name}_m{m}", *args)
     _check(out, x.astype(np.float64) @ effective.T)
+
+
+@pytest.mark.parametrize("m", F32_MATMUL_M)
+@pytest.mark.parametrize("shape", F32_MATMUL_SHAPES, ids=[f"n{n}_k{k}" for n, k in F32_MATMUL_SHAPES])
+def test_f32_matmul(library, shape, m):
+    n, k = shape
+    rng = np.random.default_rng(zlib.crc32(f"f32_{n}_{k}_{m}".encode()))
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal(_x_shape(m, k)).astype(np.float32)
+    out = _call(library, f"f32_n{n}_k{k}_m{m}", torch.from_numpy(x), torch.from_numpy(w))
+    _check(out, x.astype(np.float64) @ w.astype(np.float64).T)
 
 
 def test_int4_packing_layout(library):

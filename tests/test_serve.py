@@ -1,6 +1,7 @@
 """`vlmc serve` end to end: a real server subprocess on a loopback port, driven by the official openai client."""
 
 import base64
+import contextlib
 import functools
 import http.client
 import http.server
@@ -220,6 +221,57 @@ def test_requests_finishing_apart_decode_as_alone(server):
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(ask, range(4)))
     assert together == alone
+
+
+def server_tree_rss_mib(base):
+    """Resident memory of the server's processes (HTTP, workers, TP ranks), from /proc."""
+    health = get_json(base + "/health")[1]["workers"]
+    pids = [w["pid"] for w in health.values()] + health["llm"].get("rank_pids", [])
+    port = base.rsplit(":", 1)[1]
+    http = [p for p in os.listdir("/proc") if p.isdigit() and port in Path(f"/proc/{p}/cmdline").read_bytes()
+            .decode(errors="replace").replace("\0", " ").split()]
+    total = 0
+    for pid in {*map(str, pids), *http}:
+        with contextlib.suppress(OSError):
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return total / 2**20
+
+
+def test_load_64_concurrent_streams_with_images(server):
+    """64 clients streaming image requests at once, 3 each: every request completes with all its tokens, the
+    server's memory stays bounded (requests wait in bounded queues, not in growing buffers); p99 TTFT printed."""
+    c = client(server)
+    images = [data_uri(random_image(28 * (1 + i % 3), 28 * (1 + i % 2), seed=100 + i)) for i in range(8)]
+
+    def one(i):
+        t0 = time.perf_counter()
+        first, usage = None, None
+        stream = c.chat.completions.create(model="m", max_tokens=6, temperature=0, stream=True, timeout=600,
+                                           extra_body={"ignore_eos": True}, stream_options={"include_usage": True},
+                                           messages=[{"role": "user", "content": [
+                                               {"type": "image_url", "image_url": {"url": images[i % 8]}},
+                                               {"type": "text", "text": f"request {i}"}]}])
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content and first is None:
+                first = time.perf_counter() - t0
+            usage = chunk.usage or usage
+        # (a random model's tokens may all be special ones and give no text: then the whole request's time)
+        return first if first is not None else time.perf_counter() - t0, usage.completion_tokens
+
+    def client_loop(k):
+        return [one(3 * k + j) for j in range(3)]
+
+    one(0)  # warm
+    before = server_tree_rss_mib(server)
+    with ThreadPoolExecutor(64) as pool:
+        results = [r for rs in pool.map(client_loop, range(64)) for r in rs]
+    after = server_tree_rss_mib(server)
+    assert len(results) == 192 and all(tokens == 6 for _, tokens in results)
+    ttfts = sorted(t for t, _ in results)
+    print(f"load: 192 requests from 64 streams, TTFT p50 {ttfts[96]:.2f} s, p99 {ttfts[189]:.2f} s; server RSS "
+          f"{before:.0f} -> {after:.0f} MiB")
+    assert after - before < 300, (before, after)
+    wait_for(lambda: metric(server, "vlmc_running_batch_size") == 0, 30, "an empty decode batch")
 
 
 def post(base, body, key="k"):

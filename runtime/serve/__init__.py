@@ -10,7 +10,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve compiled artifacts over an OpenAI-compatible HTTP API",
         description="Start an OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, /health, "
-                    "/metrics). The visual encoder and the LLM run in their own processes linked by ZeroMQ; "
+                    "/metrics) with a chat page at /. The visual encoder and the LLM run in their own processes linked by ZeroMQ; "
                     "up to the artifact's compiled batch size sequences decode together.")
     p.add_argument("--model", required=True, help="LLM artifact folder")
     p.add_argument("--vit_model", "--vit-model", dest="vit_model", required=True, help="visual artifact folder")
@@ -62,6 +62,9 @@ def register(sub) -> None:
     p.add_argument("--allowed-origins", dest="allowed_origins", nargs="+", metavar="ORIGIN",
                    help="let browsers call the API from these origins (CORS), e.g. https://app.example.com, or * "
                         "for any (default: none: CORS off)")
+    p.add_argument("--no-webui", dest="webui", action="store_false",
+                   help="do not serve the built-in chat page at / (on by default; it needs no files from the "
+                        "network)")
     p.add_argument("--verify", action="store_true",
                    help="check every artifact file's full hash before starting (a start checks sizes and the first "
                         "and last MiB of each file; see vlmc verify)")

@@ -21,7 +21,7 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from ... import __version__
 from .openapi import ERRORS, ModelList, add_request_schemas, chat_route_docs
@@ -30,6 +30,10 @@ from .protocol import (ApiError, RemoteMedia, RequestLimits, VideoLimits, conver
 from .workers import QUEUE_HWM, llm_main, visual_main
 
 log = logging.getLogger("vlmc.serve")
+WEBUI = Path(__file__).parent / "webui"
+# The chat page loads only its own files: no inline script, nothing from another origin.
+WEBUI_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'",
+                 "X-Content-Type-Options": "nosniff"}
 
 
 class Metrics:
@@ -419,6 +423,23 @@ def build_app(args, tokenizer, context: int, stopping=lambda: False):
     @app.exception_handler(ApiError)
     async def on_api_error(request, exc: ApiError):
         return error_response(exc)
+
+    if args.webui:
+        page_config = json.dumps({"model": model_name, "context": context, "auth": bool(args.api_key),
+                                  "max_images": limits.max_images, "max_image_pixels": limits.max_image_pixels,
+                                  "max_request_mb": args.max_request_mb}).replace("<", "\\u003c")
+        page = (WEBUI / "index.html").read_text().replace("__VLMC_CONFIG__", page_config)
+        assets = {"app.js": "text/javascript", "style.css": "text/css"}
+
+        @app.get("/", include_in_schema=False)
+        async def chat_page():
+            return HTMLResponse(page, headers=WEBUI_HEADERS)
+
+        @app.get("/webui/{name}", include_in_schema=False)
+        async def chat_page_asset(name: str):
+            if name not in assets:
+                raise ApiError(f"no such file: /webui/{name}", 404, "not_found")
+            return Response((WEBUI / name).read_bytes(), media_type=assets[name], headers=WEBUI_HEADERS)
 
     @app.get("/health")
     async def health():
