@@ -142,7 +142,7 @@ def register_inference(sub) -> None:
     g.add_argument("--model", required=True, help="LLM artifact folder")
     g.add_argument("--vit_model", "--vit-model", dest="vit_model", help="visual artifact folder (needed for images)")
     g.add_argument("--image", action="append", default=[], help="image path, file:// URL or data: URI; repeatable")
-    g.add_argument("--prompt", required=True, help="user text, placed after the images and videos")
+    g.add_argument("--prompt", help="user text, placed after the images and videos (required on node 0)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="generated token limit (default: 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
@@ -160,6 +160,9 @@ def register_inference(sub) -> None:
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token_ids, prompt_tokens, timings, images, videos) as the "
                         "last line")
+    from .llm.runtime import add_cluster_args
+
+    add_cluster_args(g)
     g.set_defaults(func=run_generate)
 
 
@@ -206,10 +209,17 @@ def run_generate(args) -> int:
     from .cpu_ops.sampling import SamplingParams
     from .llm.pipeline import Pipeline
 
+    from .llm.runtime import cluster_from_args, host_ranks
+
+    cluster = cluster_from_args(args)
+    if cluster.node_rank > 0:  # this node only runs its ranks, until node 0's generate is done
+        return host_ranks(args.model, cluster, args.device, rejoin=False)
+    if args.prompt is None:
+        raise VlmcError("--prompt is required (on node 0)")
     if args.max_new_tokens <= 0:
         raise VlmcError("--max-new-tokens must be positive")
     request = video_request(args)
-    pipeline = Pipeline(args.model, args.vit_model, args.device, verify=args.verify)
+    pipeline = Pipeline(args.model, args.vit_model, args.device, verify=args.verify, cluster=cluster)
     try:
         result = pipeline.generate(args.image, args.prompt, args.max_new_tokens, SamplingParams(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,

@@ -141,7 +141,7 @@ def test_greedy_text_matches_generate(server, artifacts):
     image = random_image(56, 84, seed=1)
     path = artifacts["ws"] / "img.png"
     image.save(path)
-    # `vlmc generate` runs on the same batch-4 artifact: it decodes in row 0 and pads the other rows.
+    # `vlmc generate` runs on the same batch-4 artifact, in its batch-1 decode graph (as a lone request does).
     ref = generate_json("--model", artifacts["llm"], "--vit_model", artifacts["visual"], "--image", path,
                         "--prompt", "Describe it.", "--max-new-tokens", "12")
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image)}},

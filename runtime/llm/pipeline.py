@@ -52,7 +52,7 @@ def prompt_extras(declared: list[dict], input_ids, image_token_id: int, image_ex
 
 class Pipeline:
     def __init__(self, model: str, vit_model: str | None = None, device: str = "cpu", verify: bool = False,
-                 same_checkpoint: bool = True):
+                 same_checkpoint: bool = True, cluster=None):
         from ..visual.runtime import VisualRuntime
 
         self.llm = LLMArtifact(model, verify=verify)
@@ -63,7 +63,8 @@ class Pipeline:
         self.tokenizer = self.llm.tokenizer()
         self.last_image_extras: list[dict] = []  # set by encode_images
         self.spec = self.llm.spec
-        self.engine = DistributedEngine(self.llm, device)
+        self.engine = DistributedEngine(self.llm, device, cluster=cluster) if cluster else \
+            DistributedEngine(self.llm, device)
 
     def close(self) -> None:
         self.engine.close()

@@ -3,14 +3,24 @@
 Rank 0 drives: it runs the host ops, computes every step's inputs and broadcasts them; each rank runs the same
 compiled graph on its parameter shard and keeps the KV cache of its own heads; the graph's all-reduce goes
 through torch.distributed. With tp = 1 there are no other processes.
+
+Ranks may span hosts (a Cluster): node n runs ranks [n * tp / nnodes, (n + 1) * tp / nnodes); rank 0, on node 0,
+hosts the rendezvous store at the master address and port. Each time rank 0 starts a group it names a new
+generation in the store; the ranks of other nodes (host_ranks) join the generation they find there, and after a
+failure wait for the next one, so a restarted rank 0 and the other nodes' restarted ranks meet again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import multiprocessing
 import os
 import socket
+import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifact import check_device, load_library, load_params, read_manifest
@@ -67,6 +77,10 @@ class LLMArtifact:
                          slots=slots or int(self.manifest["batch_size"]),
                          prefill_extras=self.manifest.get("prefill_extras", []))
 
+    def cluster_check(self, cluster: "Cluster") -> None:
+        """Refuse a node layout the artifact's tp does not divide over (a one-line error)."""
+        cluster.ranks(self.tp)
+
     def check_visual(self, visual_manifest: dict, visual_path, same_checkpoint: bool = True) -> None:
         """Refuse a visual artifact that does not belong to this LLM artifact (`same_checkpoint=False` lets a
         parity check measure a visual artifact from another checkpoint of the same shape)."""
@@ -96,37 +110,115 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(rank: int, world: int, port: int, backend: str = "gloo") -> None:
+log = logging.getLogger("vlmc.ranks")
+GROUP_TIMEOUT_S = 120  # a dead rank surfaces as an error after this, not after gloo's 30-minute default
+STALE_EXIT = 3  # a rank found the generation it must not join (the failed one) and should retry later
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The hosts a tensor-parallel group spans (--nnodes, --node-rank, --master-addr, --master-port)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port of this host (one node)
+
+    def ranks(self, tp: int) -> range:
+        """The tensor-parallel ranks this node runs."""
+        from ...errors import VlmcError
+
+        if tp % self.nnodes:
+            raise VlmcError(f"the LLM artifact has tp={tp}, which does not divide over --nnodes {self.nnodes}")
+        per_node = tp // self.nnodes
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
+
+
+def add_cluster_args(p) -> None:
+    g = p.add_argument_group("multi-host tensor parallelism (the artifact's tp ranks spread evenly over the nodes; "
+                             "every node runs the same command with its own --node-rank; torchrun's variables are "
+                             "read when these are absent)")
+    g.add_argument("--nnodes", type=int, help="hosts the ranks run on (default: 1)")
+    g.add_argument("--node-rank", dest="node_rank", type=int,
+                   help="this host's index: 0 runs rank 0 (and, for serve, the HTTP front and the visual worker); "
+                        "others run only their ranks, wait for node 0, and rejoin after failures")
+    g.add_argument("--master-addr", dest="master_addr", help="node 0's address, reachable from every node "
+                                                             "(default: 127.0.0.1)")
+    g.add_argument("--master-port", dest="master_port", type=int,
+                   help="a free TCP port on node 0 for the ranks' rendezvous (needed with --nnodes > 1)")
+
+
+def cluster_from_args(args) -> Cluster:
+    """The Cluster of --nnodes/--node-rank/--master-addr/--master-port, or of torchrun's environment when the flags
+    are absent (one process per node: torchrun --nproc-per-node 1; torchrun's own store holds MASTER_PORT, so vlmc's
+    uses MASTER_PORT + 1)."""
+    from ...errors import VlmcError
+
+    env = os.environ
+    torchrun = "TORCHELASTIC_RUN_ID" in env and "WORLD_SIZE" in env
+    nnodes = args.nnodes if args.nnodes is not None else int(env["WORLD_SIZE"]) if torchrun else 1
+    node_rank = args.node_rank if args.node_rank is not None else int(env.get("RANK", 0)) if torchrun else 0
+    addr = args.master_addr or (env.get("MASTER_ADDR") if torchrun else None) or "127.0.0.1"
+    port = args.master_port if args.master_port is not None else \
+        int(env["MASTER_PORT"]) + 1 if torchrun and "MASTER_PORT" in env else None
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise VlmcError(f"--node-rank must be in [0, --nnodes) (got {node_rank} of {nnodes})")
+    if nnodes > 1 and port is None:
+        raise VlmcError("--nnodes > 1 needs --master-port (and --master-addr: node 0's address) on every node")
+    if port is not None and not 0 < port < 65536:
+        raise VlmcError(f"--master-port must be a TCP port, got {port}")
+    return Cluster(nnodes, node_rank, addr, port)
+
+
+def join_group(rank: int, world: int, addr: str, port: int, generation: str | None = None, skip: str | None = None,
+               backend: str = "gloo") -> str:
+    """Join the process group: rank 0 hosts the store and names `generation`; the others wait for the store and
+    join the generation it names (exit STALE_EXIT if it is `skip`, the one that failed). Returns the generation."""
     import torch.distributed as dist
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    # A dead rank must surface as an error, not as a wait on gloo's 30-minute default.
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
+    store = dist.TCPStore(addr, port, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
+    if rank == 0:
+        store.set("vlmc_generation", generation)
+    else:
+        generation = store.get("vlmc_generation").decode()
+        if generation == skip:
+            raise SystemExit(STALE_EXIT)
+    dist.init_process_group(backend, store=dist.PrefixStore(generation, store), rank=rank, world_size=world,
+                            timeout=timeout)
+    return generation
 
 
 class DistributedEngine:
     """Rank 0's view of a tensor-parallel engine: each call is broadcast to the worker ranks, which run the
     same engine operation on their shard (their own graphs and KV cache), then rank 0 runs it locally."""
 
-    def __init__(self, artifact: LLMArtifact, device: str = "cpu", slots: int | None = None):
+    def __init__(self, artifact: LLMArtifact, device: str = "cpu", slots: int | None = None,
+                 cluster: Cluster = Cluster()):
+        from ...errors import VlmcError
+
         self.artifact = artifact
         self.world = artifact.tp
+        self.cluster = cluster
         self.workers = []
+        self.closed = False
+        if cluster.node_rank != 0:
+            raise VlmcError("rank 0 runs on node 0; other nodes run their ranks with host_ranks")
         if self.world > 1 and device != "cpu":
-            from ...errors import VlmcError
-
             # The packed all-reduce is torch.distributed over gloo on host memory (no GPU collective yet).
             raise VlmcError(f"{artifact.path} has tp={self.world}; tensor parallelism runs on the CPU only")
+        local = cluster.ranks(self.world)
         if self.world > 1:
-            port = free_port()
+            port = cluster.master_port or free_port()
+            generation = uuid.uuid4().hex
             ctx = multiprocessing.get_context("spawn")
-            for rank in range(1, self.world):
-                proc = ctx.Process(target=_worker_main, args=(str(artifact.path), rank, self.world, port, device,
-                                                               slots), daemon=True)
+            for rank in local[1:]:
+                proc = ctx.Process(target=_worker_main, args=(str(artifact.path), rank, self.world,
+                                                               cluster.master_addr, port, device, slots),
+                                   daemon=True)
                 proc.start()
                 self.workers.append(proc)
-            init_process_group(0, self.world, port)
+            join_group(0, self.world, cluster.master_addr, port, generation)
         self.local = artifact.engine(0, device, slots)
 
     def __getattr__(self, name):  # read-only properties (context, max_prefill, check_budget, cache, ...)
@@ -159,9 +251,10 @@ class DistributedEngine:
         self._broadcast("ping")
 
     def close(self) -> None:
-        if self.world > 1 and self.workers:
+        if self.world > 1 and not self.closed:  # (rank 0 may be node 0's only rank: no local workers)
             import torch.distributed as dist
 
+            self.closed = True
             self._broadcast("stop")
             for proc in self.workers:
                 proc.join(timeout=30)
@@ -169,7 +262,8 @@ class DistributedEngine:
             dist.destroy_process_group()
 
 
-def _worker_main(path: str, rank: int, world: int, port: int, device: str, slots) -> None:
+def _worker_main(path: str, rank: int, world: int, addr: str, port: int, device: str, slots, skip=None,
+                 joined=None) -> None:
     import signal
 
     import torch.distributed as dist
@@ -179,11 +273,21 @@ def _worker_main(path: str, rank: int, world: int, port: int, device: str, slots
 
     from .engine import Sequence
 
-    init_process_group(rank, world, port)
+    try:
+        generation = join_group(rank, world, addr, port, skip=skip)
+    except (RuntimeError, TimeoutError) as exc:  # no rank 0 within the group timeout (host_ranks tries again)
+        log.error("rank %d: could not join the group at %s:%d: %s", rank, addr, port, str(exc).splitlines()[0])
+        raise SystemExit(1) from None
+    if joined is not None:
+        joined.put(generation)
     engine = LLMArtifact(path, verify=False).engine(rank, device, slots)
     while True:
         box = [None]
-        dist.broadcast_object_list(box, src=0)
+        try:
+            dist.broadcast_object_list(box, src=0)
+        except RuntimeError as exc:  # rank 0 or another rank went away: one line, not a traceback
+            log.error("rank %d: the group failed: %s", rank, str(exc).splitlines()[0][:300])
+            raise SystemExit(1) from None
         op, args = box[0]
         if op == "stop":
             break
@@ -200,3 +304,49 @@ def _worker_main(path: str, rank: int, world: int, port: int, device: str, slots
             engine.move(Sequence(source, 0), target)
         # "ping" (keepalive) needs nothing done
     dist.destroy_process_group()
+
+
+def host_ranks(path: str, cluster: Cluster, device: str = "cpu", rejoin: bool = True) -> int:
+    """Run this node's ranks of the group rank 0 (on node 0) drives. They exit when rank 0 says stop (returns 0).
+    When one fails (a rank died here or elsewhere, or rank 0's process went away), the others are stopped and all
+    start again, waiting for rank 0's next generation (`rejoin`; a server's LLM worker is restarted) or not (returns
+    1: a one-off `vlmc generate`)."""
+    import queue
+
+    artifact = LLMArtifact(path, verify=False)
+    ranks = cluster.ranks(artifact.tp)
+    ctx = multiprocessing.get_context("spawn")
+    failed = None  # the generation that failed: not joined again
+    while True:
+        joined = ctx.Queue()
+        procs = [ctx.Process(target=_worker_main, args=(path, rank, artifact.tp, cluster.master_addr,
+                                                         cluster.master_port, device, None, failed, joined),
+                             name=f"vlmc-rank-{rank}") for rank in ranks]
+        for proc in procs:
+            proc.start()
+        log.warning("node %d: ranks %d-%d of tp=%d (pids %s), joining %s:%d", cluster.node_rank, ranks[0],
+                    ranks[-1], artifact.tp, [p.pid for p in procs], cluster.master_addr, cluster.master_port)
+        generation = None
+        try:
+            while all(p.exitcode is None for p in procs):
+                time.sleep(0.2)
+                with contextlib.suppress(queue.Empty):
+                    generation = joined.get_nowait()
+            first = next(p for p in procs if p.exitcode is not None)
+            for proc in procs:  # told to stop, the others follow; after a failure they are stopped
+                proc.join(timeout=10 if first.exitcode == 0 else 0.5)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join()
+        codes = [p.exitcode for p in procs]
+        if all(c == 0 for c in codes):
+            return 0
+        if not rejoin and STALE_EXIT not in codes:
+            log.error("node %d: ranks exited with %s", cluster.node_rank, codes)
+            return 1
+        if STALE_EXIT not in codes:
+            log.warning("node %d: ranks exited with %s; waiting for rank 0's next group", cluster.node_rank, codes)
+        failed = generation or failed
+        time.sleep(1.0)

@@ -13,7 +13,8 @@ def register(sub) -> None:
                     "/metrics) with a chat page at /. The visual encoder and the LLM run in their own processes linked by ZeroMQ; "
                     "up to the artifact's compiled batch size sequences decode together.")
     p.add_argument("--model", required=True, help="LLM artifact folder")
-    p.add_argument("--vit_model", "--vit-model", dest="vit_model", required=True, help="visual artifact folder")
+    p.add_argument("--vit_model", "--vit-model", dest="vit_model",
+                   help="visual artifact folder (required on node 0)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=9900, help="port (default: 9900)")
     p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int,
@@ -74,6 +75,9 @@ def register(sub) -> None:
                         "reported (start-up log, /health) only")
     p.add_argument("--vit_devices", "--vit-devices", dest="vit_devices", metavar="LIST",
                    help="device of the visual worker, e.g. \"[2]\" (default: \"[0]\"); on CPU reported only")
+    from ..llm.runtime import add_cluster_args
+
+    add_cluster_args(p)
     p.set_defaults(func=run_serve)
 
 

@@ -184,7 +184,8 @@ class Engine:
         self.to_visual.bind(addr["visual"])
         self.epoch = 0  # bumped on every LLM restart; the new LLM worker drops requests stamped earlier
         self.llm = Worker("llm", llm_main, lambda: (args.model, addr["llm"], addr["control"], addr["results"],
-                                                    args.batch_size, args.max_prompt_tokens, self.epoch),
+                                                    args.batch_size, args.max_prompt_tokens, args.cluster,
+                                                    self.epoch),
                           args.llm_devices)
         self.visual = Worker("visual", visual_main,
                              lambda: (args.vit_model, addr["visual"], addr["llm"], addr["results"],
@@ -217,8 +218,12 @@ class Engine:
         return all(w.state == "up" for w in self.workers)
 
     def health(self) -> dict:
-        return {"status": "ok" if self.healthy() else "unavailable",
-                "workers": {w.name: w.describe() for w in self.workers}}
+        out = {"status": "ok" if self.healthy() else "unavailable",
+               "workers": {w.name: w.describe() for w in self.workers}}
+        cluster = self.args.cluster
+        if cluster.nnodes > 1:  # ranks on other nodes are not watched by pid: a failure there fails a collective
+            out["nodes"] = {"nnodes": cluster.nnodes, "master": f"{cluster.master_addr}:{cluster.master_port}"}
+        return out
 
     async def dispatch(self) -> None:
         m = self.metrics
@@ -651,9 +656,17 @@ def serve(args) -> int:
     import uvicorn
 
     from ...errors import VlmcError
-    from ..llm.runtime import LLMArtifact
+    from ..llm.runtime import LLMArtifact, cluster_from_args, host_ranks
     from ..visual.runtime import read_manifest
 
+    args.cluster = cluster_from_args(args)
+    if args.cluster.node_rank > 0:
+        # Another node: only its tensor-parallel ranks; node 0 runs the HTTP front, the visual worker and rank 0.
+        LLMArtifact(args.model, verify=args.verify).cluster_check(args.cluster)
+        logging.getLogger("vlmc.ranks").setLevel(logging.INFO)
+        return host_ranks(args.model, args.cluster, rejoin=True)
+    if args.vit_model is None:
+        raise VlmcError("--vit_model is required (on node 0)")
     # Flag syntax first: a typo is reported before the artifacts are read.
     llm_devices = parse_devices(args.llm_devices, "--llm_devices") if args.llm_devices else None
     vit_devices = parse_devices(args.vit_devices, "--vit_devices") if args.vit_devices else None
@@ -683,6 +696,7 @@ def serve(args) -> int:
     for flag in ("video_min_pixels", "video_max_pixels"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise VlmcError(f"--{flag.replace('_', '-')} must be positive")
+    llm.cluster_check(args.cluster)
     args.llm_devices, args.vit_devices = check_devices(llm_devices, vit_devices, llm.tp)
     logging.getLogger("vlmc.serve").setLevel(logging.INFO)
     config = uvicorn.Config(None, host=args.host, port=args.port, log_level="warning",

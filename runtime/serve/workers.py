@@ -175,7 +175,7 @@ class Running:
 
 
 def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, batch_size, max_prompt_tokens,
-             epoch: int, info) -> None:
+             cluster, epoch: int, info) -> None:
     from ..cpu_ops.sampling import Sampler, SamplingParams
     from ..llm.engine import BudgetError, Sequence, splice_image_embeddings
     from ..llm.pipeline import prompt_extras
@@ -186,7 +186,10 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
     artifact = LLMArtifact(model, verify=False)  # quick checks: the HTTP process checked it (in full with --verify)
     tokenizer = artifact.tokenizer()
     spec = artifact.spec
-    engine = DistributedEngine(artifact)  # one cache slot per row of the largest compiled decode batch
+    engine = DistributedEngine(artifact, cluster=cluster)  # a cache slot per row of the largest decode batch
+    # Idle ranks wait in a collective: pinged well inside its timeout, and often with ranks on other hosts, so that
+    # one that died there is noticed (and the LLM worker restarted) within seconds.
+    keepalive_s = KEEPALIVE_S if cluster.nnodes == 1 else 2.0
     slots = int(artifact.manifest["batch_size"])
     usable = min(batch_size or slots, slots)
     ctx = zmq.Context()
@@ -267,7 +270,7 @@ def llm_main(model: str, llm_addr: str, control_addr: str, results_addr: str, ba
                 if os.getppid() != parent:
                     engine.close()
                     return
-                if time.monotonic() - last_step > KEEPALIVE_S:
+                if time.monotonic() - last_step > keepalive_s:
                     engine.keepalive()
                     last_step = time.monotonic()
                 continue
