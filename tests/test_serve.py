@@ -453,6 +453,24 @@ def test_client_disconnect_frees_its_slot(server):
     assert code == 200 and out["usage"]["completion_tokens"] <= 3
 
 
+FUZZ_CHECKS = "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance"
+
+
+def test_fuzz_against_the_openapi_document(server, tmp_path):
+    """schemathesis generates requests from the served OpenAPI document (a short run; docs/serve.md has the long
+    one): no 5xx, every status, content type and body as documented; then a good request still works."""
+    proc = subprocess.run(["schemathesis", "run", server + "/openapi.json", "-H", "Authorization: Bearer k",
+                           "--checks", FUZZ_CHECKS, "--max-examples", "10", "--seed", "1", "--no-color",
+                           "--request-timeout", "60", "--report", "junit", "--report-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
+    generated = int(re.search(r"(\d+) generated", proc.stdout).group(1))
+    assert generated >= 100, proc.stdout[-3000:]
+    print(f"schemathesis: {generated} requests, no failures")
+    code, out = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert code == 200
+
+
 # --- request limits: a server with small ones; after each refusal it still answers a good request ---
 
 @pytest.fixture(scope="module")

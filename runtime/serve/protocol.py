@@ -73,10 +73,16 @@ def read_media_url(url, allowed_dir: str | None, remote: RemoteMedia | None, kin
             raise ApiError(f"http(s) {kind} URLs are not enabled on this server (start it with "
                            "--allow-remote-media); send a data: URI", code=f"{kind}_url_not_allowed")
         return fetch_url(url, remote, kind)
-    path = Path(url[len("file://"):] if url.startswith("file://") else url).resolve()
-    if allowed_dir is None or not path.is_relative_to(Path(allowed_dir).resolve()):
-        raise ApiError(f"local {kind} paths are only allowed under --allowed-local-media-path",
-                       code=f"{kind}_url_not_allowed")
+    not_allowed = ApiError(f"local {kind} paths are only allowed under --allowed-local-media-path",
+                           code=f"{kind}_url_not_allowed")
+    if allowed_dir is None:
+        raise not_allowed
+    try:
+        path = Path(url[len("file://"):] if url.startswith("file://") else url).resolve()
+    except (ValueError, OSError):  # e.g. a NUL byte in the path
+        raise ApiError(f"{kind}_url.url is not a valid path", code=f"invalid_{kind}_url") from None
+    if not path.is_relative_to(Path(allowed_dir).resolve()):
+        raise not_allowed
     try:
         return path.read_bytes()
     except OSError:

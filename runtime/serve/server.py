@@ -21,7 +21,7 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ... import __version__
 from .openapi import ERRORS, ModelList, add_request_schemas, chat_route_docs
@@ -453,8 +453,10 @@ def build_app(args, tokenizer, context: int, stopping=lambda: False):
         engine: Engine = state["engine"]
         return JSONResponse(engine.health(), status_code=200 if engine.healthy() else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition format, version 0.0.4"}})
     async def metrics():
+        """Prometheus metrics (docs/serve.md lists them)."""
         return Response(generate_latest(state["engine"].metrics.registry), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", responses={200: {"model": ModelList}, 401: ERRORS[401]})
