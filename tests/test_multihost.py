@@ -43,11 +43,20 @@ def image(tmp_path_factory):
     return path
 
 
-def test_generate_on_two_nodes_matches_one(qwen_artifacts, image, tmp_path):
-    llm, visual = qwen_artifacts["tiny", 4], qwen_artifacts["tiny", "visual"]
-    args = ("--model", llm, "--vit_model", visual, "--image", image, "--prompt", "Describe it.",
-            "--max-new-tokens", 12)
-    alone = generate_json(*args)
+def generate_args(qwen_artifacts, image):
+    return ("--model", qwen_artifacts["tiny", 4], "--vit_model", qwen_artifacts["tiny", "visual"], "--image", image,
+            "--prompt", "Describe it.", "--max-new-tokens", 12)
+
+
+@pytest.fixture(scope="module")
+def alone(qwen_artifacts, image):
+    """`vlmc generate` on one host: tp 4 as four local ranks."""
+    return generate_json(*generate_args(qwen_artifacts, image))
+
+
+def test_generate_on_two_nodes_matches_one(qwen_artifacts, image, alone, tmp_path):
+    llm = qwen_artifacts["tiny", 4]
+    args = generate_args(qwen_artifacts, image)
     port = free_port()
     cluster = ("--nnodes", 2, "--master-addr", "127.0.0.1", "--master-port", port)
     with open(tmp_path / "node1.log", "w+") as log:
@@ -70,10 +79,8 @@ def test_cluster_flags_are_validated(qwen_artifacts):
         assert proc.returncode != 0 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_serve_on_two_nodes_and_a_remote_rank_dies(qwen_artifacts, image, tmp_path):
+def test_serve_on_two_nodes_and_a_remote_rank_dies(qwen_artifacts, image, alone, tmp_path):
     llm, visual = qwen_artifacts["tiny", 4], qwen_artifacts["tiny", "visual"]
-    alone = generate_json("--model", llm, "--vit_model", visual, "--image", image, "--prompt", "Describe it.",
-                          "--max-new-tokens", 12)
     port = free_port()
     cluster = ("--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port))
     log = open(tmp_path / "node1.log", "w+")

@@ -238,7 +238,7 @@ def server_tree_rss_mib(base):
 
 
 def test_load_64_concurrent_streams_with_images(server):
-    """64 clients streaming image requests at once, 3 each: every request completes with all its tokens, the
+    """64 clients streaming image requests at once, 2 each: every request completes with all its tokens, the
     server's memory stays bounded (requests wait in bounded queues, not in growing buffers); p99 TTFT printed."""
     c = client(server)
     images = [data_uri(random_image(28 * (1 + i % 3), 28 * (1 + i % 2), seed=100 + i)) for i in range(8)]
@@ -259,16 +259,16 @@ def test_load_64_concurrent_streams_with_images(server):
         return first if first is not None else time.perf_counter() - t0, usage.completion_tokens
 
     def client_loop(k):
-        return [one(3 * k + j) for j in range(3)]
+        return [one(2 * k + j) for j in range(2)]
 
     one(0)  # warm
     before = server_tree_rss_mib(server)
     with ThreadPoolExecutor(64) as pool:
         results = [r for rs in pool.map(client_loop, range(64)) for r in rs]
     after = server_tree_rss_mib(server)
-    assert len(results) == 192 and all(tokens == 6 for _, tokens in results)
+    assert len(results) == 128 and all(tokens == 6 for _, tokens in results)
     ttfts = sorted(t for t, _ in results)
-    print(f"load: 192 requests from 64 streams, TTFT p50 {ttfts[96]:.2f} s, p99 {ttfts[189]:.2f} s; server RSS "
+    print(f"load: 128 requests from 64 streams, TTFT p50 {ttfts[64]:.2f} s, p99 {ttfts[126]:.2f} s; server RSS "
           f"{before:.0f} -> {after:.0f} MiB")
     assert after - before < 300, (before, after)
     wait_for(lambda: metric(server, "vlmc_running_batch_size") == 0, 30, "an empty decode batch")
@@ -460,12 +460,12 @@ def test_fuzz_against_the_openapi_document(server, tmp_path):
     """schemathesis generates requests from the served OpenAPI document (a short run; docs/serve.md has the long
     one): no 5xx, every status, content type and body as documented; then a good request still works."""
     proc = subprocess.run(["schemathesis", "run", server + "/openapi.json", "-H", "Authorization: Bearer k",
-                           "--checks", FUZZ_CHECKS, "--max-examples", "10", "--seed", "1", "--no-color",
+                           "--checks", FUZZ_CHECKS, "--max-examples", "5", "--seed", "1", "--no-color",
                            "--request-timeout", "60", "--report", "junit", "--report-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
     generated = int(re.search(r"(\d+) generated", proc.stdout).group(1))
-    assert generated >= 100, proc.stdout[-3000:]
+    assert generated >= 80, proc.stdout[-3000:]
     print(f"schemathesis: {generated} requests, no failures")
     code, out = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     assert code == 200
@@ -477,7 +477,7 @@ def test_fuzz_against_the_openapi_document(server, tmp_path):
 def limited_server(artifacts):
     base, proc = start_server(artifacts["llm"], artifacts["visual"], "--api-key", "k", "--max-request-mb", "1",
                               "--max-images-per-request", "2", "--max-image-pixels", "1000000",
-                              "--max-prompt-tokens", "100", "--body-timeout", "2",
+                              "--max-prompt-tokens", "100", "--body-timeout", "2", "--header-timeout", "2",
                               "--allowed-origins", "http://app.example")
     yield base
     stop_server(proc)
@@ -572,6 +572,20 @@ def test_stalled_body_times_out(limited_server):
     reply = raw_request(limited_server, 'Content-Length: 1000\r\n\r\n{"messa')
     assert reply.startswith("HTTP/1.1 408") and "--body-timeout" in reply
     assert 1.5 < time.monotonic() - t0 < 15
+    code, out = post(limited_server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert code == 200
+
+
+def test_stalled_headers_time_out(limited_server):
+    host, port = limited_server.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bea".encode())
+        t0 = time.monotonic()
+        reply = sock.recv(65536).decode()
+        assert sock.recv(65536) == b""  # and closed
+    assert reply.startswith("HTTP/1.1 408") and 1.5 < time.monotonic() - t0 < 15
+    with socket.create_connection((host, int(port)), timeout=30) as sock:  # an idle connection too
+        assert sock.recv(65536).startswith(b"HTTP/1.1 408")
     code, out = post(limited_server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     assert code == 200
 

@@ -2,7 +2,7 @@
  *
  *   vlmc_matmul_nn(a, b, out)               out = a @ b            (BLAS)
  *   vlmc_matmul_nt(a, b, out)               out = a @ b^T, b [N,K] (BLAS; nn.Linear weights; with 2 to 16 rows
- *                                           of a, batched decode steps, vlmc_qmatmul's GEMV kernel instead)
+ *                                           of a, batched decode steps, a GEMV kernel: f32_gemv_batch)
  *   vlmc_segment_attention(q, k, v, ranges, out)
  *       out[i,h] = softmax_j(q[i,h] . k[j,g] / sqrt(D)) v[j,g] over keys j in [ranges[i,0], ranges[i,1])
  *       q, out [N, H, D], k, v [M, Hk, D] float32 (H a multiple of Hk; query head h reads kv head g = h / (H / Hk));
@@ -441,7 +441,7 @@ typedef uint16_t qv16 __attribute__((vector_size(QL * sizeof(uint16_t))));
 typedef int8_t qvs8 __attribute__((vector_size(QL)));
 typedef uint8_t qvu8 __attribute__((vector_size(QL)));
 
-enum { QW_BF16, QW_F16, QW_I8, QW_I4, QW_F32 /* bf16-input GEMMs and vlmc_matmul's batched decode GEMVs */ };
+enum { QW_BF16, QW_F16, QW_I8, QW_I4, QW_F32 /* bf16-input GEMMs only */ };
 
 static inline qv qload(const float* p) { qv x; memcpy(&x, p, sizeof x); return x; }
 static inline void qstore(float* p, qv x) { memcpy(p, &x, sizeof x); }
@@ -518,7 +518,6 @@ static inline void widen_i4(const uint8_t* p, qv* lo, qv* hi) {
 }
 /* QL weights of a row from k (k % QL == 0 for int4), unscaled */
 static inline __attribute__((always_inline)) qv qw_vec(const int kind, const void* row, int64_t k) {
-  if (kind == QW_F32) return qload((const float*)row + k);
   if (kind == QW_BF16) return widen_bf16((const uint16_t*)row + k);
   if (kind == QW_F16) return widen_f16((const uint16_t*)row + k);
   if (kind == QW_I8) return widen_i8((const int8_t*)row + k);
@@ -527,7 +526,6 @@ static inline __attribute__((always_inline)) qv qw_vec(const int kind, const voi
   return k & 16 ? hi : lo;
 }
 static inline __attribute__((always_inline)) float qw_scalar(const int kind, const void* row, int64_t k) {
-  if (kind == QW_F32) return ((const float*)row)[k];
   if (kind == QW_BF16) return bf16_to_float(((const uint16_t*)row)[k]);
   if (kind == QW_F16) return half_to_float(((const uint16_t*)row)[k]);
   if (kind == QW_I8) return (float)((const int8_t*)row)[k];
@@ -545,7 +543,6 @@ typedef struct {
 static inline const void* qw_row(const QMat* q, int64_t n) {
   if (q->kind == QW_I4) return (const uint8_t*)q->w + n * (q->K / 2);
   if (q->kind == QW_I8) return (const int8_t*)q->w + n * q->K;
-  if (q->kind == QW_F32) return (const float*)q->w + n * q->K;
   return (const uint16_t*)q->w + n * q->K;
 }
 /* the weight rows (and scale rows, if any) of a step of NR rows from n, nr of them real: a short step repeats its
@@ -581,7 +578,7 @@ static inline __attribute__((always_inline)) void qgemv_rows(const int kind, con
     /* Software prefetch of the next step's rows, into L2, as the current ones are read: each row is a new stream the
      * hardware prefetchers (which stop at 4 KB pages) would only pick up after some misses (measured: bf16 1.6x
      * -> 1.9x, int8 2.0x -> 2.7x the speed of fp32 BLAS at 1 x 2048 x 11008). */
-    const int64_t ahead = NR * (kind == QW_I4 ? K / 2 : kind == QW_I8 ? K : kind == QW_F32 ? 4 * K : 2 * K); /* bytes to the next step's rows */
+    const int64_t ahead = NR * (kind == QW_I4 ? K / 2 : kind == QW_I8 ? K : 2 * K); /* bytes to the next step's rows */
     qv acc[QMR_MAX][QNR_MAX];
     float tail[QMR_MAX][QNR_MAX];
 #pragma GCC unroll 16
@@ -593,7 +590,7 @@ static inline __attribute__((always_inline)) void qgemv_rows(const int kind, con
       float sc[QNR_MAX];
       qv s[QNR_MAX];
 #pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) { sc[r] = (kind == QW_I8 || kind == QW_I4) ? srow[r][g] : 1.f; s[r] = qsplat(sc[r]); }
+      for (int r = 0; r < NR; ++r) { sc[r] = kind >= QW_I8 ? srow[r][g] : 1.f; s[r] = qsplat(sc[r]); }
       if (kind == QW_BF16) { /* pairs of bf16 in 32 bits: x is permuted, even elements first (qgemv_permute) */
         const int64_t k16 = k0 + glen / 16 * 16;
         for (int64_t k = k0; k < k16; k += 16) {
@@ -623,7 +620,7 @@ static inline __attribute__((always_inline)) void qgemv_rows(const int kind, con
       }
       /* int8/int4 with one row of x: the group's sum of x * q is scaled once (fewer operations per weight); with
        * more rows the scaled weights are shared by their FMAs */
-      const int fold = (kind == QW_I8 || kind == QW_I4) && MR == 1;
+      const int fold = kind >= QW_I8 && MR == 1;
       qv part[QNR_MAX];
 #pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) part[r] = qsplat(0.f);
@@ -652,9 +649,8 @@ static inline __attribute__((always_inline)) void qgemv_rows(const int kind, con
           qv wv[QNR_MAX];
 #pragma GCC unroll 8
           for (int r = 0; r < NR; ++r) {
-            const int eb = kind == QW_I8 ? 1 : kind == QW_F32 ? 4 : 2; /* bytes per weight */
-            if (k * eb % 64 == 0) /* once per cache line */
-              __builtin_prefetch((const char*)row[r] + k * eb + ahead, 0, 2);
+            if (k % (kind == QW_I8 ? 64 : 32) == 0) /* once per cache line */
+              __builtin_prefetch((const char*)row[r] + (kind == QW_I8 ? k : 2 * k) + ahead, 0, 2);
             wv[r] = qw_vec(kind, row[r], k);
             if (kind == QW_I8 && !fold) wv[r] *= s[r];
           }
@@ -709,7 +705,6 @@ QGEMV_SET(qgemv_bf16, QW_BF16)
 QGEMV_SET(qgemv_f16, QW_F16)
 QGEMV_SET(qgemv_i8, QW_I8)
 QGEMV_SET(qgemv_i4, QW_I4)
-QGEMV_SET(qgemv_f32, QW_F32)
 
 /* bf16 weights: x [M, K] with each block of 16 reordered even elements first (the rest as is), to match the two
  * 8-float vectors that 16 bf16 weights, read as 8 32-bit pairs, widen to: bits << 16 (the even elements, little
@@ -797,7 +792,7 @@ static void qgemv_i4_fold(const QMat* q, const float* xp, const float* xsum, flo
 /* all M (<= 16) rows of x against weight rows [n0, n1) */
 static void qgemv_range(const QMat* q, const float* x, float* out, int64_t n0, int64_t n1) {
   const qgemv_fn* fns = q->kind == QW_BF16 ? qgemv_bf16 : q->kind == QW_F16 ? qgemv_f16
-                      : q->kind == QW_I8 ? qgemv_i8 : q->kind == QW_F32 ? qgemv_f32 : qgemv_i4;
+                      : q->kind == QW_I8 ? qgemv_i8 : qgemv_i4;
   const int64_t M = q->M, passes = (M + QGEMV_PASS - 1) / QGEMV_PASS;
   if (passes == 1) { fns[M](q, x, M, out, n0, n1); return; }
   for (int64_t nb = n0; nb < n1; nb += SPLIT_ALIGN) { /* 16 weight rows stay in L2 for every pass */
@@ -965,12 +960,71 @@ static int run_qmatmul(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret, int bf1
   return 0;
 }
 
-/* vlmc_matmul's x [M, K] @ w[N, K]^T for 2 <= M <= 16 (batched decode steps): the BLAS packs all of w for so few
- * rows (measured 23 GFLOP/s at M = 4, 69 at 16 for 4 x 2048 x 11008 and 16 x ...); the GEMV kernel reads each row of
- * w once for all rows of x. */
+/* vlmc_matmul's x [M, K] @ w[N, K]^T for 2 <= M <= 16 (batched decode steps). The BLAS packs all of w for so few
+ * rows (measured 23 GFLOP/s at 4 x 2048 x 11008, 69 at 16 x ...); this reads each row of w once per pass of up to
+ * four rows of x (a block of 16 rows of w stays in L2 for the passes), with 4 x 4 accumulators of the widest vectors
+ * the host has (AVX-512: 16 floats; fp32 needs no widening, so the 8-float qv kernels would halve the FMA rate). */
+#ifdef __AVX512F__
+#define FL 16
+#else
+#define FL 8
+#endif
+typedef float fv __attribute__((vector_size(FL * sizeof(float))));
+static inline fv fvload(const float* p) { fv x; memcpy(&x, p, sizeof x); return x; }
+
+static void f32_gemv_pass(const float* x, int64_t mr, const float* w, float* out, int64_t N, int64_t K,
+                          int64_t n0, int64_t n1) {
+  const float* xr[4];
+  for (int m = 0; m < 4; ++m) xr[m] = x + (m < mr ? m : mr - 1) * K; /* a short pass repeats its last row */
+  const int64_t kv = K / FL * FL;
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int64_t nr = n1 - n < 4 ? n1 - n : 4;
+    const float* wr[4];
+    for (int r = 0; r < 4; ++r) wr[r] = w + (n + (r < nr ? r : nr - 1)) * K;
+    fv acc[4][4];
+    for (int m = 0; m < 4; ++m)
+      for (int r = 0; r < 4; ++r) acc[m][r] = (fv){0};
+    for (int64_t k = 0; k < kv; k += FL) {
+      fv wv[4];
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        if (k * 4 % 64 == 0) __builtin_prefetch(wr[r] + k + 4 * K, 0, 2); /* the next step's rows, into L2 */
+        wv[r] = fvload(wr[r] + k);
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < 4; ++m) {
+        const fv xv = fvload(xr[m] + k);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) acc[m][r] += xv * wv[r];
+      }
+    }
+    for (int m = 0; m < mr; ++m)
+      for (int r = 0; r < nr; ++r) {
+        float sum = 0.f;
+        for (int i = 0; i < FL; ++i) sum += acc[m][r][i];
+        for (int64_t k = kv; k < K; ++k) sum += xr[m][k] * wr[r][k];
+        out[m * N + n + r] = sum;
+      }
+  }
+}
+
 static void f32_gemv_batch(const float* x, const float* w, float* out, int64_t M, int64_t N, int64_t K) {
-  const QMat q = {QW_F32, M, N, K, 1, K, w, 0};
-  qgemv_parallel(&q, x, out, 0);
+  const int threads = omp_get_max_threads();
+  const int serial = 2. * M * N * K < SPLIT_MIN_FLOPS || threads == 1;
+  const int64_t passes = (M + 3) / 4;
+#pragma omp parallel for schedule(static) if (!serial)
+  for (int part = 0; part < threads; ++part) {
+    const int64_t lo = (N * part / threads + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
+    int64_t hi = part == threads - 1 ? N : (N * (part + 1) / threads + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
+    hi = hi < N ? hi : N;
+    for (int64_t nb = lo; nb < hi; nb += SPLIT_ALIGN) {
+      const int64_t ne = nb + SPLIT_ALIGN < hi ? nb + SPLIT_ALIGN : hi;
+      for (int64_t p = 0; p < passes; ++p) {
+        const int64_t m0 = M * p / passes, m1 = M * (p + 1) / passes;
+        f32_gemv_pass(x + m0 * K, m1 - m0, w, out + m0 * N, N, K, nb, ne);
+      }
+    }
+  }
 }
 
 __attribute__((visibility("default")))

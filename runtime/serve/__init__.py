@@ -50,6 +50,9 @@ def register(sub) -> None:
                    help="largest request body accepted, in MiB (413 beyond; default: 64)")
     p.add_argument("--body-timeout", dest="body_timeout", type=float, default=30.0,
                    help="seconds a client has to send its request body (408 after; default: 30)")
+    p.add_argument("--header-timeout", dest="header_timeout", type=float, default=30.0,
+                   help="seconds a new connection has to send its request headers (408 and closed after; "
+                        "default: 30)")
     p.add_argument("--max-images-per-request", dest="max_images_per_request", type=int, default=16,
                    help="most image parts in one request (default: 16)")
     p.add_argument("--max-videos-per-request", dest="max_videos_per_request", type=int, default=2,

@@ -621,6 +621,29 @@ def build_app(args, tokenizer, context: int, stopping=lambda: False):
     return app
 
 
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, with a deadline for a connection's first request headers: uvicorn itself times only
+    idle keep-alive connections, so a client that trickles or stalls its headers would hold the connection forever.
+    Past the deadline it gets a 408 and the connection is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.header_deadline = self.loop.call_later(seconds, self.headers_timed_out)
+
+        def headers_timed_out(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():  # no request has started
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+                self.transport.close()
+
+        def connection_lost(self, exc) -> None:
+            self.header_deadline.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
+
+
 def parse_devices(text: str, flag: str) -> list[int]:
     """The vendor's device list syntax: "[0,1,2]" (also "0,1,2" or "2")."""
     from ...errors import VlmcError
@@ -685,7 +708,7 @@ def serve(args) -> int:
         raise VlmcError(f"--batch_size must be between 1 and the LLM artifact's compiled batch of {compiled}")
     if args.image_cache_mb < 0:
         raise VlmcError("--image_cache_mb must be 0 (off) or a positive number of MiB")
-    for flag in ("max_request_mb", "body_timeout", "max_image_pixels", "max_prompt_tokens"):
+    for flag in ("max_request_mb", "body_timeout", "header_timeout", "max_image_pixels", "max_prompt_tokens"):
         if getattr(args, flag) is not None and not getattr(args, flag) > 0:
             raise VlmcError(f"--{flag.replace('_', '-')} must be positive")
     for flag in ("max_images_per_request", "max_videos_per_request"):
@@ -702,7 +725,7 @@ def serve(args) -> int:
     args.llm_devices, args.vit_devices = check_devices(llm_devices, vit_devices, llm.tp)
     logging.getLogger("vlmc.serve").setLevel(logging.INFO)
     config = uvicorn.Config(None, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=30)
+                            timeout_graceful_shutdown=30, http=header_timeout_protocol(args.header_timeout))
     server = uvicorn.Server(config)
     config.app = build_app(args, llm.tokenizer(), int(llm.manifest["context"]), lambda: server.should_exit)
     # On CPU the device ids are only recorded (and shown in /health); an accelerator runtime binds to them.
