@@ -151,7 +151,8 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
         write_manifest(tmp, {
             "kind": "llm", "name": cfg.name, "arch": arch_name, "checkpoint": str(checkpoint),
             "tp": tp, "max_prefill": cfg.frontend.max_prefill, "context": context, "prefill_buckets": buckets,
-            "batch_size": batch, "decode_buckets": batches, "graphs": {n: {"batch": b, "seq": s, "cache": t} for n, b, s, t in graphs},
+            "batch_size": batch, "decode_buckets": batches,
+            "graphs": {n: {"batch": b, "seq": s, "cache": t} for n, b, s, t in graphs},
             "layers": text.num_hidden_layers, "kv_heads_per_rank": plan.num_kv_heads, "head_dim": spec.text.head_dim,
             "hidden_size": text.hidden_size, "vocab_size": text.vocab_size, "param_names": param_names,
             # per-token visual features the prompt graphs take after the key ranges: [count, 1, S, hidden] each,

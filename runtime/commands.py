@@ -213,7 +213,7 @@ def run_generate(args) -> int:
 
     cluster = cluster_from_args(args)
     if cluster.node_rank > 0:  # this node only runs its ranks, until node 0's generate is done
-        return host_ranks(args.model, cluster, args.device, rejoin=False)
+        return host_ranks(args.model, cluster, args.device, rejoin=False, verify=args.verify)
     if args.prompt is None:
         raise VlmcError("--prompt is required (on node 0)")
     if args.max_new_tokens <= 0:

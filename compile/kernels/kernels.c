@@ -883,16 +883,21 @@ static int compact(const DLTensor* t) { /* row-major contiguous (strides absent 
 
 /* bf16_inputs: vlmc_qmatmul_bf16 (below), which takes float32 weights too */
 static int qmatmul_bf16_inputs(const QMat* q, const float* x, float* out);
-/* M <= 16: N split over the threads, whole cache lines of out per thread */
+/* where thread `part` of `threads` starts on N rows of out (part == threads: N): whole cache lines per thread */
+static inline int64_t part_edge(int64_t N, int64_t part, int64_t threads) {
+  if (part >= threads) return N;
+  const int64_t edge = (N * part / threads + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
+  return edge < N ? edge : N;
+}
+
+/* M <= 16: N split over the threads */
 static void qgemv_parallel(const QMat* q, const float* x, float* out, int i4_fold) {
   const int64_t M = q->M, N = q->N, K = q->K;
   const int threads = omp_get_max_threads();
   const int serial = 2. * M * N * K < SPLIT_MIN_FLOPS || threads == 1;
 #pragma omp parallel for schedule(static) if (!serial)
   for (int part = 0; part < threads; ++part) {
-    const int64_t lo = (N * part / threads + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
-    int64_t hi = part == threads - 1 ? N : (N * (part + 1) / threads + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
-    hi = hi < N ? hi : N;
+    const int64_t lo = part_edge(N, part, threads), hi = part_edge(N, part + 1, threads);
     if (lo >= hi) continue;
     if (i4_fold) qgemv_i4_fold(q, x, x + K, out, lo, hi);
     else qgemv_range(q, x, out, lo, hi);
@@ -1014,9 +1019,7 @@ static void f32_gemv_batch(const float* x, const float* w, float* out, int64_t M
   const int64_t passes = (M + 3) / 4;
 #pragma omp parallel for schedule(static) if (!serial)
   for (int part = 0; part < threads; ++part) {
-    const int64_t lo = (N * part / threads + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
-    int64_t hi = part == threads - 1 ? N : (N * (part + 1) / threads + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
-    hi = hi < N ? hi : N;
+    const int64_t lo = part_edge(N, part, threads), hi = part_edge(N, part + 1, threads);
     for (int64_t nb = lo; nb < hi; nb += SPLIT_ALIGN) {
       const int64_t ne = nb + SPLIT_ALIGN < hi ? nb + SPLIT_ALIGN : hi;
       for (int64_t p = 0; p < passes; ++p) {

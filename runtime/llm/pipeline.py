@@ -10,7 +10,7 @@ import numpy as np
 
 from ..cpu_ops.sampling import Sampler, SamplingParams
 from .engine import Sequence, splice_image_embeddings, splice_image_features
-from .runtime import DistributedEngine, LLMArtifact
+from .runtime import Cluster, DistributedEngine, LLMArtifact
 
 
 @dataclass
@@ -63,8 +63,7 @@ class Pipeline:
         self.tokenizer = self.llm.tokenizer()
         self.last_image_extras: list[dict] = []  # set by encode_images
         self.spec = self.llm.spec
-        self.engine = DistributedEngine(self.llm, device, cluster=cluster) if cluster else \
-            DistributedEngine(self.llm, device)
+        self.engine = DistributedEngine(self.llm, device, cluster=cluster or Cluster())
 
     def close(self) -> None:
         self.engine.close()

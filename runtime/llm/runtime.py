@@ -77,10 +77,6 @@ class LLMArtifact:
                          slots=slots or int(self.manifest["batch_size"]),
                          prefill_extras=self.manifest.get("prefill_extras", []))
 
-    def cluster_check(self, cluster: "Cluster") -> None:
-        """Refuse a node layout the artifact's tp does not divide over (a one-line error)."""
-        cluster.ranks(self.tp)
-
     def check_visual(self, visual_manifest: dict, visual_path, same_checkpoint: bool = True) -> None:
         """Refuse a visual artifact that does not belong to this LLM artifact (`same_checkpoint=False` lets a
         parity check measure a visual artifact from another checkpoint of the same shape)."""
@@ -306,15 +302,15 @@ def _worker_main(path: str, rank: int, world: int, addr: str, port: int, device:
     dist.destroy_process_group()
 
 
-def host_ranks(path: str, cluster: Cluster, device: str = "cpu", rejoin: bool = True) -> int:
+def host_ranks(path: str, cluster: Cluster, device: str = "cpu", rejoin: bool = True, verify: bool = False) -> int:
     """Run this node's ranks of the group rank 0 (on node 0) drives. They exit when rank 0 says stop (returns 0).
     When one fails (a rank died here or elsewhere, or rank 0's process went away), the others are stopped and all
     start again, waiting for rank 0's next generation (`rejoin`; a server's LLM worker is restarted) or not (returns
     1: a one-off `vlmc generate`)."""
     import queue
 
-    artifact = LLMArtifact(path, verify=False)
-    ranks = cluster.ranks(artifact.tp)
+    artifact = LLMArtifact(path, verify=verify)
+    ranks = cluster.ranks(artifact.tp)  # a layout the tp does not divide over is a one-line error
     ctx = multiprocessing.get_context("spawn")
     failed = None  # the generation that failed: not joined again
     while True:

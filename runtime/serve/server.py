@@ -687,9 +687,8 @@ def serve(args) -> int:
     args.cluster = cluster_from_args(args)
     if args.cluster.node_rank > 0:
         # Another node: only its tensor-parallel ranks; node 0 runs the HTTP front, the visual worker and rank 0.
-        LLMArtifact(args.model, verify=args.verify).cluster_check(args.cluster)
         logging.getLogger("vlmc.ranks").setLevel(logging.INFO)
-        return host_ranks(args.model, args.cluster, rejoin=True)
+        return host_ranks(args.model, args.cluster, rejoin=True, verify=args.verify)
     if args.vit_model is None:
         raise VlmcError("--vit_model is required (on node 0)")
     # Flag syntax first: a typo is reported before the artifacts are read.
@@ -721,7 +720,7 @@ def serve(args) -> int:
     for flag in ("video_min_pixels", "video_max_pixels"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise VlmcError(f"--{flag.replace('_', '-')} must be positive")
-    llm.cluster_check(args.cluster)
+    args.cluster.ranks(llm.tp)  # a layout the artifact's tp does not divide over: a one-line error
     args.llm_devices, args.vit_devices = check_devices(llm_devices, vit_devices, llm.tp)
     logging.getLogger("vlmc.serve").setLevel(logging.INFO)
     config = uvicorn.Config(None, host=args.host, port=args.port, log_level="warning",
