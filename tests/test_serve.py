@@ -478,6 +478,7 @@ def limited_server(artifacts):
     base, proc = start_server(artifacts["llm"], artifacts["visual"], "--api-key", "k", "--max-request-mb", "1",
                               "--max-images-per-request", "2", "--max-image-pixels", "1000000",
                               "--max-prompt-tokens", "100", "--body-timeout", "2", "--header-timeout", "2",
+                              "--send-timeout", "2",
                               "--allowed-origins", "http://app.example")
     yield base
     stop_server(proc)
@@ -586,6 +587,29 @@ def test_stalled_headers_time_out(limited_server):
     assert reply.startswith("HTTP/1.1 408") and 1.5 < time.monotonic() - t0 < 15
     with socket.create_connection((host, int(port)), timeout=30) as sock:  # an idle connection too
         assert sock.recv(65536).startswith(b"HTTP/1.1 408")
+    code, out = post(limited_server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert code == 200
+
+
+def test_client_that_stops_reading_a_stream_is_dropped(limited_server):
+    """A client that reads nothing: once the socket and the transport's buffer are full, --send-timeout drops the
+    connection (the stream's handler then sees the client gone and cancels its sequence)."""
+    host, port = limited_server.rsplit("/", 1)[1].split(":")
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 280, "ignore_eos": True,
+                       "stream": True})
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # before connecting: a small receive window
+        sock.settimeout(30)
+        sock.connect((host, int(port)))
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer k\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        time.sleep(4)  # reads nothing past the 2 s timeout
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(65536):
+                received += data
+    assert received.startswith(b"HTTP/1.1 200")
+    assert b"data: [DONE]" not in received and received.count(b"data: ") < 281  # cut off before the end
     code, out = post(limited_server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     assert code == 200
 

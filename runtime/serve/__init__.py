@@ -53,6 +53,9 @@ def register(sub) -> None:
     p.add_argument("--header-timeout", dest="header_timeout", type=float, default=30.0,
                    help="seconds a new connection has to send its request headers (408 and closed after; "
                         "default: 30)")
+    p.add_argument("--send-timeout", dest="send_timeout", type=float, default=30.0,
+                   help="seconds a response may wait for a client that reads nothing (a stalled stream); the "
+                        "connection is then dropped and its sequence's slot freed (default: 30)")
     p.add_argument("--max-images-per-request", dest="max_images_per_request", type=int, default=16,
                    help="most image parts in one request (default: 16)")
     p.add_argument("--max-videos-per-request", dest="max_videos_per_request", type=int, default=2,

@@ -8,6 +8,7 @@ import contextlib
 import hmac
 import json
 import logging
+import socket
 import multiprocessing
 import os
 import shutil
@@ -621,27 +622,62 @@ def build_app(args, tokenizer, context: int, stopping=lambda: False):
     return app
 
 
-def header_timeout_protocol(seconds: float):
-    """uvicorn's h11 protocol, with a deadline for a connection's first request headers: uvicorn itself times only
-    idle keep-alive connections, so a client that trickles or stalls its headers would hold the connection forever.
-    Past the deadline it gets a 408 and the connection is closed."""
+# A response's bytes that may wait for a client: the socket's send buffer (fixed, so that the kernel does not grow it to
+# MiBs for a client that reads nothing) and the transport's buffer above it; past both, writing pauses and
+# --send-timeout starts. A text stream needs no more on any network.
+SOCKET_SEND_BUFFER = 8192  # the kernel doubles it
+WRITE_BUFFER_HIGH = 8192
+
+
+def timeout_protocol(header_seconds: float, send_seconds: float):
+    """uvicorn's h11 protocol with two deadlines uvicorn lacks (it times out only idle keep-alive connections):
+    - a connection's first request headers: a client that trickles or stalls them gets a 408, then the connection
+      is closed;
+    - a response that cannot be sent: a client that stops reading fills the socket and the transport's buffer, and
+      uvicorn would wait for it forever. After `send_seconds` without room to write, the connection is dropped; the
+      response's handler then sees the client as gone, so a stream's sequence is cancelled and its slot freed."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeaderTimeoutProtocol(H11Protocol):
+    class TimeoutProtocol(H11Protocol):
+        send_deadline = None
+
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self.header_deadline = self.loop.call_later(seconds, self.headers_timed_out)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
+            transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+            self.header_deadline = self.loop.call_later(header_seconds, self.headers_timed_out)
 
         def headers_timed_out(self) -> None:
             if self.cycle is None and not self.transport.is_closing():  # no request has started
                 self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
                 self.transport.close()
 
+        def pause_writing(self) -> None:  # the transport's buffer is over its high-water mark
+            super().pause_writing()
+            if self.send_deadline is None:
+                self.send_deadline = self.loop.call_later(send_seconds, self.send_timed_out)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self.send_deadline is not None:
+                self.send_deadline.cancel()
+                self.send_deadline = None
+
+        def send_timed_out(self) -> None:
+            self.send_deadline = None
+            if not self.transport.is_closing():
+                log.warning("dropping a client that read nothing for %g s (--send-timeout)", send_seconds)
+                self.transport.abort()
+
         def connection_lost(self, exc) -> None:
             self.header_deadline.cancel()
+            if self.send_deadline is not None:
+                self.send_deadline.cancel()
             super().connection_lost(exc)
 
-    return HeaderTimeoutProtocol
+    return TimeoutProtocol
 
 
 def parse_devices(text: str, flag: str) -> list[int]:
@@ -707,7 +743,7 @@ def serve(args) -> int:
         raise VlmcError(f"--batch_size must be between 1 and the LLM artifact's compiled batch of {compiled}")
     if args.image_cache_mb < 0:
         raise VlmcError("--image_cache_mb must be 0 (off) or a positive number of MiB")
-    for flag in ("max_request_mb", "body_timeout", "header_timeout", "max_image_pixels", "max_prompt_tokens"):
+    for flag in ("max_request_mb", "body_timeout", "header_timeout", "send_timeout", "max_image_pixels", "max_prompt_tokens"):
         if getattr(args, flag) is not None and not getattr(args, flag) > 0:
             raise VlmcError(f"--{flag.replace('_', '-')} must be positive")
     for flag in ("max_images_per_request", "max_videos_per_request"):
@@ -724,7 +760,7 @@ def serve(args) -> int:
     args.llm_devices, args.vit_devices = check_devices(llm_devices, vit_devices, llm.tp)
     logging.getLogger("vlmc.serve").setLevel(logging.INFO)
     config = uvicorn.Config(None, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=30, http=header_timeout_protocol(args.header_timeout))
+                            timeout_graceful_shutdown=30, http=timeout_protocol(args.header_timeout, args.send_timeout))
     server = uvicorn.Server(config)
     config.app = build_app(args, llm.tokenizer(), int(llm.manifest["context"]), lambda: server.should_exit)
     # On CPU the device ids are only recorded (and shown in /health); an accelerator runtime binds to them.
