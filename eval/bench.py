@@ -13,8 +13,11 @@ import os
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
+
+from . import peers as peers_mod
 
 METRICS = [("vision_encode_s", "vision encode (s)"), ("ttft_s", "time to first token (s)"),
            ("decode_tokens_per_s", "decode tokens/s"), ("decode_step_short_s", "decode step, short context (s)"),
@@ -23,6 +26,10 @@ METRICS = [("vision_encode_s", "vision encode (s)"), ("ttft_s", "time to first t
            ("decode_step_streams_s", "decode step, all streams (s)"),
            ("decode_tokens_per_s_streams", "decode tokens/s, all streams"), ("peak_rss_mib", "peak memory (MiB)")]
 
+
+# What a peer runtime times (no decode step at a set cache length: their APIs have none), and what is compared
+PEER_FIGURES = ("vision_encode_s", "ttft_s", "decode_s")
+PEER_METRICS = ("vision_encode_s", "ttft_s", "decode_tokens_per_s", "peak_rss_mib", "load_s")
 
 PAUSE_S = 0.02  # between turns
 # Timed decode steps per turn: a step is short (a millisecond on small models) and the first ones after the other
@@ -83,7 +90,10 @@ def _timers_hf(args: dict):
     reference = get_architecture(detect_architecture(args["checkpoint"])).reference
     device = args.get("device", "cpu")
     torch.set_grad_enabled(False)  # inference, as vlmc's: no autograd records (this process only times this model)
+    t0 = time.perf_counter()
     model = reference.load_model(args["checkpoint"]).to(device)
+    load_s = time.perf_counter() - t0
+    greedy = []
     # GPU kernels run asynchronously: a timed call ends only when the device is done.
     sync = (lambda: torch.cuda.synchronize(device)) if device != "cpu" else (lambda: None)
     image = Image.open(args["image"])  # for the untimed inputs; timed calls open the file, as vlmc's do
@@ -120,7 +130,8 @@ def _timers_hf(args: dict):
 
     def decode() -> float:
         tokens = TokenTimes()
-        model.generate(**kwargs, do_sample=False, max_new_tokens=n, min_new_tokens=n, streamer=tokens)
+        out = model.generate(**kwargs, do_sample=False, max_new_tokens=n, min_new_tokens=n, streamer=tokens)
+        greedy[:] = out[0, kwargs["input_ids"].shape[1]:].tolist()
         return tokens.times[-1] - tokens.times[1]  # first new token -> last: n - 1 decode steps
 
     def decode_step(length: int, batch: int = 1):
@@ -141,7 +152,8 @@ def _timers_hf(args: dict):
         return step
 
     def final() -> dict:
-        out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "load_s": load_s,
+               "tokens": greedy}
         if device != "cpu":
             out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / (1 << 20)
         return out
@@ -159,10 +171,13 @@ def _timers_vlmc(args: dict):
     from ..runtime.llm.engine import Sequence
     from ..runtime.llm.pipeline import Pipeline
 
+    t0 = time.perf_counter()
     pipe = Pipeline(args["model"], args["vit_model"], args.get("device", "cpu"))
+    load_s = time.perf_counter() - t0
     prompt = _prompt(pipe.tokenizer, args["prompt_tokens"])
     n = args["new_tokens"]
     engine = pipe.engine.local
+    greedy = []
 
     def vision():
         pipe.encode_images([args["image"]])
@@ -171,7 +186,9 @@ def _timers_vlmc(args: dict):
         pipe.generate([args["image"]], prompt, 1, SamplingParams(min_tokens=1))
 
     def decode() -> float:
-        return pipe.generate([args["image"]], prompt, n, SamplingParams(min_tokens=n)).timings["decode_s"]
+        result = pipe.generate([args["image"]], prompt, n, SamplingParams(min_tokens=n))
+        greedy[:] = result.token_ids
+        return result.timings["decode_s"]
 
     def decode_step(length: int, batch: int = 1):
         def step():
@@ -188,7 +205,8 @@ def _timers_vlmc(args: dict):
 
         computes = {pipe.llm.manifest.get("compute", "fp32"), pipe.visual.manifest.get("compute", "fp32")}
         return {"weight_bytes_per_token": _weight_bytes(pipe.llm),
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "load_s": load_s,
+                "tokens": greedy,
                 # how this process ran the bf16-input GEMMs (mkl or fp32), if any
                 "bf16_gemm_path": bf16_gemm_path(next(pipe.llm.path.glob("*.so"))) if "bf16" in computes else None}
 
@@ -295,18 +313,28 @@ def run_bench(args: dict) -> dict:
     that a slow spell on this shared machine falls on both sides alike. A turn is a warm-up call and then the timed
     calls: one, or STEPS_PER_TURN for the decode steps. Medians are reported."""
     ctx = multiprocessing.get_context("spawn")
+    peers = args.get("peers") or []
+    peer_models = [peers_mod.convert(peer, args["checkpoint"], python, Path(args["peers_workspace"]), args["peers_log"])
+                   for peer, python in peers]  # before any side starts: conversions take the whole machine
+    inputs = {k: v for k, v in args.items() if k not in ("peers", "peers_log")}
     sides = []
     try:
         for name in ("transformers", "vlmc"):  # one at a time: their start-ups would otherwise compete
-            sides.append(_Side(name, args, ctx))
+            sides.append(_Side(name, inputs, ctx))
             sides[-1].ask(None)
+        for (peer, python), model_dir in zip(peers, peer_models):
+            sides.append(peers_mod.PeerSide(peer, python, {
+                "model_dir": str(model_dir), "image": args["image"], "warmup_image": args["warmup_image"],
+                "prompt": args["prompt_text"], "new_tokens": args["new_tokens"], "threads": args["threads"],
+                "exact": peer.variant == "fp32"}, args["peers_log"]))
         timed = TIMED + (["decode_step_streams_s"] if args["streams"] > 1 else [])
         samples = {side.name: {figure: [] for figure in timed} for side in sides}
         bandwidths = []
         for figure in timed:
             per_turn = STEPS_PER_TURN if figure.startswith("decode_step") else 1
+            turn = [side for side in sides if figure in PEER_FIGURES or not isinstance(side, peers_mod.PeerSide)]
             for r in range(args["repeats"]):
-                for side in sides if r % 2 == 0 else sides[::-1]:
+                for side in turn if r % 2 == 0 else turn[::-1]:
                     time.sleep(PAUSE_S)  # the other side's idle threads stop spinning
                     samples[side.name][figure] += side.ask((figure, per_turn))
                 if figure == "decode_step_short_s":
@@ -314,10 +342,14 @@ def run_bench(args: dict) -> dict:
                     # within an hour here.
                     time.sleep(PAUSE_S)
                     bandwidths.append(read_bandwidth(repeats=3, device=args.get("device", "cpu")))
-        results = {}
+        results, ranges = {}, {}
         for side in sides:
-            out = {figure: statistics.median(times) for figure, times in samples[side.name].items()}
+            taken = {figure: times for figure, times in samples[side.name].items() if times}
+            out = {figure: statistics.median(times) for figure, times in taken.items()}
             out["decode_tokens_per_s"] = (args["new_tokens"] - 1) / max(out.pop("decode_s"), 1e-9)
+            ranges[side.name] = {figure: [min(times), max(times)] for figure, times in taken.items()}
+            ranges[side.name]["decode_tokens_per_s"] = [(args["new_tokens"] - 1) / max(t, 1e-9)
+                                                        for t in ranges[side.name].pop("decode_s")[::-1]]
             if "decode_step_streams_s" in out:
                 out["decode_tokens_per_s_streams"] = args["streams"] / out["decode_step_streams_s"]
             results[side.name] = {**out, **side.finish()}
@@ -346,11 +378,27 @@ def run_bench(args: dict) -> dict:
                  "bf16_gemm_path": results["vlmc"].pop("bf16_gemm_path", None)}
     ratios = {k: results["vlmc"][k] / results["transformers"][k] for k, _ in METRICS
               if results["transformers"].get(k)}
-    return {"inputs": args, "device": args.get("device", "cpu"), "transformers": results["transformers"],
-            "vlmc": results["vlmc"],
+    reference = results["transformers"]["tokens"]
+    agreement = {name: _leading_equal(result.pop("tokens"), reference) for name, result in results.items()}
+    report_peers = {peer.name: {**results[peer.name], "ratio_vlmc_over_peer": {
+        k: results["vlmc"][k] / results[peer.name][k] for k in PEER_METRICS if results[peer.name].get(k)}}
+        for peer, _ in peers}
+    return {"inputs": {**inputs, "peers": [peer.name for peer, _ in peers]}, "device": args.get("device", "cpu"), "transformers": results["transformers"],
+            "vlmc": results["vlmc"], "peers": report_peers, "ranges": ranges,
+            "tokens_equal_to_transformers": agreement,
             "ratio_vlmc_over_transformers": ratios, "memory_read_bandwidth_gb_s": bandwidth / 1e9,
             "decode_floor_s": floor, "vlmc_decode_step_over_floor": results["vlmc"]["decode_step_short_s"] / floor,
             "compile_seconds": compile_seconds, "precision": precision}
+
+
+def _leading_equal(tokens: list, reference: list) -> int:
+    """How many generated tokens agree with transformers' greedy ones before the first difference."""
+    count = 0
+    for a, b in zip(tokens, reference):
+        if a != b:
+            break
+        count += 1
+    return count
 
 
 def format_table(report: dict) -> str:
@@ -384,5 +432,32 @@ def format_table(report: dict) -> str:
     for kind, stages in report.get("compile_seconds", {}).items():
         times = ", ".join(f"{k} {v:.1f}" for k, v in stages.items() if k != "graphs")
         rows.append(f"| compile {kind} ({stages['graphs']} graph{'s' * (stages['graphs'] > 1)}), s | | {times} | |")
+    if report.get("peers"):
+        rows += ["", _peer_table(report)]
+    return "\n".join(rows)
+
+
+PEER_ROWS = [("vision_encode_s", "vision encode (s)"), ("ttft_s", "time to first token (s)"),
+             ("decode_tokens_per_s", "decode tokens/s"), ("peak_rss_mib", "peak memory (MiB)"), ("load_s", "load (s)")]
+
+
+def _peer_table(report: dict) -> str:
+    """vlmc against each peer: medians [min-max] over the turns, and vlmc / peer (below 1 is faster for times)."""
+    names = ["transformers", "vlmc", *report["peers"]]
+    figures = {"transformers": report["transformers"], "vlmc": report["vlmc"], **report["peers"]}
+    rows = ["| metric | " + " | ".join(names) + " | " + " | ".join(f"vlmc / {p}" for p in report["peers"]) + " |",
+            "|---" * (len(names) + len(report["peers"]) + 1) + "|"]
+    for key, label in PEER_ROWS:
+        cells = []
+        for name in names:
+            value, span = figures[name].get(key), report["ranges"].get(name, {}).get(key)
+            cells.append("" if value is None else f"{value:.4g}" + (f" [{span[0]:.4g}-{span[1]:.4g}]" if span else ""))
+        ratios = [report["peers"][p]["ratio_vlmc_over_peer"].get(key) for p in report["peers"]]
+        rows.append(f"| {label} | " + " | ".join(cells) + " | " +
+                    " | ".join("" if r is None else f"{r:.3g}" for r in ratios) + " |")
+    n = report["inputs"]["new_tokens"]
+    rows.append("| greedy tokens equal to transformers' (leading) | " + " | ".join(
+        "(reference)" if name == "transformers" else f"{report['tokens_equal_to_transformers'][name]}/{n}"
+        for name in names) + " |" + " |" * len(report["peers"]))
     return "\n".join(rows)
 

@@ -3,7 +3,9 @@ fast is it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,6 +71,17 @@ def register(sub) -> None:
                    help="turns per figure; each side is timed once per turn (default 3)")
     b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both sides run; must match the "
                                                    "artifacts' target (default: cpu)")
+    b.add_argument("--peers", default="",
+                   help="also time these runtimes in the same run, comma-separated RUNTIME[:VARIANT]: openvino "
+                        "(fp32 with exact f32 hints), openvino:default (the CPU plugin's default precision: bf16 "
+                        "where the CPU has it), openvino:int8 (int8 weights). Each converts the checkpoint with "
+                        "its own tool once (kept under --peers-workspace) and runs in its own Python; warm-ups use "
+                        "another image. Reports vision encode, time to first token, decode tokens/s, peak memory, "
+                        "load time and how many greedy tokens equal transformers', with ranges")
+    b.add_argument("--openvino-python", default=sys.executable,
+                   help="Python with openvino-genai and optimum-intel (default: this one)")
+    b.add_argument("--peers-workspace", default="vlmc-peers",
+                   help="folder for the peers' converted models and their log (default: ./vlmc-peers)")
     b.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     b.set_defaults(func=run_bench_command)
 
@@ -174,7 +187,8 @@ def run_bench_command(args) -> int:
 
     from ..runtime.artifact import read_manifest
     from ..errors import VlmcError
-    from .bench import format_table, run_bench
+    from .bench import _prompt, format_table, run_bench
+    from .peers import check_python, parse_peers
 
     try:
         width, height = (int(v) for v in args.image_size.lower().split("x"))
@@ -187,14 +201,31 @@ def run_bench_command(args) -> int:
     long_context = args.long_context or context - args.new_tokens - 1
     if not 0 < args.short_context < long_context < context:
         raise VlmcError(f"need 0 < --short-context < --long-context < the compiled context {context}")
-    with tempfile.TemporaryDirectory() as tmp:
-        image = f"{tmp}/bench.png"
-        pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(image)
+    peers = parse_peers(args.peers)
+    if peers and device != "cpu":
+        raise VlmcError("--peers runs the peers on the CPU: use it with --device cpu")
+    pythons = {"openvino": args.openvino_python}
+    for runtime in sorted({peer.runtime for peer in peers}):
+        check_python(runtime, pythons[runtime])
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        image, warmup_image = f"{tmp}/bench.png", f"{tmp}/warmup.png"
+        for seed, path in ((0, image), (1, warmup_image)):  # warm-ups on other pixels: no cache can be reused
+            pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path)
+        extra = {}
+        if peers:
+            from transformers import AutoTokenizer
+
+            workspace = Path(args.peers_workspace)
+            workspace.mkdir(parents=True, exist_ok=True)
+            extra = {"peers": [(peer, pythons[peer.runtime]) for peer in peers], "peers_workspace": str(workspace),
+                     "peers_log": stack.enter_context(open(workspace / "peers.log", "a")),
+                     "prompt_text": _prompt(AutoTokenizer.from_pretrained(args.checkpoint), args.prompt_tokens),
+                     "threads": len(os.sched_getaffinity(0))}
         report = run_bench({"checkpoint": args.checkpoint, "model": args.model, "vit_model": args.vit_model,
-                            "image": image, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                            "short_context": args.short_context, "long_context": long_context,
-                            "repeats": args.repeats, "device": device,
-                            "streams": int(manifest["batch_size"])})
+                            "image": image, "warmup_image": warmup_image, "prompt_tokens": args.prompt_tokens,
+                            "new_tokens": args.new_tokens, "short_context": args.short_context,
+                            "long_context": long_context, "repeats": args.repeats, "device": device,
+                            "streams": int(manifest["batch_size"]), **extra})
     print(json.dumps(report) if args.json else format_table(report))
     return 0
