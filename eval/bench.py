@@ -314,7 +314,8 @@ def run_bench(args: dict) -> dict:
     calls: one, or STEPS_PER_TURN for the decode steps. Medians are reported."""
     ctx = multiprocessing.get_context("spawn")
     peers = args.get("peers") or []
-    peer_models = [peers_mod.convert(peer, args["checkpoint"], python, Path(args["peers_workspace"]), args["peers_log"])
+    peer_models = [peers_mod.convert(peer, args["checkpoint"], python, Path(args["peers_workspace"]),
+                                     args["peers_log"], args.get("llamacpp_converter"))
                    for peer, python in peers]  # before any side starts: conversions take the whole machine
     inputs = {k: v for k, v in args.items() if k not in ("peers", "peers_log")}
     sides = []
@@ -323,10 +324,12 @@ def run_bench(args: dict) -> dict:
             sides.append(_Side(name, inputs, ctx))
             sides[-1].ask(None)
         for (peer, python), model_dir in zip(peers, peer_models):
-            sides.append(peers_mod.PeerSide(peer, python, {
-                "model_dir": str(model_dir), "image": args["image"], "warmup_image": args["warmup_image"],
-                "prompt": args["prompt_text"], "new_tokens": args["new_tokens"], "threads": args["threads"],
-                "exact": peer.variant == "fp32"}, args["peers_log"]))
+            common = {"image": args["image"], "warmup_image": args["warmup_image"], "new_tokens": args["new_tokens"],
+                      "threads": args["threads"], "context": args["context"],
+                      # genai applies the chat template itself; llama.cpp is given transformers' rendering
+                      "prompt": args["prompt_text"] if peer.runtime == "openvino" else args["chat_text"]}
+            sides.append(peers_mod.PeerSide(peer, python, peers_mod.side_settings(
+                peer, model_dir, args["checkpoint"], common), args["peers_log"]))
         timed = TIMED + (["decode_step_streams_s"] if args["streams"] > 1 else [])
         samples = {side.name: {figure: [] for figure in timed} for side in sides}
         bandwidths = []
@@ -459,5 +462,6 @@ def _peer_table(report: dict) -> str:
     rows.append("| greedy tokens equal to transformers' (leading) | " + " | ".join(
         "(reference)" if name == "transformers" else f"{report['tokens_equal_to_transformers'][name]}/{n}"
         for name in names) + " |" + " |" * len(report["peers"]))
+    rows += [f"- {name}: {'; '.join(peer['notes'])}" for name, peer in report["peers"].items() if peer.get("notes")]
     return "\n".join(rows)
 

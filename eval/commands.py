@@ -80,6 +80,11 @@ def register(sub) -> None:
                         "load time and how many greedy tokens equal transformers', with ranges")
     b.add_argument("--openvino-python", default=sys.executable,
                    help="Python with openvino-genai and optimum-intel (default: this one)")
+    b.add_argument("--llamacpp-python", default=sys.executable,
+                   help="Python with llama-cpp-python (built with its mtmd vision support) and gguf "
+                        "(default: this one)")
+    b.add_argument("--llamacpp-converter", metavar="convert_hf_to_gguf.py",
+                   help="llama.cpp's converter, from the same source as the runtime (llamacpp peers)")
     b.add_argument("--peers-workspace", default="vlmc-peers",
                    help="folder for the peers' converted models and their log (default: ./vlmc-peers)")
     b.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
@@ -204,7 +209,7 @@ def run_bench_command(args) -> int:
     peers = parse_peers(args.peers)
     if peers and device != "cpu":
         raise VlmcError("--peers runs the peers on the CPU: use it with --device cpu")
-    pythons = {"openvino": args.openvino_python}
+    pythons = {"openvino": args.openvino_python, "llamacpp": args.llamacpp_python}
     for runtime in sorted({peer.runtime for peer in peers}):
         check_python(runtime, pythons[runtime])
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -218,10 +223,14 @@ def run_bench_command(args) -> int:
 
             workspace = Path(args.peers_workspace)
             workspace.mkdir(parents=True, exist_ok=True)
+            tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+            text = _prompt(tokenizer, args.prompt_tokens)
+            chat = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {
+                "type": "text", "text": text}]}], add_generation_prompt=True, tokenize=False)
             extra = {"peers": [(peer, pythons[peer.runtime]) for peer in peers], "peers_workspace": str(workspace),
-                     "peers_log": stack.enter_context(open(workspace / "peers.log", "a")),
-                     "prompt_text": _prompt(AutoTokenizer.from_pretrained(args.checkpoint), args.prompt_tokens),
-                     "threads": len(os.sched_getaffinity(0))}
+                     "peers_log": stack.enter_context(open(workspace / "peers.log", "a")), "prompt_text": text,
+                     "chat_text": chat, "threads": len(os.sched_getaffinity(0)), "context": int(context),
+                     "llamacpp_converter": args.llamacpp_converter}
         report = run_bench({"checkpoint": args.checkpoint, "model": args.model, "vit_model": args.vit_model,
                             "image": image, "warmup_image": warmup_image, "prompt_tokens": args.prompt_tokens,
                             "new_tokens": args.new_tokens, "short_context": args.short_context,

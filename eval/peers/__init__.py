@@ -32,8 +32,13 @@ VARIANTS = {
     "openvino": {"fp32": "fp32 IR, exact f32 inference and KV cache hints",
                  "default": "fp32 IR, the CPU plugin's default precision (bf16 on CPUs with AVX512-BF16/AMX)",
                  "int8": "int8 weights (NNCF data-free, per channel), the plugin's default precision"},
+    "llamacpp": {"f32": "f32 text and vision GGUF, f32 KV cache, no flash attention",
+                 "f16": "f16 text and vision GGUF, llama-cpp-python's defaults (f16 KV cache)",
+                 "q8_0": "q8_0 text GGUF, f16 vision GGUF, defaults",
+                 "q4_0": "q4_0 text GGUF (llama.cpp's quantizer on the f16 file), f16 vision GGUF, defaults"},
 }
-IMPORTS = {"openvino": "import openvino_genai, optimum.intel"}
+IMPORTS = {"openvino": "import openvino_genai, optimum.intel", "llamacpp": "import llama_cpp.mtmd_cpp, gguf"}
+EXACT = {"openvino:fp32", "llamacpp:f32"}  # the variants asked for fp32 arithmetic
 
 
 def parse_peers(text: str) -> list[Peer]:
@@ -68,27 +73,70 @@ def _tool(python: str, name: str) -> str:
     return str(beside) if beside.exists() else shutil.which(name) or name
 
 
-def convert(peer: Peer, checkpoint: str, python: str, workspace: Path, log) -> Path:
+def _commands(peer: Peer, ck: Path, python: str, out: Path, converter: str | None) -> list[list[str]]:
+    """The peer's own conversion tools, as a user would call them."""
+    if peer.runtime == "openvino":
+        return [[_tool(python, "optimum-cli"), "export", "openvino", "--model", str(ck), "--task",
+                 "image-text-to-text", "--weight-format", "int8" if peer.variant == "int8" else "fp32", str(out)]]
+    if not converter:
+        raise VlmcError("--peers llamacpp needs --llamacpp-converter: convert_hf_to_gguf.py from the llama.cpp "
+                        "source that built the runtime (llama-cpp-python's source package has it under vendor/)")
+    convert = [python, str(HERE / "llamacpp_convert.py"), converter, str(ck)]
+    text_type = "f16" if peer.variant == "q4_0" else peer.variant
+    vision_type = "f32" if peer.variant == "f32" else "f16"
+    commands = [convert + ["--outtype", text_type, "--outfile", str(out / f"text-{text_type}.gguf")],
+                convert + ["--mmproj", "--outtype", vision_type, "--outfile", str(out / "mmproj.gguf")]]
+    if peer.variant == "q4_0":  # the converter writes up to q8_0; llama.cpp's quantizer makes q4_0
+        commands.append([python, "-c", "import sys, llama_cpp as l; p = l.llama_model_quantize_default_params(); "
+                         "p.ftype = l.LLAMA_FTYPE_MOSTLY_Q4_0; "
+                         "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))",
+                         str(out / "text-f16.gguf"), str(out / "text-q4_0.gguf")])
+    return commands
+
+
+def convert(peer: Peer, checkpoint: str, python: str, workspace: Path, log, converter: str | None = None) -> Path:
     """The peer's model, converted from the checkpoint by the peer's own tool once (kept in the workspace, keyed by
-    the checkpoint's config and weights' sizes and times)."""
+    the checkpoint's files' names, sizes and times)."""
     ck = Path(checkpoint)
     stamp = json.dumps(sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in ck.iterdir()
                               if p.is_file()))
-    out = workspace / ck.name / f"{peer.runtime}-{'int8' if peer.variant == 'int8' else 'fp32'}"
+    kind = "int8" if peer.variant == "int8" else "fp32" if peer.runtime == "openvino" else peer.variant
+    out = workspace / ck.name / f"{peer.runtime}-{kind}"
     marker = out / ".vlmc-converted"
     if marker.exists() and marker.read_text() == stamp:
         return out
+    commands = _commands(peer, ck, python, out, converter)
     shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if peer.runtime == "openvino":
-        command = [_tool(python, "optimum-cli"), "export", "openvino", "--model", str(ck), "--task",
-                   "image-text-to-text", "--weight-format", "int8" if peer.variant == "int8" else "fp32", str(out)]
-    print(f"bench: converting {ck.name} for {peer.name} ({' '.join(command[:3])} ...)", file=sys.stderr, flush=True)
-    done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise VlmcError(f"bench: converting for {peer.name} failed (exit {done.returncode}); see {log.name}")
+    out.mkdir(parents=True)
+    print(f"bench: converting {ck.name} for {peer.name} (log: {log.name})", file=sys.stderr, flush=True)
+    for command in commands:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode:
+            raise VlmcError(f"bench: converting for {peer.name} failed (exit {done.returncode}); see {log.name}")
     marker.write_text(stamp)
     return out
+
+
+def side_settings(peer: Peer, model_dir: Path, checkpoint: str, common: dict) -> dict:
+    """What a peer's side process is told: its files, and the inputs every side gets."""
+    settings = {**common, "exact": peer.name in EXACT}
+    if peer.runtime == "openvino":
+        return {**settings, "model_dir": str(model_dir)}
+    text = next(model_dir.glob(f"text-{peer.variant}.gguf"))
+    return {**settings, "model": str(text), "mmproj": str(model_dir / "mmproj.gguf"),
+            "image_placeholder": image_placeholder(checkpoint)}
+
+
+def image_placeholder(checkpoint: str) -> str:
+    """The text an image part becomes in the checkpoint's chat template (llama.cpp's mtmd wants its own marker
+    there): the image token, with the vision start and end tokens around it when the model has them."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config, tokenizer = AutoConfig.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+    ids = [getattr(config, name, None) for name in ("vision_start_token_id", "image_token_id", "vision_end_token_id")]
+    return tokenizer.decode([i for i in ids if i is not None])
 
 
 class PeerSide:
