@@ -195,6 +195,12 @@ def run_bench_command(args) -> int:
     from .bench import _prompt, format_table, run_bench
     from .peers import check_python, parse_peers
 
+    peers = parse_peers(args.peers)
+    if peers and args.device != "cpu":
+        raise VlmcError("--peers runs the peers on the CPU: use it with --device cpu")
+    pythons = {"openvino": args.openvino_python, "llamacpp": args.llamacpp_python}
+    for runtime in sorted({peer.runtime for peer in peers}):
+        check_python(runtime, pythons[runtime])
     try:
         width, height = (int(v) for v in args.image_size.lower().split("x"))
     except ValueError:
@@ -206,12 +212,6 @@ def run_bench_command(args) -> int:
     long_context = args.long_context or context - args.new_tokens - 1
     if not 0 < args.short_context < long_context < context:
         raise VlmcError(f"need 0 < --short-context < --long-context < the compiled context {context}")
-    peers = parse_peers(args.peers)
-    if peers and device != "cpu":
-        raise VlmcError("--peers runs the peers on the CPU: use it with --device cpu")
-    pythons = {"openvino": args.openvino_python, "llamacpp": args.llamacpp_python}
-    for runtime in sorted({peer.runtime for peer in peers}):
-        check_python(runtime, pythons[runtime])
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         image, warmup_image = f"{tmp}/bench.png", f"{tmp}/warmup.png"
         for seed, path in ((0, image), (1, warmup_image)):  # warm-ups on other pixels: no cache can be reused

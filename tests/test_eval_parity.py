@@ -3,6 +3,8 @@ on a foreign visual artifact, and says so when an artifact has no ONNX export.""
 
 import json
 
+import pytest
+
 from compiled import compile_artifact, vlmc
 
 
@@ -64,3 +66,19 @@ def test_bench_json_reports_both_sides_and_ratios(checkpoints, tmp_path):
     ratios = report["ratio_vlmc_over_transformers"]
     assert abs(ratios["ttft_s"] - report["vlmc"]["ttft_s"] / report["transformers"]["ttft_s"]) < 1e-9
     assert report["memory_read_bandwidth_gb_s"] > 0 and report["decode_floor_s"] > 0
+    # fp32: vlmc's greedy tokens are transformers' own; both report their load time; no peers were asked for
+    assert report["tokens_equal_to_transformers"] == {"transformers": 8, "vlmc": 8}
+    assert report["transformers"]["load_s"] > 0 and report["vlmc"]["load_s"] > 0 and report["peers"] == {}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--peers", "tensorrt"], "unknown runtime 'tensorrt'"),
+    (["--peers", "openvino:int3"], "openvino has no variant 'int3'"),
+    (["--peers", "llamacpp,llamacpp:f32"], "lists a runtime twice"),
+    (["--peers", "openvino", "--device", "cuda"], "use it with --device cpu"),
+    # this Python has no openvino-genai: named, with where the install steps are
+    (["--peers", "openvino"], "cannot import its packages (ModuleNotFoundError: No module named 'openvino_genai')"),
+])
+def test_bench_peers_bad_input_is_one_line(tmp_path, flags, message):
+    proc = vlmc("bench", "--checkpoint", tmp_path, "--model", tmp_path, "--vit_model", tmp_path, *flags, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
