@@ -176,7 +176,6 @@ def _timers_vlmc(args: dict):
     load_s = time.perf_counter() - t0
     prompt = _prompt(pipe.tokenizer, args["prompt_tokens"])
     n = args["new_tokens"]
-    engine = pipe.engine.local
     greedy = []
 
     def vision():
@@ -193,7 +192,8 @@ def _timers_vlmc(args: dict):
     def decode_step(length: int, batch: int = 1):
         def step():
             seqs = [Sequence(slot, 0) for slot in range(batch)]
-            engine.cache.lengths[:batch] = length  # the cache contents do not change the cost
+            for seq in seqs:  # on every rank; the cache contents do not change the cost
+                pipe.engine.reserve(seq, length)
             pipe.engine.decode(seqs, [1] * batch)
             for seq in seqs:
                 pipe.engine.release(seq)
@@ -386,7 +386,8 @@ def run_bench(args: dict) -> dict:
     report_peers = {peer.name: {**results[peer.name], "ratio_vlmc_over_peer": {
         k: results["vlmc"][k] / results[peer.name][k] for k in PEER_METRICS if results[peer.name].get(k)}}
         for peer, _ in peers}
-    return {"inputs": {**inputs, "peers": [peer.name for peer, _ in peers]}, "device": args.get("device", "cpu"), "transformers": results["transformers"],
+    return {"inputs": {**inputs, "peers": [peer.name for peer, _ in peers]}, "device": args.get("device", "cpu"),
+            "transformers": results["transformers"],
             "vlmc": results["vlmc"], "peers": report_peers, "ranges": ranges,
             "tokens_equal_to_transformers": agreement,
             "ratio_vlmc_over_transformers": ratios, "memory_read_bandwidth_gb_s": bandwidth / 1e9,
@@ -465,3 +466,30 @@ def _peer_table(report: dict) -> str:
     rows += [f"- {name}: {'; '.join(peer['notes'])}" for name, peer in report["peers"].items() if peer.get("notes")]
     return "\n".join(rows)
 
+
+
+def write_plot(report: dict, path: str | os.PathLike) -> None:
+    """One panel per figure: each side's median with its range over the turns (the peers' table, as a picture)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["transformers", "vlmc", *report.get("peers", {})]
+    figures = {"transformers": report["transformers"], "vlmc": report["vlmc"], **report.get("peers", {})}
+    rows = [(key, label) for key, label in PEER_ROWS if key != "load_s"]
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.4))
+    for ax, (key, label) in zip(axes, rows):
+        values = [figures[name].get(key) or 0 for name in names]
+        spans = [report["ranges"].get(name, {}).get(key) for name in names]
+        low = [v - s[0] if s else 0 for v, s in zip(values, spans)]
+        high = [s[1] - v if s else 0 for v, s in zip(values, spans)]
+        ax.bar(range(len(names)), values, yerr=[low, high], capsize=3,
+               color=["#999999" if n == "transformers" else "#d62728" if n == "vlmc" else "#1f77b4" for n in names])
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(f"vlmc bench: {report['inputs']['new_tokens']} new tokens; medians and ranges over the turns",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -87,6 +87,7 @@ def register(sub) -> None:
                    help="llama.cpp's converter, from the same source as the runtime (llamacpp peers)")
     b.add_argument("--peers-workspace", default="vlmc-peers",
                    help="folder for the peers' converted models and their log (default: ./vlmc-peers)")
+    b.add_argument("--plot", metavar="PNG", help="also draw each figure's medians and ranges, one bar per side")
     b.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     b.set_defaults(func=run_bench_command)
 
@@ -236,5 +237,9 @@ def run_bench_command(args) -> int:
                             "new_tokens": args.new_tokens, "short_context": args.short_context,
                             "long_context": long_context, "repeats": args.repeats, "device": device,
                             "streams": int(manifest["batch_size"]), **extra})
+    if args.plot:
+        from .bench import write_plot
+
+        write_plot(report, args.plot)
     print(json.dumps(report) if args.json else format_table(report))
     return 0

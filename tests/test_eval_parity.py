@@ -49,8 +49,9 @@ def test_bench_json_reports_both_sides_and_ratios(checkpoints, tmp_path):
     # The small preset with the bench's default image (448x448: 1024 patches, 256 image tokens).
     ws = tmp_path / "ws"
     visual = compile_artifact("qwen2_5_vl_visual.yaml", checkpoints["small"], ws, "--max-patches", 1024)
+    # tp 2: the decode steps' cache lengths are set on every rank
     llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["small"], ws, "--max-prefill", 384,
-                           "--max-context", 512, "--batch-size", 2)
+                           "--max-context", 512, "--batch-size", 2, "--tp", 2)
     proc = vlmc("bench", "--checkpoint", checkpoints["small"], "--model", llm, "--vit_model", visual,
                 "--new-tokens", 8, "--repeats", 1, "--json")
     report = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -260,6 +260,11 @@ class LLMEngine:
     def release(self, seq: Sequence) -> None:
         self.cache.lengths[seq.slot] = 0
 
+    def reserve(self, seq: Sequence, length: int) -> None:
+        """Mark `length` positions of seq's slot as cached without writing them: `vlmc bench` times decode steps at
+        a set context, whose cost does not depend on the cached values."""
+        self.cache.lengths[seq.slot] = length
+
 
 def splice_image_features(input_ids: np.ndarray, image_token_id: int, features: list[np.ndarray], count: int,
                           hidden: int) -> np.ndarray:

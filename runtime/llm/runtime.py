@@ -238,6 +238,10 @@ class DistributedEngine:
         self._broadcast("release", seq.slot, seq.rope_delta)
         self.local.release(seq)
 
+    def reserve(self, seq, length):
+        self._broadcast("reserve", seq.slot, length)
+        self.local.reserve(seq, length)
+
     def move(self, seq, slot):
         self._broadcast("move", seq.slot, slot)
         self.local.move(seq, slot)
@@ -298,6 +302,9 @@ def _worker_main(path: str, rank: int, world: int, addr: str, port: int, device:
         elif op == "move":
             source, target = args
             engine.move(Sequence(source, 0), target)
+        elif op == "reserve":
+            slot, length = args
+            engine.reserve(Sequence(slot, 0), length)
         # "ping" (keepalive) needs nothing done
     dist.destroy_process_group()
 

@@ -743,7 +743,8 @@ def serve(args) -> int:
         raise VlmcError(f"--batch_size must be between 1 and the LLM artifact's compiled batch of {compiled}")
     if args.image_cache_mb < 0:
         raise VlmcError("--image_cache_mb must be 0 (off) or a positive number of MiB")
-    for flag in ("max_request_mb", "body_timeout", "header_timeout", "send_timeout", "max_image_pixels", "max_prompt_tokens"):
+    for flag in ("max_request_mb", "body_timeout", "header_timeout", "send_timeout", "max_image_pixels",
+                 "max_prompt_tokens"):
         if getattr(args, flag) is not None and not getattr(args, flag) > 0:
             raise VlmcError(f"--{flag.replace('_', '-')} must be positive")
     for flag in ("max_images_per_request", "max_videos_per_request"):
