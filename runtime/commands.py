@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -219,7 +220,9 @@ def run_generate(args) -> int:
     if args.max_new_tokens <= 0:
         raise VlmcError("--max-new-tokens must be positive")
     request = video_request(args)
+    started = time.perf_counter()
     pipeline = Pipeline(args.model, args.vit_model, args.device, verify=args.verify, cluster=cluster)
+    load_s = time.perf_counter() - started  # artifacts, graphs, weights, tokenizer (and TVM's import)
     try:
         result = pipeline.generate(args.image, args.prompt, args.max_new_tokens, SamplingParams(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -227,6 +230,7 @@ def run_generate(args) -> int:
             min_pixels=args.min_pixels, max_pixels=args.max_pixels, videos=args.video, video_request=request)
     finally:
         pipeline.close()
+    result.timings["load_s"] = round(load_s, 6)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -237,6 +241,6 @@ def run_generate(args) -> int:
                   f"{video['grid_thw']}, {video['graph_calls']} visual graph call(s){fitted}]", file=sys.stderr)
         t = result.timings
         print(f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} generated ({result.finish_reason}); "
-              f"visual {t['visual_s']:.3f}s, prefill {t['prefill_s']:.3f}s, "
+              f"load {load_s:.2f}s, visual {t['visual_s']:.3f}s, prefill {t['prefill_s']:.3f}s, "
               f"decode {t['decode_per_token_s'] or 0:.4f}s/token]", file=sys.stderr)
     return 0

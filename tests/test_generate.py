@@ -47,7 +47,8 @@ def test_greedy_tokens_equal_transformers(checkpoints, qwen_artifacts, images, p
     expected = expected[:-1] if expected and expected[-1] in eos else expected  # vlmc does not return EOS
     assert got["prompt_tokens"] == ref["input_ids"].shape[1]
     assert got["token_ids"] == expected
-    assert set(got["timings"]) >= {"visual_s", "prefill_s", "decode_per_token_s", "decode_s"}
+    assert set(got["timings"]) >= {"load_s", "visual_s", "prefill_s", "decode_per_token_s", "decode_s"}
+    assert got["timings"]["load_s"] > 0
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
