@@ -328,11 +328,10 @@ def run_bench(args: dict) -> dict:
             sides[-1].ask(None)
         for (peer, python), model_dir in zip(peers, peer_models):
             common = {"image": args["image"], "warmup_image": args["warmup_image"], "new_tokens": args["new_tokens"],
-                      "threads": args["threads"], "context": args["context"],
-                      # genai applies the chat template itself; llama.cpp is given transformers' rendering
-                      "prompt": args["prompt_text"] if peer.runtime == "openvino" else args["chat_text"]}
-            sides.append(peers_mod.PeerSide(peer, python, peers_mod.side_settings(
-                peer, model_dir, args["checkpoint"], common), args["peers_log"]))
+                      "threads": args["threads"], "context": args["context"]}
+            settings = peers_mod.side_settings(peer, model_dir, args["checkpoint"], common, args["prompt_text"],
+                                               args["chat_text"])
+            sides.append(peers_mod.PeerSide(peer, python, settings, args["peers_log"]))
         timed = TIMED + (["decode_step_streams_s"] if args["streams"] > 1 else [])
         samples = {side.name: {figure: [] for figure in timed} for side in sides}
         bandwidths = []
@@ -468,7 +467,6 @@ def _peer_table(report: dict) -> str:
         for name in names) + " |" + " |" * len(report["peers"]))
     rows += [f"- {name}: {'; '.join(peer['notes'])}" for name, peer in report["peers"].items() if peer.get("notes")]
     return "\n".join(rows)
-
 
 
 def write_plot(report: dict, path: str | os.PathLike) -> None:

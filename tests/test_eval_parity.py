@@ -53,7 +53,8 @@ def test_bench_json_reports_both_sides_and_ratios(checkpoints, tmp_path):
     llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["small"], ws, "--max-prefill", 384,
                            "--max-context", 512, "--batch-size", 2, "--tp", 2)
     proc = vlmc("bench", "--checkpoint", checkpoints["small"], "--model", llm, "--vit_model", visual,
-                "--new-tokens", 8, "--repeats", 1, "--json")
+                "--new-tokens", 8, "--repeats", 1, "--json", "--plot", tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     print("bench ratios (small preset):", report["ratio_vlmc_over_transformers"])  # shown with pytest -s
     # 5 prefill lengths and decode batches 1 and 2

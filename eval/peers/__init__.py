@@ -119,14 +119,14 @@ def convert(peer: Peer, checkpoint: str, python: str, workspace: Path, log, conv
     return out
 
 
-def side_settings(peer: Peer, model_dir: Path, checkpoint: str, common: dict) -> dict:
-    """What a peer's side process is told: its files, and the inputs every side gets."""
+def side_settings(peer: Peer, model_dir: Path, checkpoint: str, common: dict, prompt: str, chat: str) -> dict:
+    """What a peer's side process is told: its files, the prompt, and the inputs every side gets. GenAI applies the
+    chat template it exported to the prompt text; llama.cpp is given transformers' rendering of the whole chat."""
     settings = {**common, "exact": peer.name in EXACT}
     if peer.runtime == "openvino":
-        return {**settings, "model_dir": str(model_dir)}
-    text = next(model_dir.glob(f"text-{peer.variant}.gguf"))
-    return {**settings, "model": str(text), "mmproj": str(model_dir / "mmproj.gguf"),
-            "image_placeholder": image_placeholder(checkpoint)}
+        return {**settings, "model_dir": str(model_dir), "prompt": prompt}
+    return {**settings, "model": str(model_dir / f"text-{peer.variant}.gguf"), "mmproj": str(model_dir / "mmproj.gguf"),
+            "prompt": chat, "image_placeholder": image_placeholder(checkpoint)}
 
 
 def image_placeholder(checkpoint: str) -> str:
