@@ -2,7 +2,8 @@
 
 In PyTorch it is the custom op `vlmc::all_reduce` (so torch.export keeps it as one node); in a compiled graph
 it becomes a call to the packed function "vlmc.all_reduce", which the runtime implements with
-torch.distributed (gloo on CPU, NCCL on GPU). One graph therefore serves every rank.
+torch.distributed over gloo on host memory (tensor parallelism runs on the CPU: a tp > 1 artifact on a GPU is
+refused, there is no NCCL path yet). One graph therefore serves every rank.
 """
 
 from __future__ import annotations
