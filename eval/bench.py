@@ -433,6 +433,8 @@ def format_table(report: dict) -> str:
                         f"({p['bf16_gemm_path']} kernels) | |")
         if p.get("kv_cache_bytes_per_token"):
             rows.append(f"| KV cache bytes per token | | {p['kv_cache_bytes_per_token']} | |")
+    rows.append(f"| greedy tokens equal to transformers' (leading) | | "
+                f"{report['tokens_equal_to_transformers']['vlmc']}/{report['inputs']['new_tokens']} | |")
     rows.append(f"| decode floor: weight bytes / bandwidth (s) | | {report['decode_floor_s']:.3g} | |")
     rows.append(f"| vlmc decode step / floor | | {report['vlmc_decode_step_over_floor']:.3g} | |")
     for kind, stages in report.get("compile_seconds", {}).items():
