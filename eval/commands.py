@@ -74,7 +74,8 @@ def register(sub) -> None:
     b.add_argument("--peers", default="",
                    help="also time these runtimes in the same run, comma-separated RUNTIME[:VARIANT]: openvino "
                         "(fp32 with exact f32 hints), openvino:default (the CPU plugin's default precision: bf16 "
-                        "where the CPU has it), openvino:int8 (int8 weights). Each converts the checkpoint with "
+                        "where the CPU has it), openvino:int8 (int8 weights), llamacpp (f32 GGUF, f32 KV cache), "
+                        "llamacpp:f16, llamacpp:q8_0, llamacpp:q4_0. Each converts the checkpoint with "
                         "its own tool once (kept under --peers-workspace) and runs in its own Python; warm-ups use "
                         "another image. Reports vision encode, time to first token, decode tokens/s, peak memory, "
                         "load time and how many greedy tokens equal transformers', with ranges")
