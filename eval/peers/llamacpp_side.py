@@ -80,13 +80,12 @@ def generate(image_path: str, new_tokens: int):
     if mtmd.mtmd_helper_eval_chunks(vision, ctx, chunks, 0, 0, settings["context"], True, ctypes.byref(n_past)):
         raise RuntimeError("mtmd_helper_eval_chunks failed")
     mtmd.mtmd_input_chunks_free(chunks)
-    ids, times, position = [greedy()], [time.perf_counter()], n_past.value
-    while len(ids) < new_tokens:  # EOS is not special here: a fixed token count
+    ids, times = [greedy()], [time.perf_counter()]
+    while len(ids) < new_tokens:  # EOS is not special here: a fixed token count; positions follow the cache
         token = (llama_cpp.llama_token * 1)(ids[-1])
         batch = llama_cpp.llama_batch_get_one(token, 1)
         if llama_cpp.llama_decode(ctx, batch):
             raise RuntimeError("llama_decode failed")
-        position += 1
         ids.append(greedy())
         times.append(time.perf_counter())
     return started, ids, times
