@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import peers as peers_mod
+from .peers.side_protocol import peak_rss_mib
 
 METRICS = [("vision_encode_s", "vision encode (s)"), ("ttft_s", "time to first token (s)"),
            ("decode_tokens_per_s", "decode tokens/s"), ("decode_step_short_s", "decode step, short context (s)"),
@@ -152,7 +152,7 @@ def _timers_hf(args: dict):
         return step
 
     def final() -> dict:
-        out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "load_s": load_s,
+        out = {"peak_rss_mib": peak_rss_mib(), "load_s": load_s,
                "tokens": greedy}
         if device != "cpu":
             out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / (1 << 20)
@@ -208,7 +208,7 @@ def _timers_vlmc(args: dict):
 
         computes = {pipe.llm.manifest.get("compute", "fp32"), pipe.visual.manifest.get("compute", "fp32")}
         return {"weight_bytes_per_token": _weight_bytes(pipe.llm),
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "load_s": load_s,
+                "peak_rss_mib": peak_rss_mib(), "load_s": load_s,
                 "tokens": greedy,
                 # how this process ran the bf16-input GEMMs (mkl or fp32), if any
                 "bf16_gemm_path": bf16_gemm_path(next(pipe.llm.path.glob("*.so"))) if "bf16" in computes else None}

@@ -1,19 +1,18 @@
 """One `vlmc bench` peer side: llama.cpp (llama-cpp-python's bindings) with its mtmd vision encoder, on GGUF files
 written by llama.cpp's own converter.
 
-Runs under the peer's own Python and imports nothing from vlmc. Protocol as openvino_side.py: settings as JSON in
-argv[1], one JSON request per line on stdin, one JSON answer per line on the stdout it started with.
+Runs under the peer's own Python and imports nothing from vlmc but side_protocol.py beside it (the JSON-lines
+protocol). The settings come as JSON in argv[1].
 """
 
 import ctypes
 import json
-import os
-import resource
 import sys
 import time
 
-answers = os.fdopen(os.dup(1), "w", buffering=1)
-os.dup2(2, 1)
+from side_protocol import open_answers, serve  # beside this file
+
+answers = open_answers()
 settings = json.loads(sys.argv[1])
 
 import numpy as np  # noqa: E402
@@ -117,16 +116,5 @@ def figure(name: str, image_path: str):
     return None
 
 
-answers.write(json.dumps({"ready": True, "load_s": load_s}) + "\n")
 notes = ["weight repacking off (AMX host)"] if amx else []
-for line in sys.stdin:
-    request = json.loads(line)
-    if request.get("final"):
-        answers.write(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                                  "load_s": load_s, "tokens": tokens, "notes": notes}) + "\n")
-        break
-    if figure(request["figure"], settings["warmup_image"]) is None:
-        answers.write(json.dumps({"times": None}) + "\n")
-        continue
-    answers.write(json.dumps({"times": [figure(request["figure"], settings["image"])
-                                        for _ in range(request["count"])]}) + "\n")
+serve(answers, figure, settings, load_s, lambda: {"tokens": tokens, "notes": notes})

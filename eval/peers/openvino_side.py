@@ -1,18 +1,16 @@
 """One `vlmc bench` peer side: OpenVINO GenAI's VLMPipeline on an IR exported by optimum-cli.
 
 Runs under the peer's own Python (optimum-intel pins another transformers than vlmc's), so it imports nothing from
-vlmc. Protocol: the settings as JSON in argv[1]; then one JSON request per line on stdin ({"figure", "count"} or
-{"final": true}), one JSON answer per line on the stdout it started with (native libraries' prints go to stderr).
+vlmc but side_protocol.py beside it (the JSON-lines protocol). The settings come as JSON in argv[1].
 """
 
 import json
-import os
-import resource
 import sys
 import time
 
-answers = os.fdopen(os.dup(1), "w", buffering=1)
-os.dup2(2, 1)
+from side_protocol import open_answers, serve  # beside this file
+
+answers = open_answers()
 settings = json.loads(sys.argv[1])
 
 import numpy as np  # noqa: E402
@@ -74,15 +72,4 @@ def figure(name: str, image_path: str):
     return None  # not a figure this runtime can time (decode steps at a set context)
 
 
-answers.write(json.dumps({"ready": True, "load_s": load_s}) + "\n")
-for line in sys.stdin:
-    request = json.loads(line)
-    if request.get("final"):
-        answers.write(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                                  "load_s": load_s, "tokens": tokens}) + "\n")
-        break
-    if figure(request["figure"], settings["warmup_image"]) is None:  # warm-up on another image: nothing reusable
-        answers.write(json.dumps({"times": None}) + "\n")
-        continue
-    answers.write(json.dumps({"times": [figure(request["figure"], settings["image"])
-                                        for _ in range(request["count"])]}) + "\n")
+serve(answers, figure, settings, load_s, lambda: {"tokens": tokens})
