@@ -329,8 +329,7 @@ def run_bench(args: dict) -> dict:
         for (peer, python), model_dir in zip(peers, peer_models):
             common = {"image": args["image"], "warmup_image": args["warmup_image"], "new_tokens": args["new_tokens"],
                       "threads": args["threads"], "context": args["context"]}
-            settings = peers_mod.side_settings(peer, model_dir, args["checkpoint"], common, args["prompt_text"],
-                                               args["chat_text"])
+            settings = peers_mod.side_settings(peer, model_dir, common, args["prompts"])
             sides.append(peers_mod.PeerSide(peer, python, settings, args["peers_log"]))
         timed = TIMED + (["decode_step_streams_s"] if args["streams"] > 1 else [])
         samples = {side.name: {figure: [] for figure in timed} for side in sides}

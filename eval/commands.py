@@ -195,7 +195,7 @@ def run_bench_command(args) -> int:
     from ..runtime.artifact import read_manifest
     from ..errors import VlmcError
     from .bench import _prompt, format_table, run_bench
-    from .peers import check_python, parse_peers
+    from .peers import chat_prompts, check_python, parse_peers
 
     peers = parse_peers(args.peers)
     if peers and args.device != "cpu":
@@ -226,12 +226,10 @@ def run_bench_command(args) -> int:
             workspace = Path(args.peers_workspace)
             workspace.mkdir(parents=True, exist_ok=True)
             tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-            text = _prompt(tokenizer, args.prompt_tokens)
-            chat = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {
-                "type": "text", "text": text}]}], add_generation_prompt=True, tokenize=False)
+            prompts = chat_prompts(args.checkpoint, _prompt(tokenizer, args.prompt_tokens), tokenizer)
             extra = {"peers": [(peer, pythons[peer.runtime]) for peer in peers], "peers_workspace": str(workspace),
-                     "peers_log": stack.enter_context(open(workspace / "peers.log", "a")), "prompt_text": text,
-                     "chat_text": chat, "threads": len(os.sched_getaffinity(0)), "context": int(context),
+                     "peers_log": stack.enter_context(open(workspace / "peers.log", "a")), "prompts": prompts,
+                     "threads": len(os.sched_getaffinity(0)), "context": int(context),
                      "llamacpp_converter": args.llamacpp_converter}
         report = run_bench({"checkpoint": args.checkpoint, "model": args.model, "vit_model": args.vit_model,
                             "image": image, "warmup_image": warmup_image, "prompt_tokens": args.prompt_tokens,

@@ -119,24 +119,28 @@ def convert(peer: Peer, checkpoint: str, python: str, workspace: Path, log, conv
     return out
 
 
-def side_settings(peer: Peer, model_dir: Path, checkpoint: str, common: dict, prompt: str, chat: str) -> dict:
+def side_settings(peer: Peer, model_dir: Path, common: dict, prompts: dict) -> dict:
     """What a peer's side process is told: its files, the prompt, and the inputs every side gets. GenAI applies the
-    chat template it exported to the prompt text; llama.cpp is given transformers' rendering of the whole chat."""
+    chat template it exported to the prompt text; llama.cpp is given transformers' rendering of the whole chat, with
+    the text its image part became (`prompts`: see chat_prompts)."""
     settings = {**common, "exact": peer.name in EXACT}
     if peer.runtime == "openvino":
-        return {**settings, "model_dir": str(model_dir), "prompt": prompt}
+        return {**settings, "model_dir": str(model_dir), "prompt": prompts["text"]}
     return {**settings, "model": str(model_dir / f"text-{peer.variant}.gguf"), "mmproj": str(model_dir / "mmproj.gguf"),
-            "prompt": chat, "image_placeholder": image_placeholder(checkpoint)}
+            "prompt": prompts["chat"], "image_placeholder": prompts["image_placeholder"]}
 
 
-def image_placeholder(checkpoint: str) -> str:
-    """The text an image part becomes in the checkpoint's chat template (llama.cpp's mtmd wants its own marker
-    there): the image token, with the vision start and end tokens around it when the model has them."""
-    from transformers import AutoConfig, AutoTokenizer
+def chat_prompts(checkpoint: str, text: str, tokenizer) -> dict:
+    """The prompt text, the chat transformers renders for one image and that text, and the text an image part
+    became in it (llama.cpp's mtmd wants its own marker there): the image token, with the vision start and end
+    tokens around it when the model has them."""
+    from transformers import AutoConfig
 
-    config, tokenizer = AutoConfig.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint)
     ids = [getattr(config, name, None) for name in ("vision_start_token_id", "image_token_id", "vision_end_token_id")]
-    return tokenizer.decode([i for i in ids if i is not None])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return {"text": text, "chat": chat, "image_placeholder": tokenizer.decode([i for i in ids if i is not None])}
 
 
 class PeerSide:

@@ -113,7 +113,7 @@ def figure(name: str, image_path: str):
         _, ids, times = generate(image_path, settings["new_tokens"])
         tokens[:] = ids
         return times[-1] - times[0]
-    return None
+    raise ValueError(f"no figure {name!r}")
 
 
 notes = ["weight repacking off (AMX host)"] if amx else []

@@ -69,7 +69,7 @@ def figure(name: str, image_path: str):
         _, _, result, streamer = run(image_path, settings["new_tokens"])
         tokens[:] = streamer.ids
         return streamer.times[-1] - streamer.times[0]
-    return None  # not a figure this runtime can time (decode steps at a set context)
+    raise ValueError(f"no figure {name!r}")
 
 
 serve(answers, figure, settings, load_s, lambda: {"tokens": tokens})

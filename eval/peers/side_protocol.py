@@ -29,16 +29,14 @@ def peak_rss_mib() -> float:
 
 def serve(answers, figure, settings: dict, load_s: float, final) -> None:
     """Answer the parent: each figure once on the warm-up image (another image: nothing a timed call could reuse),
-    then `count` timed calls on the image; figure(name, image) returns seconds, or None for a figure this runtime
-    cannot time. final() adds the last figures (tokens, notes)."""
+    then `count` timed calls on the image; figure(name, image) returns seconds (the parent asks only for the
+    figures bench.PEER_FIGURES names). final() adds the last figures (tokens, notes)."""
     answers.write(json.dumps({"ready": True, "load_s": load_s}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
         if request.get("final"):
             answers.write(json.dumps({"peak_rss_mib": peak_rss_mib(), "load_s": load_s, **final()}) + "\n")
             break
-        if figure(request["figure"], settings["warmup_image"]) is None:
-            answers.write(json.dumps({"times": None}) + "\n")
-            continue
+        figure(request["figure"], settings["warmup_image"])
         answers.write(json.dumps({"times": [figure(request["figure"], settings["image"])
                                             for _ in range(request["count"])]}) + "\n")
