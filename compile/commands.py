@@ -24,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--compute", help="GEMM input precision of the prompt and vision graphs: fp32, or bf16 (inputs "
                                      "rounded to bf16, fp32 accumulation; fast on Intel CPUs with AMX or AVX512-BF16) "
                                      "(backend.compute)")
+    p.add_argument("--decode-compute", help="LLM decode GEMV input precision: fp32, or int8 (int8/int4 layers "
+                                            "quantize their input per block of 32 and take integer dot products, "
+                                            "AVX512-VNNI; not exact, opt-in) (backend.decode_compute)")
     q = p.add_argument_group("reduced precision (quantize:)")
     q.add_argument("--weights", help="weight storage: fp32, bf16, fp16, int8 or int4 (quantize.weights)")
     q.add_argument("--group-size", type=_group_size,
@@ -76,7 +79,7 @@ def run_compile(args) -> int:
               "quantize.weights": args.weights,
               "quantize.group_size": args.group_size}
     if cfg.kind == "visual":
-        for flag in ("tp", "max_prefill", "max_context", "batch_size", "kv_cache"):
+        for flag in ("tp", "max_prefill", "max_context", "batch_size", "kv_cache", "decode_compute"):
             if getattr(args, flag) is not None:
                 raise VlmcError(f"--{flag.replace('_', '-')} applies to LLM configs; {path} is a visual config")
         if args.max_tiles is not None and args.max_patches is not None:
@@ -100,6 +103,7 @@ def run_compile(args) -> int:
         overrides["frontend.model_kwargs.tp"] = args.tp
         overrides["frontend.model_kwargs.batch_size"] = args.batch_size
         overrides["quantize.kv_cache"] = args.kv_cache
+        overrides["backend.decode_compute"] = args.decode_compute
         cfg = apply_overrides(cfg, path, **overrides)
         build = "llm"
     # Decide reuse before importing torch/TVM, so an up-to-date artifact is reported in about a second.

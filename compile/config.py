@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import VlmcError
 
-from .quantize import COMPUTE_FORMATS, KV_CACHE_FORMATS, WEIGHT_FORMATS, Scheme
+from .quantize import COMPUTE_FORMATS, DECODE_COMPUTE_FORMATS, KV_CACHE_FORMATS, QMAX, WEIGHT_FORMATS, Scheme
 
 DTYPES = ("fp32",)  # the activation (compute) dtype; reduced precision is a storage format, see `quantize`
 # The vendor's spellings: backend.dtype names the weight format; quantize: w8a16 / w16kv8 (one or a list).
@@ -115,6 +115,9 @@ class Backend(_Strict):
     # GEMM input precision of the prompt and vision graphs' linear layers: fp32, or bf16 (inputs rounded to bf16,
     # fp32 accumulation and outputs; compile/quantize.py). Decode GEMVs keep fp32 inputs.
     compute: Literal[COMPUTE_FORMATS] = "fp32"
+    # GEMV input precision of the LLM's decode graphs: fp32, or int8 (int8/int4 layers quantize their input per block
+    # of 32 and take integer dot products; compile/quantize.py). Not exact: opt-in.
+    decode_compute: Literal[DECODE_COMPUTE_FORMATS] = "fp32"
     output_chunks: Literal["auto"] | list[int] = "auto"
     max_chunk_width: int = Field(default=640, gt=0)
     blas: bool = True  # dispatch matmuls to the host BLAS (CPU targets)
@@ -215,6 +218,13 @@ class VisualConfig(_Strict):
     def _vendor(cls, data):
         return _vendor_spellings(data, "visual")
 
+    @model_validator(mode="after")
+    def _decode_compute(self):
+        if self.backend.decode_compute != "fp32":
+            raise ValueError("backend.decode_compute applies to LLM configs (their decode graphs); a visual graph's "
+                             "GEMM inputs are backend.compute")
+        return self
+
 
 class LLMShape(_Strict):
     input_ids: list[list[int]] = Field(min_length=2, max_length=2)
@@ -277,6 +287,13 @@ class LLMConfig(_Strict):
     @classmethod
     def _vendor(cls, data):
         return _vendor_spellings(data, "llm")
+
+    @model_validator(mode="after")
+    def _decode_compute(self):
+        if self.backend.decode_compute == "int8" and self.quantize.weights not in QMAX:
+            raise ValueError(f"backend.decode_compute: int8 quantizes the inputs of int8/int4 layers; the weights are "
+                             f"{self.quantize.weights} (set quantize.weights: int8 or int4)")
+        return self
 
 
 def _allowed_keys(model: type[BaseModel], loc) -> list[str]:

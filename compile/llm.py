@@ -21,7 +21,7 @@ from ..runtime.llm.engine import CacheShape
 from .artifact import Stages, library_versions, staging_folder, weights_fingerprint, write_manifest
 from .config import LLMConfig, config_hash, resolve_checkpoint
 from .ops import CUSTOM_CONVERTERS as OPS_CONVERTERS, use_host_kernels, uses_attention_kernel
-from .quantize import QuantizationError, check_target, set_compute, weight_layout
+from .quantize import QuantizationError, check_int8_input_blocks, check_target, set_compute, weight_layout
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -94,10 +94,12 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
                         f"{cfg.backend.target} with --tp 1")
     target = tvm_backend.host_target(cfg.backend.target)
     scheme = cfg.quantize.scheme()
-    check_target(scheme, target.kind.name, cfg.backend.compute)
+    check_target(scheme, target.kind.name, cfg.backend.compute, cfg.backend.decode_compute)
     stages = Stages(["load", "export", "import into TVM", "optimize", "build", "save"])
     with stages.stage("load", f"{checkpoint}, tp={tp}, weights {scheme.weights}, KV cache {scheme.kv_cache}"
-                      + (f", {cfg.backend.compute} prompt GEMMs" if cfg.backend.compute != "fp32" else "")):
+                      + (f", {cfg.backend.compute} prompt GEMMs" if cfg.backend.compute != "fp32" else "")
+                      + (f", {cfg.backend.decode_compute} decode GEMV inputs"
+                         if cfg.backend.decode_compute != "fp32" else "")):
         arch_name = detect_architecture(checkpoint)
         arch = get_architecture(arch_name)
         model_config = arch.load_config(checkpoint)
@@ -110,6 +112,8 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
             raise VlmcError(f"cannot store {checkpoint} as {scheme.weights} at tp={tp}: {exc}") from None
         except ValueError as exc:
             raise VlmcError(f"cannot shard {checkpoint} over tp={tp}: {exc}") from None
+        if cfg.backend.decode_compute == "int8" and tp > 1:
+            check_int8_input_blocks(ranks[0], tp)
         plan = ranks[0].plan
         for module in ranks:
             use_host_kernels(module, uses_attention_kernel(target))
@@ -119,8 +123,12 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
     exported = {}
     with stages.stage("export", f"{len(graphs)} graphs: " + ", ".join(g[0] for g in graphs)):
         for name, b, s, t in graphs:
-            # prompt graphs (compute-bound) take backend.compute's GEMM inputs, decode (memory-bound) fp32
-            set_compute(ranks[0], cfg.backend.compute if not t else "fp32", keep=FP32_LAYERS)
+            # prompt graphs (compute-bound) take backend.compute's GEMM inputs, decode (memory-bound)
+            # backend.decode_compute's (int8: every int8/int4 layer, the lm_head too: it is a decode step's largest)
+            if t:
+                set_compute(ranks[0], cfg.backend.decode_compute)
+            else:
+                set_compute(ranks[0], cfg.backend.compute, keep=FP32_LAYERS)
             # prompt graphs take the architecture's extra per-token inputs (e.g. deepstack features) last
             extras = tuple(ranks[0].prefill_extras(s).values()) if not t else ()
             exported[name] = tvm_backend.export_module(ranks[0], graph_inputs(b, s, context=t, **dims) + extras)
@@ -165,7 +173,8 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
             # all ranks together (KV heads replicated over ranks count on each)
             "kv_cache_bytes_per_token": CacheShape(text.num_hidden_layers, plan.num_kv_heads * tp, context,
                                                    spec.text.head_dim, scheme.kv_cache).bytes_per_token(),
-            "dtype": cfg.backend.dtype, "compute": cfg.backend.compute, "target": str(target), "device": tvm_backend.target_device(target),
+            "dtype": cfg.backend.dtype, "compute": cfg.backend.compute,
+            "decode_compute": cfg.backend.decode_compute, "target": str(target), "device": tvm_backend.target_device(target),
             "versions": library_versions(),
             "config_hash": digest, "weights_fingerprint": weights, "host": spec.to_dict(),
             "compile_seconds": stages.times,

@@ -20,6 +20,12 @@ GEMM input precision (`backend.compute`), orthogonal to storage: with `bf16`, a 
 both rounded to bf16 (nearest even) before the product, accumulated in fp32 (`vlmc::qmatmul_bf16`, kernel
 `vlmc_qmatmul_bf16`); its output, the residual stream, norms, attention and logits stay fp32. Applied to the prompt and
 vision graphs (compute-bound); decode GEMVs (memory-bound) keep fp32 inputs.
+
+Decode GEMV input precision (`backend.decode_compute`, LLM graphs, int8/int4 weights): with `int8`, each int8/int4
+layer of the decode graphs quantizes its input x first, per row in blocks of 32 inputs (the last one shorter):
+d = max|x| / 127 (fp32), xq = clamp(round_half_even(x / d), -127, 127), effective input xq * d (`int8_inputs`), so
+the kernel's sums of xq * q are exact integer dot products (`vlmc::qmatmul_a8`, kernel `vlmc_qmatmul_a8`). Prompt
+graphs, fp32/bf16/fp16 layers, norms, attention and logits are unchanged.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ INT4_BLOCK = 32  # inputs per packed block (see the stored form above)
 QMATMUL_EXTERN = "vlmc_qmatmul"
 QMATMUL_BF16_EXTERN = "vlmc_qmatmul_bf16"
 COMPUTE_FORMATS = ("fp32", "bf16")  # GEMM input precision (backend.compute)
+DECODE_COMPUTE_FORMATS = ("fp32", "int8")  # decode GEMV input precision (backend.decode_compute)
+INT8_INPUT_BLOCK = 32  # inputs per activation scale (decode_compute: int8)
+QMATMUL_A8_EXTERN = "vlmc_qmatmul_a8"
 # Weight formats each target kind has a kernel for (CPU: kernels.c; CUDA: dequantize + matmul scheduled by dlight).
 TARGET_WEIGHT_FORMATS = {"llvm": WEIGHT_FORMATS, "cuda": ("fp32", "bf16", "fp16", "int8")}
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,6 +69,7 @@ class Scheme:
     kv_cache: str = "fp32"
     skip: tuple[str, ...] = field(default_factory=tuple)
     compute: str = "fp32"  # GEMM input precision of the prompt / vision graphs (backend.compute; not in to_dict)
+    decode_compute: str = "fp32"  # GEMV input precision of the decode graphs (backend.decode_compute; ditto)
 
     @property
     def group(self) -> int | None:
@@ -74,7 +84,8 @@ class Scheme:
     @property
     def changes_numerics(self) -> bool:
         """Whether the graph computes other than the fp32 checkpoint would (weights, KV cache or GEMM inputs)."""
-        return self.quantizes_weights or self.kv_cache != "fp32" or self.compute != "fp32"
+        return (self.quantizes_weights or self.kv_cache != "fp32" or self.compute != "fp32"
+                or self.decode_compute != "fp32")
 
     def skips(self, name: str, parts: Iterable[str] = ()) -> bool:
         """Whether the layer `name` (a deploy-model module path; `parts`: the checkpoint layers fused into it) stays
@@ -88,10 +99,10 @@ class Scheme:
         return {**out, "kv_cache": self.kv_cache} if kv_cache else out
 
     @classmethod
-    def from_dict(cls, data: dict | None, compute: str = "fp32") -> "Scheme":
+    def from_dict(cls, data: dict | None, compute: str = "fp32", decode_compute: str = "fp32") -> "Scheme":
         data = dict(data or {})
         data["skip"] = tuple(data.get("skip") or ())
-        return cls(**data, compute=compute)
+        return cls(**data, compute=compute, decode_compute=decode_compute)
 
 
 # ----------------------------------------------------------------------------------------------------- numerics
@@ -237,6 +248,30 @@ def qmatmul_bf16_decomposed(x: torch.Tensor, weight: torch.Tensor, scale: torch.
     return F.linear(bf16_round(x), bf16_round(dequantize(weight, scale)))
 
 
+def int8_inputs(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as decode_compute: int8 layers see it: xq * d per block of INT8_INPUT_BLOCK inputs (module docstring)."""
+    k = x.shape[-1]
+    blocks = F.pad(x, (0, -k % INT8_INPUT_BLOCK)).reshape(*x.shape[:-1], -1, INT8_INPUT_BLOCK)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.clamp(torch.round(blocks / torch.where(d > 0, d, torch.ones_like(d))), -127, 127)
+    return (q * d).reshape(*x.shape[:-1], -1)[..., :k]
+
+
+@torch.library.custom_op("vlmc::qmatmul_a8", mutates_args=())
+def qmatmul_a8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8_inputs(x) [..., K] @ dequantize(weight, scale)^T -> [..., N], fp32 (int8 / int4 weights)."""
+    return qmatmul_a8_decomposed(x, weight, scale)
+
+
+@qmatmul_a8.register_fake
+def _qmatmul_a8_shape(x, weight, scale):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def qmatmul_a8_decomposed(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return F.linear(int8_inputs(x), dequantize(weight, scale))
+
+
 def _converter(extern: str):
     def convert(node, importer):
         from tvm import relax
@@ -252,14 +287,15 @@ def _converter(extern: str):
 
 
 CUSTOM_CONVERTERS = {"qmatmul.default": _converter(QMATMUL_EXTERN),
-                     "qmatmul_bf16.default": _converter(QMATMUL_BF16_EXTERN)}
+                     "qmatmul_bf16.default": _converter(QMATMUL_BF16_EXTERN),
+                     "qmatmul_a8.default": _converter(QMATMUL_A8_EXTERN)}
 
 
 class QLinear(nn.Module):
     """A linear layer with a stored low-precision weight (and scales): y = x @ dequantize(weight, scale)^T + bias.
     Parameters are created on the current device (meta while a model is being assembled) and loaded by assignment.
-    `compute` is the GEMM input precision (see the module docstring); fmt "fp32" holds an unquantized weight for a
-    bf16-input layer."""
+    `compute` is the input precision (see the module docstring: fp32, bf16, or int8 for int8/int4 weights); fmt "fp32"
+    holds an unquantized weight for a bf16-input layer."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, group: int | None):
         super().__init__()
@@ -282,6 +318,8 @@ class QLinear(nn.Module):
     def forward(self, x):
         if self.compute == "bf16":
             y = (qmatmul_bf16 if self.fused else qmatmul_bf16_decomposed)(x, self.weight, self.scale)
+        elif self.compute == "int8":
+            y = (qmatmul_a8 if self.fused else qmatmul_a8_decomposed)(x, self.weight, self.scale)
         elif self.fmt == "fp32":
             return F.linear(x, self.weight, self.bias)
         else:
@@ -294,16 +332,21 @@ class QLinear(nn.Module):
 
 
 def set_compute(model: nn.Module, compute: str, keep: Iterable[str] = ()) -> None:
-    """The GEMM input precision of every linear layer of `model` but those whose names match a `keep` glob (e.g.
-    the lm_head: logits stay fp32). Unquantized nn.Linear layers become fp32 QLinear layers holding the same
-    parameters (same state_dict names), so they can take bf16 inputs; set again per graph before it is exported."""
-    if compute not in COMPUTE_FORMATS:
-        raise ValueError(f"unknown compute precision {compute!r}; allowed: {', '.join(COMPUTE_FORMATS)}")
+    """The input precision of every linear layer of `model` but those whose names match a `keep` glob (e.g. the
+    lm_head: logits stay fp32): fp32, bf16 (GEMM inputs), or int8 (decode GEMV inputs; int8/int4 layers only, the
+    others keep fp32). Unquantized nn.Linear layers become fp32 QLinear layers holding the same parameters (same
+    state_dict names), so they can take bf16 inputs; set again per graph before it is exported."""
+    if compute not in COMPUTE_FORMATS + DECODE_COMPUTE_FORMATS:
+        raise ValueError(f"unknown compute precision {compute!r}; allowed: "
+                         f"{', '.join(dict.fromkeys(COMPUTE_FORMATS + DECODE_COMPUTE_FORMATS))}")
     keep = tuple(keep)
     for name, module in list(model.named_modules()):
         if any(fnmatch.fnmatchcase(name, glob) for glob in keep):
             continue
-        if isinstance(module, nn.Linear):
+        if isinstance(module, QLinear) and compute == "int8":
+            module.compute = "int8" if module.fmt in QMAX else "fp32"
+            continue
+        if isinstance(module, nn.Linear) and compute != "int8":
             if compute == "fp32":
                 continue
             layer = QLinear(module.in_features, module.out_features, module.bias is not None, "fp32", None)
@@ -353,8 +396,21 @@ def weight_layout(model: nn.Module) -> dict[str, dict]:
     return out
 
 
-def check_target(scheme: Scheme, target_kind: str, compute: str = "fp32") -> None:
-    """Refuse a weight format or GEMM input precision the target has no kernel for (before anything is loaded)."""
+def check_int8_input_blocks(rank_model: nn.Module, tp: int) -> None:
+    """decode_compute: int8 at tp > 1: a rank's slice of a row-parallel layer's inputs must hold whole blocks of
+    INT8_INPUT_BLOCK, so each rank quantizes the same blocks as the unsharded model (the same effective model at
+    every tp). Checked on every int8/int4 layer's per-rank input width."""
+    from ..errors import VlmcError
+
+    for name, module in rank_model.named_modules():
+        if isinstance(module, QLinear) and module.fmt in QMAX and module.in_features % INT8_INPUT_BLOCK:
+            raise VlmcError(f"backend.decode_compute: int8 at tp={tp}: {name} takes {module.in_features} inputs per "
+                            f"rank, not a multiple of {INT8_INPUT_BLOCK}, so its blocks would straddle ranks; use "
+                            f"another tp, decode_compute: fp32, or skip the layer (quantize.skip)")
+
+
+def check_target(scheme: Scheme, target_kind: str, compute: str = "fp32", decode_compute: str = "fp32") -> None:
+    """Refuse a weight format or input precision the target has no kernel for (before anything is loaded)."""
     from ..errors import VlmcError
 
     allowed = TARGET_WEIGHT_FORMATS.get(target_kind, ("fp32",))
@@ -364,3 +420,6 @@ def check_target(scheme: Scheme, target_kind: str, compute: str = "fp32") -> Non
     if compute != "fp32" and target_kind != "llvm":
         raise VlmcError(f"backend.compute: {compute} has a kernel for CPU (llvm) targets only; use fp32 for "
                         f"{target_kind}")
+    if decode_compute != "fp32" and target_kind != "llvm":
+        raise VlmcError(f"backend.decode_compute: {decode_compute} has a kernel for CPU (llvm) targets only; use fp32 "
+                        f"for {target_kind}")

@@ -378,7 +378,8 @@ def run_bench(args: dict) -> dict:
                  "llm_weight_bytes": results["vlmc"]["weight_bytes_per_token"],
                  "visual_weight_bytes": visual_manifest.get("weight_bytes"),
                  "kv_cache_bytes_per_token": llm_manifest.get("kv_cache_bytes_per_token"),
-                 "compute": {"llm": llm_manifest.get("compute", "fp32"), "visual": visual_manifest.get("compute", "fp32")},
+                 "compute": {"llm": llm_manifest.get("compute", "fp32"), "visual": visual_manifest.get("compute", "fp32"),
+                             "llm_decode": llm_manifest.get("decode_compute", "fp32")},
                  "bf16_gemm_path": results["vlmc"].pop("bf16_gemm_path", None)}
     ratios = {k: results["vlmc"][k] / results["transformers"][k] for k, _ in METRICS
               if results["transformers"].get(k)}
@@ -427,9 +428,11 @@ def format_table(report: dict) -> str:
                     f"{p['visual'].get('weights', 'fp32')}, {llm.get('kv_cache', 'fp32')} | |")
         rows.append(f"| LLM weight bytes (MB) | | {p['llm_weight_bytes'] / 1e6:.4g} | |")
         compute = p.get("compute", {})
-        if "bf16" in compute.values():
+        if "bf16" in (compute.get("llm"), compute.get("visual")):
             rows.append(f"| GEMM inputs (LLM prompt / visual) | | {compute['llm']} / {compute['visual']} "
                         f"({p['bf16_gemm_path']} kernels) | |")
+        if compute.get("llm_decode", "fp32") != "fp32":
+            rows.append(f"| decode GEMV inputs | | {compute['llm_decode']} | |")
         if p.get("kv_cache_bytes_per_token"):
             rows.append(f"| KV cache bytes per token | | {p['kv_cache_bytes_per_token']} | |")
     rows.append(f"| greedy tokens equal to transformers' (leading) | | "

@@ -39,6 +39,21 @@ BF16_INPUT_CASES = [
 ]
 BF16_INPUT_M = (1, 17, 70)
 
+# vlmc_qmatmul_a8 (int8 decode GEMV inputs): (name, weight kind, N, K, G); K % 64 != 0 and K % 32 != 0 (a short last
+# activation block, a short last chunk of weight bytes), int4 K % 128 != 0
+A8_CASES = [
+    ("int8_channel_k1176", "int8", 200, 1176, 1),
+    ("int8_channel_k4100", "int8", 40, 4100, 1),
+    ("int8_g32", "int8", 40, 256, 8),
+    ("int8_g64", "int8", 200, 320, 5),
+    ("int8_g128", "int8", 40, 384, 3),
+    ("int4_channel", "int4", 200, 352, 1),
+    ("int4_g32", "int4", 40, 352, 11),
+    ("int4_g64", "int4", 200, 512, 8),
+    ("int4_g128", "int4", 40, 640, 5),
+]
+A8_M = (1, 3, 5, 16, 17)
+
 # vlmc_matmul_nt (float32 weights): M 2..16 runs the GEMV kernel (batched decode steps), other M the BLAS; (N, K)
 F32_MATMUL_SHAPES = [(40, 1176), (600, 256), (37, 72)]  # K % 16 != 0: scalar tails; N not a multiple of the steps
 F32_MATMUL_M = (1, 2, 3, 5, 16, 17, 70)
@@ -113,6 +128,14 @@ def library(tmp_path_factory):
             xs = _x_shape(m, k)
             _add_function(bb, f"bf16in_{name}_m{m}", "vlmc_qmatmul_bf16", [(xs, "float32"), w, *scale],
                           (*xs[:-1], n))
+    for name, kind, n, k, g in A8_CASES:
+        w = (_weight_shape(kind, n, k), _WEIGHT_DTYPES[kind])
+        for m in A8_M:
+            _add_function(bb, f"a8_{name}_m{m}", "vlmc_qmatmul_a8", [((m, k), "float32"), w, ((n, g), "float32")],
+                          (m, n))
+    _add_function(bb, "a8_bf16_weight", "vlmc_qmatmul_a8", [((2, 64), "float32"), ((8, 64), "bfloat16")], (2, 8))
+    _add_function(bb, "a8_int8_g16", "vlmc_qmatmul_a8", [((2, 64), "float32"), ((8, 64), "int8"), ((8, 4), "float32")],
+                  (2, 8))
     for n, k in F32_MATMUL_SHAPES:
         for m in F32_MATMUL_M:
             xs = _x_shape(m, k)
@@ -254,6 +277,40 @@ def test_qmatmul_bf16_inputs(library, monkeypatch, case, m, path):
     _check(out, ref)
     # and the rounding is there: the unrounded product is further away than the accumulation error
     assert np.abs(out - x.astype(np.float64) @ effective.T).max() > 10 * TOL * np.abs(ref).max()
+
+
+# ---- vlmc_qmatmul_a8 ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["vnni", "portable"])
+@pytest.mark.parametrize("m", A8_M)
+@pytest.mark.parametrize("case", A8_CASES, ids=[c[0] for c in A8_CASES])
+def test_qmatmul_int8_inputs(library, monkeypatch, case, m, path):
+    """x quantized per block of 32 exactly as compile.quantize.int8_inputs says, then the product with the
+    effective weight: within fp32 accumulation error of the float64 product, on the VNNI kernel and the portable
+    one (M 17: x quantized, then vlmc_qmatmul's GEMM path)."""
+    from vlmc.compile.quantize import int8_inputs
+
+    monkeypatch.setenv("VLMC_INT8_GEMV", path)
+    name, kind, n, k, g = case
+    rng = np.random.default_rng(zlib.crc32(f"a8_{name}_{m}".encode()))
+    w, scale, effective = _weights(kind, n, k, g, rng)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, :32] = 0  # a block whose scale is 0
+    x[-1, 5] = 40.  # an outlier: its block's other inputs quantize coarsely
+    out = _call(library, f"a8_{name}_m{m}", torch.from_numpy(x), w, scale)
+    x_eff = int8_inputs(torch.from_numpy(x)).double().numpy()
+    _check(out, x_eff @ effective.T)
+    # and the quantization is there: the unquantized product is further away than the accumulation error
+    assert np.abs(out - x.astype(np.float64) @ effective.T).max() > 10 * TOL * np.abs(out).max()
+
+
+@pytest.mark.parametrize("fn, args, match", [
+    ("a8_bf16_weight", lambda: (torch.zeros(2, 64), torch.zeros(8, 64, dtype=torch.bfloat16)), "int8 or uint8"),
+    ("a8_int8_g16", lambda: (torch.zeros(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 4)),
+     "multiple of 32"),
+])
+def test_qmatmul_int8_inputs_argument_errors(library, fn, args, match):
+    with pytest.raises(Exception, match=match):
+        _call(library, fn, *args())
 
 
 # ---- vlmc_cache_attention -----------------------------------------------------------------------------------------

@@ -130,6 +130,46 @@ def test_tier_a_parity_bf16_gemm_inputs(checkpoints, quant_visual, quant_image, 
     assert (out["precision"]["compute"], out["precision"]["visual_compute"]) == ("bf16", "bf16")
 
 
+# int8 decode GEMV inputs (backend.decode_compute: int8): int8 weights at tp 1 (reference: transformers with the
+# effective weights, its int8/int4 layers quantizing their inputs in one-token forwards), int4 weights with an int8 KV
+# cache at tp 2 (reference: the deploy model in PyTorch); their own thresholds, identical greedy tokens.
+@pytest.mark.parametrize("weights,kv_cache,tp", [("int8", "fp32", 1), ("int4", "int8", 2)])
+def test_tier_a_parity_int8_decode_inputs(checkpoints, quant_visual, quant_image, tmp_path, weights, kv_cache, tp):
+    visual = quant_visual(weights)
+    llm = compile_in_process("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / "ws", "--max-prefill", 128,
+                             "--max-context", 192, "--tp", tp, "--weights", weights, "--kv-cache", kv_cache,
+                             "--decode-compute", "int8", *(["--group-size", 32] if weights == "int4" else []))
+    assert json.loads((llm / "manifest.json").read_text())["decode_compute"] == "int8"
+    # the decode graph calls the int8-input kernel for every quantized layer, the prompt graphs the fp32-input one
+    import tvm
+    from tvm import relax
+
+    calls = {g: relax.VMExecutable(tvm.runtime.load_module(str(llm / f"{g}.so"))).as_text()
+             for g in ("decode_1", "prefill_128")}
+    assert calls["decode_1"].count("vlmc_qmatmul_a8") == calls["decode_1"].count("vlmc_qmatmul") > 0
+    assert "vlmc_qmatmul_a8" not in calls["prefill_128"] and "vlmc_qmatmul" in calls["prefill_128"]
+    report = tmp_path / "report"
+    proc = vlmc("eval", "parity", "--checkpoint", checkpoints["tiny"], "--model", llm, "--vit_model", visual,
+                "--image", quant_image, "--max-new-tokens", 8, "--report", report, check=False)
+    data = json.loads((report / "parity.json").read_text())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    print(f"int8 decode inputs, {weights} weights, {kv_cache} KV, tp {tp}: decode logits (worst)",
+          max(s["rel_error"] for s in data["decode_logits"]), "tier B",
+          {k: data["quality"][k] for k in ("kl_mean", "kl_p99", "top1_agreement", "first_divergence")})
+    from vlmc.eval.parity import THRESHOLDS
+
+    assert data["decode_compute"] == "int8" and data["greedy"]["identical_tokens"] == 8
+    assert data["prefill_logits"]["rel_error"] <= 1e-4  # the prompt graphs keep fp32 inputs
+    errors = sorted(s["rel_error"] for s in data["decode_logits"])
+    assert errors[-1] <= THRESHOLDS["int8_decode_inputs"]["logits_rel"]
+    assert errors[len(errors) // 2] <= 1e-4  # a rounding flip is an exception: most steps match to fp32 error
+    assert ("deploy model" in data["reference"]) == (kv_cache != "fp32")
+    assert "LLM decode int8" in (report / "report.md").read_text()
+    out = generate_json("--model", llm, "--vit_model", visual, "--image", quant_image, "--prompt", "Describe.",
+                        "--max-new-tokens", 2)
+    assert out["precision"]["decode_compute"] == "int8"
+
+
 def test_bf16_gemm_inputs_round(quant_visual, quant_image):
     """The bf16 visual graph is not the fp32 one: its embeddings differ from the fp32 artifact's by about bf16's
     rounding (the rounding is applied, and no more than that)."""

@@ -150,6 +150,13 @@ def test_quantize_section_and_the_vendor_spellings(tmp_path):
      "int4 has no kernel for cuda targets"),
     ("name: a\nkind: llm\n", ["--weights", "int4", "--group-size", "128"], "does not divide its input width 64"),
     ("name: a\nkind: llm\n", ["--weights", "int4", "--group-size", "32", "--tp", "4"], "o_proj at tp=4"),
+    ("name: a\nkind: llm\n", ["--decode-compute", "int8"], "the weights are fp32 (set quantize.weights: int8"),
+    ("name: a\nkind: llm\n", ["--weights", "bf16", "--decode-compute", "int8"], "the weights are bf16"),
+    ("name: a\nkind: llm\n", ["--weights", "int8", "--decode-compute", "int4"], "'backend.decode_compute'"),
+    ("name: a\nkind: visual\n", ["--decode-compute", "int8"], "--decode-compute applies to LLM configs"),
+    ("name: a\nkind: visual\nbackend: {decode_compute: int8}\n", [], "decode_compute applies to LLM configs"),
+    ("name: a\nkind: llm\n", ["--weights", "int8", "--decode-compute", "int8", "--target",
+                               '{"kind": "cuda", "arch": "sm_90"}'], "decode_compute: int8 has a kernel for CPU"),
 ])
 def test_bad_quantize_input_is_one_line_and_writes_nothing(checkpoints, tmp_path, yaml_text, flags, message):
     path = tmp_path / "bad.yaml"

@@ -21,6 +21,8 @@
  *       M <= 16 (decode): a GEMV kernel that reads each weight row once for all rows of x, widening 8-16 weights at
  *       a time in registers; N split over the threads. M > 16: each thread widens a block of rows (about 1 MB of
  *       fp32) into its own buffer and multiplies it with a single-threaded BLAS GEMM.
+ *   vlmc_qmatmul_bf16(x, w[, scale], out)   vlmc_qmatmul with x and W rounded to bf16 (below)
+ *   vlmc_qmatmul_a8(x, w, scale, out)       vlmc_qmatmul with x quantized to int8 per block of 32 (below)
  *   vlmc_cache_attention(q, k_cache, v_cache, k_new, v_new, mask, out)                    float32 / bfloat16 cache
  *   vlmc_cache_attention(q, k_cache, v_cache, k_scale, v_scale, k_new, v_new, mask, out)  int8 cache
  *       Decode attention over a KV cache plus this step's keys: q, out float32 [B, H, S, D]; k_new, v_new float32
@@ -881,8 +883,11 @@ static int compact(const DLTensor* t) { /* row-major contiguous (strides absent 
   return 1;
 }
 
-/* bf16_inputs: vlmc_qmatmul_bf16 (below), which takes float32 weights too */
+/* the entry points of run_qmatmul: vlmc_qmatmul, vlmc_qmatmul_bf16 (below; float32 weights too) and vlmc_qmatmul_a8
+ * (below; int8/int4 weights only) */
+enum { QM_PLAIN, QM_BF16_INPUTS, QM_INT8_INPUTS };
 static int qmatmul_bf16_inputs(const QMat* q, const float* x, float* out);
+static int qmatmul_int8_inputs(const QMat* q, const float* x, float* out);
 /* where thread `part` of `threads` starts on N rows of out (part == threads: N): whole cache lines per thread */
 static inline int64_t part_edge(int64_t N, int64_t part, int64_t threads) {
   if (part >= threads) return N;
@@ -904,7 +909,8 @@ static void qgemv_parallel(const QMat* q, const float* x, float* out, int i4_fol
   }
 }
 
-static int run_qmatmul(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret, int bf16_inputs) {
+static int run_qmatmul(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret, int mode) {
+  const int bf16_inputs = mode == QM_BF16_INPUTS;
   ret->type_index = kTVMFFINone; ret->zero_padding = 0; ret->v_int64 = 0;
   if (n != 3 && n != 4) return fail("vlmc_qmatmul: expected (x, w, out) or (x, w, scale, out)");
   DLTensor *X = as_dl(args), *W = as_dl(args + 1), *S = n == 4 ? as_dl(args + 2) : 0, *O = as_dl(args + n - 1);
@@ -921,6 +927,7 @@ static int run_qmatmul(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret, int bf1
   else return fail(bf16_inputs ? "vlmc_qmatmul_bf16: weights must be float32, bfloat16, float16, int8 or uint8 (packed int4)"
                                : "vlmc_qmatmul: weights must be bfloat16, float16, int8 or uint8 (packed int4)");
   const int scaled = kind == QW_I8 || kind == QW_I4;
+  if (mode == QM_INT8_INPUTS && !scaled) return fail("vlmc_qmatmul_a8: weights must be int8 or uint8 (packed int4)");
   if (scaled != (n == 4))
     return fail(scaled ? "vlmc_qmatmul: int8/int4 weights take (x, w, scale, out)"
                        : "vlmc_qmatmul: bfloat16/float16 weights take (x, w, out)");
@@ -944,6 +951,8 @@ static int run_qmatmul(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret, int bf1
     G = S->shape[1];
     if (K % G) return fail("vlmc_qmatmul: K must be a multiple of the scale columns G");
     if (kind == QW_I4 && (K / G) % 32) return fail("vlmc_qmatmul: int4 group size (K / G) must be a multiple of 32");
+    if (mode == QM_INT8_INPUTS && G > 1 && (K / G) % 32)
+      return fail("vlmc_qmatmul_a8: the group size (K / G) must be a multiple of 32 (or one scale per row)");
   }
   float* out = (float*)data_of(O);
   if (M == 0 || N == 0) return 0;
@@ -951,6 +960,7 @@ static int run_qmatmul(const TVMFFIAny* args, int32_t n, TVMFFIAny* ret, int bf1
   const QMat q = {kind, M, N, K, G, K / G, data_of(W), scaled ? (const float*)data_of(S) : 0};
   const float* x = (const float*)data_of(X);
   if (bf16_inputs) return qmatmul_bf16_inputs(&q, x, out) ? fail("vlmc_qmatmul_bf16: out of memory") : 0;
+  if (mode == QM_INT8_INPUTS) return qmatmul_int8_inputs(&q, x, out) ? fail("vlmc_qmatmul_a8: out of memory") : 0;
   if (M > 16) return qmatmul_blocks(&q, x, out) ? fail("vlmc_qmatmul: out of memory") : 0;
   float* xp = 0;
   const int i4_fold = kind == QW_I4 && M == 1 && q.group % I4F_CHUNK == 0;
@@ -1058,7 +1068,7 @@ static void f32_gemv_batch(const float* x, const float* w, float* out, int64_t M
 }
 
 __attribute__((visibility("default")))
-int __tvm_ffi_vlmc_qmatmul(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) { return run_qmatmul(a, n, r, 0); }
+int __tvm_ffi_vlmc_qmatmul(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) { return run_qmatmul(a, n, r, QM_PLAIN); }
 
 /* ---- bf16 GEMM inputs (backend.compute: bf16) --------------------------------------------------------------------
  * vlmc_qmatmul_bf16(x, w[, scale], out): vlmc_qmatmul's product with both inputs rounded to bf16 (nearest even; NaN
@@ -1184,13 +1194,252 @@ static int qmatmul_bf16_inputs(const QMat* q, const float* x, float* out) {
 
 __attribute__((visibility("default")))
 int __tvm_ffi_vlmc_qmatmul_bf16(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) {
-  return run_qmatmul(a, n, r, 1);
+  return run_qmatmul(a, n, r, QM_BF16_INPUTS);
 }
 /* which path vlmc_qmatmul_bf16 takes in this process: 1 mkl, 2 fp32 */
 __attribute__((visibility("default")))
 int __tvm_ffi_vlmc_bf16_gemm_path(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) {
   r->type_index = kTVMFFIInt; r->zero_padding = 0; r->v_int64 = choose_bf16_path();
   return 0;
+}
+
+/* ---- int8 GEMV inputs (backend.decode_compute: int8) -------------------------------------------------------------
+ * vlmc_qmatmul_a8(x, w, scale, out), int8 and int4 weights: vlmc_qmatmul's product with x quantized first. Each row
+ * of x, in blocks of 32 inputs (the last one shorter when K % 32): d = max|x| / 127, xq = clamp(round_half_even(x /
+ * d), -127, 127) (0 where d == 0); out = (xq * d) @ W^T, W = q * scale as vlmc_qmatmul defines it.
+ * M <= 16 (decode): the sums of xq * q over each block are exact integer dot products, scaled by d and the weight's
+ * scale in fp32. On AVX512-VNNI hosts vpdpbusd does 64 byte products per instruction with no widening (the widening
+ * of int8/int4 weights to fp32 is what keeps vlmc_qmatmul's GEMV above the memory floor). vpdpbusd takes unsigned x
+ * signed bytes: int8 weights are made unsigned by flipping their top bit (q + 128), int4 nibbles already are (q + 8),
+ * and the excess (128 or 8 times the sum of xq) is subtracted lane by lane, precomputed once per row of x.
+ * M > 16: x is replaced by xq * d and the product runs as vlmc_qmatmul's. */
+#define A8_BLOCK 32
+
+static void a8_quantize_row(const float* x, int64_t K, int8_t* xq, float* d) {
+  for (int64_t b = 0; b * A8_BLOCK < K; ++b) {
+    const int64_t k0 = b * A8_BLOCK, k1 = k0 + A8_BLOCK < K ? k0 + A8_BLOCK : K;
+    float amax = 0.f;
+    for (int64_t k = k0; k < k1; ++k) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+    const float s = amax / 127.f; /* a true division, as torch computes it: the same xq bit for bit */
+    d[b] = s;
+    for (int64_t k = k0; k < k1; ++k) {
+      const float r = s > 0.f ? nearbyintf(x[k] / s) : 0.f; /* nearest even: the default rounding mode */
+      xq[k] = (int8_t)(r > 127.f ? 127.f : r < -127.f ? -127.f : r);
+    }
+  }
+}
+
+/* x quantized for the GEMV: per row, chunks of 64 inputs (int8 weights) or 128 (int4: 64 bytes of packed weights),
+ * each with its bytes in the order of the weight bytes they meet, the per-lane excess to subtract and the per-lane
+ * block scale d (lane L of vpdpbusd's 16 sums 4 consecutive bytes, so it belongs to one block of 32). */
+typedef struct {
+  int64_t chunks;
+  int8_t* bytes;  /* [M, chunks, 64 or 128]: int4: the 64 bytes meeting the low nibbles, then the high ones */
+  int32_t* corr;  /* [M, chunks, 16] minus the excess of each lane */
+  float* dl;      /* [M, chunks, 16] d of each lane's block (0 past K) */
+} A8X;
+
+static int a8_prepare(const QMat* q, const float* x, A8X* ax) {
+  const int i4 = q->kind == QW_I4;
+  const int64_t K = q->K, M = q->M, clen = i4 ? 128 : 64, chunks = (K + clen - 1) / clen, blocks = chunks * clen / 32;
+  ax->chunks = chunks;
+  ax->bytes = (int8_t*)aligned_alloc(64, M * chunks * clen);
+  ax->corr = (int32_t*)aligned_alloc(64, M * chunks * 64);
+  ax->dl = (float*)aligned_alloc(64, M * chunks * 64);
+  int8_t* xq = (int8_t*)calloc(chunks * clen, 1);
+  float* d = (float*)calloc(blocks, sizeof(float));
+  if (!ax->bytes || !ax->corr || !ax->dl || !xq || !d) { free(xq); free(d); return 1; }
+  for (int64_t m = 0; m < M; ++m) {
+    a8_quantize_row(x + m * K, K, xq, d); /* the padding past K stays 0 */
+    for (int64_t c = 0; c < chunks; ++c) {
+      int8_t* out = ax->bytes + (m * chunks + c) * clen;
+      const int8_t* src = xq + c * clen;
+      int32_t* corr = ax->corr + (m * chunks + c) * 16;
+      float* dl = ax->dl + (m * chunks + c) * 16;
+      if (i4) /* byte 16b + j of the packed chunk: low nibble input 32b + j, high nibble input 32b + 16 + j */
+        for (int b = 0; b < 4; ++b)
+          for (int j = 0; j < 16; ++j) { out[16 * b + j] = src[32 * b + j]; out[64 + 16 * b + j] = src[32 * b + 16 + j]; }
+      else memcpy(out, src, 64);
+      for (int L = 0; L < 16; ++L) {
+        int32_t sum = 0;
+        for (int t = 0; t < 4; ++t) sum += out[4 * L + t] + (i4 ? out[64 + 4 * L + t] : 0);
+        corr[L] = -(i4 ? 8 : 128) * sum;
+        dl[L] = d[c * clen / 32 + L / (i4 ? 4 : 8)];
+      }
+    }
+  }
+  free(xq); free(d);
+  return 0;
+}
+static void a8_free(A8X* ax) { free(ax->bytes); free(ax->corr); free(ax->dl); }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define A8_NR 4
+/* out[m, n] for rows m0..m0 + mr (<= MR) of x and weight rows [n0, n1), A8_NR rows per step (a short step repeats its
+ * last row). Scales: one per row (G == 1) multiplies the row's sum at the end; groups (a multiple of 32 inputs) give
+ * each lane its group's scale, gathered from the chunk's <= 4 scales by one permute. */
+static inline __attribute__((always_inline)) void a8_rows(const int i4, const int MR, const QMat* q, const A8X* ax,
+                                                          int64_t m0, int64_t mr, float* out, int64_t n0, int64_t n1) {
+  const int64_t K = q->K, N = q->N, G = q->G, group = q->group, chunks = ax->chunks, clen = i4 ? 128 : 64;
+  const int64_t rowb = i4 ? K / 2 : K, ahead = A8_NR * rowb;
+  const int grouped = G > 1;
+  const int64_t nscale = clen / group > 1 ? clen / group : 1; /* scales a chunk spans */
+  int32_t idx[16];
+  for (int L = 0; L < 16; ++L) idx[L] = grouped ? (int32_t)(L / (i4 ? 4 : 8) * 32 / group) : 0;
+  const __m512i sidx = _mm512_loadu_si512(idx), low4 = _mm512_set1_epi8(0x0f), top = _mm512_set1_epi8((char)0x80);
+  int64_t xm[QMR_MAX];
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) xm[m] = m0 + (m < mr ? m : mr - 1);
+  for (int64_t n = n0; n < n1; n += A8_NR) {
+    const int64_t nr = n1 - n < A8_NR ? n1 - n : A8_NR;
+    const void* row[A8_NR];
+    const float* srow[A8_NR];
+    qw_step_rows(q, A8_NR, n, nr, row, srow);
+    __m512 acc[QMR_MAX][A8_NR];
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+      for (int r = 0; r < A8_NR; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t off = c * 64, left = rowb - off;
+      const __mmask64 mask = left >= 64 ? ~0ULL : (1ULL << left) - 1; /* the last chunk of a row may be short */
+      __m512i wa[A8_NR], wb[A8_NR];
+      __m512 sv[A8_NR];
+#pragma GCC unroll 4
+      for (int r = 0; r < A8_NR; ++r) {
+        const char* p = (const char*)row[r] + off;
+        __builtin_prefetch(p + ahead, 0, 2);
+        const __m512i v = left >= 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(mask, p);
+        if (i4) { wa[r] = _mm512_and_si512(v, low4); wb[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4); }
+        else wa[r] = _mm512_xor_si512(v, top);
+        if (grouped) {
+          const int64_t first = c * clen / group, count = G - first < nscale ? G - first : nscale;
+          sv[r] = _mm512_permutexvar_ps(sidx, _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), srow[r] + first));
+        }
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) {
+        const int64_t at = xm[m] * chunks + c;
+        const int8_t* xb = ax->bytes + at * clen;
+        const __m512i xa = _mm512_load_si512(xb), corr = _mm512_load_si512(ax->corr + at * 16);
+        const __m512i xh = i4 ? _mm512_load_si512(xb + 64) : xa;
+        const __m512 dl = _mm512_load_ps(ax->dl + at * 16);
+#pragma GCC unroll 4
+        for (int r = 0; r < A8_NR; ++r) {
+          __m512i t = _mm512_dpbusd_epi32(corr, wa[r], xa);
+          if (i4) t = _mm512_dpbusd_epi32(t, wb[r], xh);
+          const __m512 f = _mm512_cvtepi32_ps(t);
+          acc[m][r] = grouped ? _mm512_fmadd_ps(_mm512_mul_ps(f, dl), sv[r], acc[m][r]) : _mm512_fmadd_ps(f, dl, acc[m][r]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      if (m >= mr) break;
+#pragma GCC unroll 4
+      for (int r = 0; r < A8_NR; ++r)
+        if (r < nr) out[(m0 + m) * N + n + r] = _mm512_reduce_add_ps(acc[m][r]) * (grouped ? 1.f : srow[r][0]);
+    }
+  }
+}
+typedef void (*a8_fn)(const QMat*, const A8X*, int64_t, int64_t, float*, int64_t, int64_t);
+#define A8_DEF(I4, MR) \
+  static void a8_rows_##I4##_##MR(const QMat* q, const A8X* ax, int64_t m0, int64_t mr, float* out, int64_t n0,   \
+                                  int64_t n1) { a8_rows(I4, MR, q, ax, m0, mr, out, n0, n1); }
+A8_DEF(0, 1) A8_DEF(0, 2) A8_DEF(0, 4) A8_DEF(1, 1) A8_DEF(1, 2) A8_DEF(1, 4)
+static const a8_fn A8_FNS[2][QGEMV_PASS + 1] = {{0, a8_rows_0_1, a8_rows_0_2, a8_rows_0_4, a8_rows_0_4},
+                                                {0, a8_rows_1_1, a8_rows_1_2, a8_rows_1_4, a8_rows_1_4}};
+#define A8_VNNI 1
+#else
+#define A8_VNNI 0
+#endif
+
+/* weight rows [n0, n1) against every row of x: with VNNI, passes of <= 4 rows of x over tiles of 16 weight rows (in
+ * L2 for every pass, as in qgemv_range); elsewhere the same integer sums one at a time */
+static void a8_range(const QMat* q, const A8X* ax, float* out, int64_t n0, int64_t n1, int vnni) {
+  const int64_t M = q->M;
+#if A8_VNNI
+  if (vnni) {
+    const a8_fn* fns = A8_FNS[q->kind == QW_I4];
+    const int64_t passes = (M + QGEMV_PASS - 1) / QGEMV_PASS;
+    if (passes == 1) { fns[M](q, ax, 0, M, out, n0, n1); return; }
+    for (int64_t nb = n0; nb < n1; nb += SPLIT_ALIGN) {
+      const int64_t ne = nb + SPLIT_ALIGN < n1 ? nb + SPLIT_ALIGN : n1;
+      for (int64_t p = 0; p < passes; ++p) {
+        const int64_t m0 = M * p / passes, m1 = M * (p + 1) / passes;
+        fns[m1 - m0](q, ax, m0, m1 - m0, out, nb, ne);
+      }
+    }
+    return;
+  }
+#endif
+  const int i4 = q->kind == QW_I4;
+  const int64_t K = q->K, chunks = ax->chunks, clen = i4 ? 128 : 64;
+  for (int64_t n = n0; n < n1; ++n) {
+    const void* row = qw_row(q, n);
+    const float* srow = q->scale + n * q->G;
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t b = 0; b * A8_BLOCK < K; ++b) { /* block b: inputs 32b.. of chunk c = 32b / clen */
+        const int64_t c = b * A8_BLOCK / clen, at = m * chunks + c;
+        const int8_t* xb = ax->bytes + at * clen;
+        const int lane0 = (int)(b * A8_BLOCK % clen / 32) * (i4 ? 4 : 8);
+        int32_t sum = 0;
+        for (int64_t k = 32 * b; k < 32 * b + A8_BLOCK && k < K; ++k) {
+          const int64_t j = k % clen; /* input j of the chunk */
+          if (i4) {
+            const int blk = (int)(j / 32), e = (int)(j % 32);
+            const int8_t xv = xb[(e < 16 ? 0 : 64) + 16 * blk + e % 16];
+            sum += xv * (int32_t)qw_scalar(QW_I4, row, k);
+          } else sum += xb[j] * (int32_t)((const int8_t*)row)[k];
+        }
+        acc += (float)sum * ax->dl[at * 16 + lane0] * srow[q->G > 1 ? 32 * b / q->group : 0];
+      }
+      out[m * q->N + n] = acc;
+    }
+  }
+}
+/* whether this call takes the VNNI kernel: on hosts that have it, unless VLMC_INT8_GEMV=portable (read on every call:
+ * a test compares the two) */
+static int a8_use_vnni(void) {
+  const char* env = getenv("VLMC_INT8_GEMV");
+  return A8_VNNI && !(env && !strcmp(env, "portable"));
+}
+
+static int qmatmul_int8_inputs(const QMat* q, const float* x, float* out) {
+  const int64_t M = q->M, N = q->N, K = q->K;
+  if (M > 16) { /* x replaced by xq * d, then vlmc_qmatmul's GEMM path */
+    float* xd = (float*)malloc(sizeof(float) * (M * K + (K + A8_BLOCK - 1) / A8_BLOCK));
+    int8_t* xq = (int8_t*)malloc(K);
+    int failed = !xd || !xq;
+    if (!failed) {
+      float* d = xd + M * K;
+      for (int64_t m = 0; m < M; ++m) {
+        a8_quantize_row(x + m * K, K, xq, d);
+        for (int64_t k = 0; k < K; ++k) xd[m * K + k] = (float)xq[k] * d[k / A8_BLOCK];
+      }
+      failed = qmatmul_blocks(q, xd, out);
+    }
+    free(xd); free(xq);
+    return failed;
+  }
+  A8X ax;
+  if (a8_prepare(q, x, &ax)) { a8_free(&ax); return 1; }
+  const int vnni = a8_use_vnni();
+  const int threads = omp_get_max_threads();
+  const int serial = 2. * M * N * K < SPLIT_MIN_FLOPS || threads == 1;
+#pragma omp parallel for schedule(static) if (!serial)
+  for (int part = 0; part < threads; ++part) {
+    const int64_t lo = part_edge(N, part, threads), hi = part_edge(N, part + 1, threads);
+    if (lo < hi) a8_range(q, &ax, out, lo, hi, vnni);
+  }
+  a8_free(&ax);
+  return 0;
+}
+
+__attribute__((visibility("default")))
+int __tvm_ffi_vlmc_qmatmul_a8(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) {
+  return run_qmatmul(a, n, r, QM_INT8_INPUTS);
 }
 
 /* ---- decode attention over a low-precision KV cache: vlmc_cache_attention --------------------------------------

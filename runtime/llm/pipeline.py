@@ -172,4 +172,6 @@ class Pipeline:
                                    if self.visual else None),
                 # GEMM input precision of the prompt graphs and of the visual graphs (backend.compute)
                 "compute": self.llm.manifest.get("compute", "fp32"),
+                # GEMV input precision of the decode graphs (backend.decode_compute)
+                "decode_compute": self.llm.manifest.get("decode_compute", "fp32"),
                 "visual_compute": self.visual.manifest.get("compute", "fp32") if self.visual else None}

@@ -265,7 +265,9 @@ class Attention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if k_cache.dtype != torch.float32:  # a bf16/int8 cache: a kernel that widens rows while it attends
+        if k_cache.dtype != torch.float32 or self.fused:
+            # CPU targets, and bf16/int8 caches anywhere: a kernel that reads the cached rows in their stored dtype
+            # and skips the masked ones (the batched matmuls below read the whole context every step)
             out = cache_attention_op(self.fused)(q, k_cache, v_cache, *scales, k, v, mask)
             return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
         # Group query heads by KV head instead of repeating the cache: [B * kv, group * S, head_dim]. Batched matmuls

@@ -170,6 +170,7 @@ def fake_quantize_modules(vision: dict, text, lm_head, vision_scheme, text_schem
         embed.copy_(embed.to(torch.bfloat16).float())
     parts = [(prefix, root, vision_scheme, vision_name or _deploy_name) for prefix, root in vision.items()]
     parts += [("", text, text_scheme, _deploy_name), ("", {"lm_head": lm_head}, text_scheme, _deploy_name)]
+    text_quantized = []  # the text model's and the lm_head's quantized layers
     for prefix, root, scheme, deploy_name in parts:
         if scheme is None or not scheme.quantizes_weights:
             continue
@@ -180,6 +181,8 @@ def fake_quantize_modules(vision: dict, text, lm_head, vision_scheme, text_schem
             deploy, fused = deploy_name(prefix + name)
             if not scheme.skips(deploy, fused):
                 module.weight.copy_(effective_weight(module.weight, scheme, deploy))
+                if scheme is text_scheme:
+                    text_quantized.append(module)
     # bf16 GEMM inputs (backend.compute): every layer of the visual artifact, on every call (the tower runs on
     # prompts only); the text model's layers (not the lm_head: logits stay fp32) in forwards over more than one
     # token, i.e. the prompt, which vlmc runs through its prompt graphs (decode steps keep fp32 inputs)
@@ -188,6 +191,11 @@ def fake_quantize_modules(vision: dict, text, lm_head, vision_scheme, text_schem
             _bf16_gemm_inputs(root, lambda: True)
     if text_scheme is not None and text_scheme.compute == "bf16":
         _bf16_gemm_inputs(text, _prompt_flag(text))
+    # int8 decode GEMV inputs (backend.decode_compute): the int8/int4 layers (the lm_head too) in forwards over one
+    # token, i.e. the decode steps
+    if text_scheme is not None and text_scheme.decode_compute == "int8":
+        prompt = _prompt_flag(text)
+        _int8_inputs(text_quantized, lambda: not prompt())
 
 
 def _prompt_flag(text):
@@ -202,6 +210,18 @@ def _prompt_flag(text):
 
     text.register_forward_pre_hook(hook, with_kwargs=True)
     return lambda: state["prompt"]
+
+
+def _int8_inputs(modules, active) -> None:
+    """Each of `modules` quantizes its input as vlmc::qmatmul_a8 does (compile.quantize.int8_inputs) while
+    `active()`."""
+    from ....compile.quantize import int8_inputs
+
+    for module in modules:
+        def forward(x, *args, _forward=module.forward, **kwargs):
+            return _forward(int8_inputs(x) if active() else x, *args, **kwargs)
+
+        module.forward = forward
 
 
 def _bf16_gemm_inputs(root, active) -> None:
