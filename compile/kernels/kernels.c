@@ -825,14 +825,21 @@ static void qw_dequant(const QMat* q, int64_t n0, int64_t rows, float* buf) {
   }
 }
 
-#define QBLOCK_BYTES (1 << 20) /* fp32 weight block per thread for the GEMM path (about L2-sized) */
+#define QBLOCK_BYTES (1 << 20) /* fp32 weight block per thread for the GEMM path (about L2-sized) ... */
+#define QBLOCK_MIN_ROWS 256     /* ... but no fewer weight rows per BLAS call: the BLAS packs x again on every call,
+                                 * so narrow calls run at half its rate or less (measured at M = 320, one thread, K =
+                                 * 11008: 16 rows 69 GFLOP/s fp32 sgemm and 198 bf16, 256 rows 134 and 610) */
 
-/* How the GEMM paths split a product: blocks of `rows` weight rows (about QBLOCK_BYTES of fp32, whole cache lines
- * of the output), and x's rows in `mparts` parts when there are fewer blocks than threads. */
+/* How the GEMM paths split a product: blocks of `rows` weight rows (about QBLOCK_BYTES of fp32 and at least
+ * QBLOCK_MIN_ROWS, as far as every thread still gets a block; whole cache lines of the output), and x's rows in
+ * `mparts` parts when there are fewer blocks than threads. */
 typedef struct { int64_t rows, blocks, mparts; } BlockPlan;
 static BlockPlan block_plan(const QMat* q, int threads) {
   const int64_t M = q->M, N = q->N, K = q->K;
-  int64_t rows = QBLOCK_BYTES / (int64_t)sizeof(float) / K / SPLIT_ALIGN * SPLIT_ALIGN;
+  int64_t rows = QBLOCK_BYTES / (int64_t)sizeof(float) / K;
+  const int64_t per_thread = (N + threads - 1) / threads;
+  if (rows < QBLOCK_MIN_ROWS) rows = QBLOCK_MIN_ROWS < per_thread ? QBLOCK_MIN_ROWS : per_thread;
+  rows = rows / SPLIT_ALIGN * SPLIT_ALIGN;
   rows = rows < SPLIT_ALIGN ? SPLIT_ALIGN : rows;
   const int64_t n16 = (N + SPLIT_ALIGN - 1) / SPLIT_ALIGN * SPLIT_ALIGN;
   rows = rows > n16 ? n16 : rows;
@@ -1126,24 +1133,85 @@ static inline uint16_t bf16_rne(float f) {
   if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch rounds it */
   return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1)) >> 16);
 }
+/* bf16_rne of QL lanes */
+static inline qv16 qv_bf16_rne(qv v) {
+  qvu b;
+  memcpy(&b, &v, sizeof b);
+  const qvu nan = (qvu)((b & 0x7fffffffu) > 0x7f800000u);
+  const qvu r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+  return __builtin_convertvector((r & ~nan) | (0x7fc0u & nan), qv16);
+}
+static inline void qstore16(uint16_t* p, qv16 h) { memcpy(p, &h, sizeof h); }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* bf16_rne of 16 lanes (GCC's generic vectors stay 8 lanes wide here and run this at half the rate) */
+static inline __m256i bf16_rne16(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), _mm512_and_si512(_mm512_srli_epi32(b, 16), one)), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0)));
+}
+#define QW_BF16_STEP (2 * QL)
+#else
+#define QW_BF16_STEP QL
+#endif
 static void round_to_bf16(const float* src, uint16_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_rne(src[i]);
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i*)(dst + i), bf16_rne16(_mm512_loadu_ps(src + i)));
+#endif
+  for (; i + QL <= n; i += QL) qstore16(dst + i, qv_bf16_rne(qload(src + i)));
+  for (; i < n; ++i) dst[i] = bf16_rne(src[i]);
+}
+/* QW_BF16_STEP dequantized weights from k on, rounded to bf16 */
+static inline __attribute__((always_inline)) void qw_store_bf16(const int kind, const void* row, int64_t k, qv s,
+                                                                uint16_t* o) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const qv lo = qw_vec(kind, row, k) * s, hi = qw_vec(kind, row, k + QL) * s;
+  _mm256_storeu_si256((__m256i*)o, bf16_rne16(_mm512_insertf32x8(_mm512_castps256_ps512((__m256)lo), (__m256)hi, 1)));
+#else
+  qstore16(o, qv_bf16_rne(qw_vec(kind, row, k) * s));
+#endif
+}
+/* qw_dequant's values rounded to bf16 in one pass (no fp32 block in between): buf[rows, K] bf16 bits; float16, int8
+ * and int4 weights */
+static void qw_dequant_bf16(const QMat* q, int64_t n0, int64_t rows, uint16_t* buf) {
+  const int64_t K = q->K, glen = q->group, groups = q->G;
+  for (int64_t i = 0; i < rows; ++i) {
+    const void* row = qw_row(q, n0 + i);
+    uint16_t* o = buf + i * K;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * glen, kv = k0 + glen / QW_BF16_STEP * QW_BF16_STEP, k1 = k0 + glen;
+      const float sc = q->scale ? q->scale[(n0 + i) * q->G + g] : 1.f;
+      const qv s = qsplat(sc);
+      if (q->kind == QW_F16)     for (int64_t k = k0; k < kv; k += QW_BF16_STEP) qw_store_bf16(QW_F16, row, k, s, o + k);
+      else if (q->kind == QW_I8) for (int64_t k = k0; k < kv; k += QW_BF16_STEP) qw_store_bf16(QW_I8, row, k, s, o + k);
+      else                       for (int64_t k = k0; k < kv; k += QW_BF16_STEP) qw_store_bf16(QW_I4, row, k, s, o + k);
+      for (int64_t k = kv; k < k1; ++k) o[k] = bf16_rne(qw_scalar(q->kind, row, k) * sc);
+    }
+  }
 }
 static void round_in_fp32(const float* src, float* dst, int64_t n) { /* bf16(src) widened back */
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(bf16_rne(src[i]));
 }
 
-/* rows [n0, n0 + rows) of W rounded to bf16: as bf16 bits in b16 (mkl), else widened in f32 */
+/* rows [n0, n0 + rows) of W rounded to bf16: as bf16 bits in b16 (mkl; never for bf16 weights, which MKL reads in
+ * place), else widened in f32 */
 static void qw_block_bf16(const QMat* q, int64_t n0, int64_t rows, float* f32, uint16_t* b16) {
   const int64_t len = rows * q->K;
   const float* src = (const float*)q->w + n0 * q->K; /* float32 weights: rounded straight from the parameter */
+  if (b16) {
+    if (q->kind == QW_F32) round_to_bf16(src, b16, len);
+    else qw_dequant_bf16(q, n0, rows, b16);
+    return;
+  }
   if (q->kind != QW_F32) {
     qw_dequant(q, n0, rows, f32);
-    if (q->kind == QW_BF16 && !b16) return; /* widened bf16 values: already rounded */
+    if (q->kind == QW_BF16) return; /* widened bf16 values: already rounded */
     src = f32;
   }
-  if (b16) round_to_bf16(src, b16, len);
-  else round_in_fp32(src, f32, len);
+  round_in_fp32(src, f32, len);
 }
 
 static int qmatmul_bf16_inputs(const QMat* q, const float* x, float* out) {
@@ -1161,9 +1229,9 @@ static int qmatmul_bf16_inputs(const QMat* q, const float* x, float* out) {
   const BlockPlan bp = block_plan(q, threads);
   const int64_t rows = bp.rows, blocks = bp.blocks, mparts = bp.mparts;
   const int direct = mkl && q->kind == QW_BF16; /* MKL reads stored bf16 weights in place */
-  /* per-thread buffers: fp32 for widened or dequantized rows (not needed when MKL reads the weights in place or
-   * rounds fp32 weights straight from the parameter), bf16 for the rows MKL reads */
-  const int need_f32 = !mkl || (q->kind != QW_BF16 && q->kind != QW_F32), need_b16 = mkl && !direct;
+  /* per-thread buffers: the fp32 path's rounded rows widened in fp32; the rows MKL reads as bf16 (dequantized or
+   * rounded straight from the parameter), unless it reads stored bf16 weights in place */
+  const int need_f32 = !mkl, need_b16 = mkl && !direct;
   int failed = 0;
 #pragma omp parallel if (!serial) reduction(|| : failed)
   {
