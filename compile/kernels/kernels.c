@@ -1174,6 +1174,7 @@ static inline __attribute__((always_inline)) void qw_store_bf16(const int kind, 
   qstore16(o, qv_bf16_rne(qw_vec(kind, row, k) * s));
 #endif
 }
+#define QW_BF16_AHEAD 4096 /* bytes of weights prefetched ahead */
 /* qw_dequant's values rounded to bf16 in one pass (no fp32 block in between): buf[rows, K] bf16 bits; float16, int8
  * and int4 weights */
 static void qw_dequant_bf16(const QMat* q, int64_t n0, int64_t rows, uint16_t* buf) {
@@ -1185,9 +1186,22 @@ static void qw_dequant_bf16(const QMat* q, int64_t n0, int64_t rows, uint16_t* b
       const int64_t k0 = g * glen, kv = k0 + glen / QW_BF16_STEP * QW_BF16_STEP, k1 = k0 + glen;
       const float sc = q->scale ? q->scale[(n0 + i) * q->G + g] : 1.f;
       const qv s = qsplat(sc);
-      if (q->kind == QW_F16)     for (int64_t k = k0; k < kv; k += QW_BF16_STEP) qw_store_bf16(QW_F16, row, k, s, o + k);
-      else if (q->kind == QW_I8) for (int64_t k = k0; k < kv; k += QW_BF16_STEP) qw_store_bf16(QW_I8, row, k, s, o + k);
-      else                       for (int64_t k = k0; k < kv; k += QW_BF16_STEP) qw_store_bf16(QW_I4, row, k, s, o + k);
+      /* the weights stream from memory once per product: prefetch them (the loads stalled without) */
+      if (q->kind == QW_F16)
+        for (int64_t k = k0; k < kv; k += QW_BF16_STEP) {
+          __builtin_prefetch((const char*)row + 2 * k + QW_BF16_AHEAD, 0, 0);
+          qw_store_bf16(QW_F16, row, k, s, o + k);
+        }
+      else if (q->kind == QW_I8)
+        for (int64_t k = k0; k < kv; k += QW_BF16_STEP) {
+          __builtin_prefetch((const char*)row + k + QW_BF16_AHEAD, 0, 0);
+          qw_store_bf16(QW_I8, row, k, s, o + k);
+        }
+      else
+        for (int64_t k = k0; k < kv; k += QW_BF16_STEP) {
+          __builtin_prefetch((const char*)row + k / 2 + QW_BF16_AHEAD, 0, 0);
+          qw_store_bf16(QW_I4, row, k, s, o + k);
+        }
       for (int64_t k = kv; k < k1; ++k) o[k] = bf16_rne(qw_scalar(q->kind, row, k) * sc);
     }
   }
