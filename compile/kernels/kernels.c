@@ -20,7 +20,7 @@
  *       scale float32 [N, G], group = K / G (G = 1: one scale per row; int4: group % 32 == 0).
  *       M <= 16 (decode): a GEMV kernel that reads each weight row once for all rows of x, widening 8-16 weights at
  *       a time in registers; N split over the threads. M > 16: each thread widens a block of rows (about 1 MB of
- *       fp32) into its own buffer and multiplies it with a single-threaded BLAS GEMM.
+ *       fp32, at least 256 rows) into its own buffer and multiplies it with a single-threaded BLAS GEMM.
  *   vlmc_qmatmul_bf16(x, w[, scale], out)   vlmc_qmatmul with x and W rounded to bf16 (below)
  *   vlmc_qmatmul_a8(x, w, scale, out)       vlmc_qmatmul with x quantized to int8 per block of 32 (below)
  *   vlmc_cache_attention(q, k_cache, v_cache, k_new, v_new, mask, out)                    float32 / bfloat16 cache
@@ -1377,6 +1377,11 @@ static inline __attribute__((always_inline)) void a8_rows(const int i4, const in
     const void* row[A8_NR];
     const float* srow[A8_NR];
     qw_step_rows(q, A8_NR, n, nr, row, srow);
+    if (grouped) /* the next step's group scales: a stream of their own that the weights' prefetch does not cover */
+#pragma GCC unroll 4
+      for (int r = 0; r < A8_NR; ++r)
+        for (int64_t b = 0; b < G * (int64_t)sizeof(float); b += 64)
+          __builtin_prefetch((const char*)(srow[r] + A8_NR * G) + b, 0, 2);
     __m512 acc[QMR_MAX][A8_NR];
 #pragma GCC unroll 4
     for (int m = 0; m < MR; ++m)
