@@ -806,21 +806,91 @@ static void qgemv_range(const QMat* q, const float* x, float* out, int64_t n0, i
   }
 }
 
-/* rows [n0, n0 + rows) of W, dequantized: buf[rows, K] fp32 */
-static void qw_dequant(const QMat* q, int64_t n0, int64_t rows, float* buf) {
-  const int64_t K = q->K, glen = q->group, groups = q->G;
+static inline uint16_t bf16_rne(float f) {
+  uint32_t b;
+  memcpy(&b, &f, 4);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch rounds it */
+  return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1)) >> 16);
+}
+/* bf16_rne of QL lanes */
+static inline qv16 qv_bf16_rne(qv v) {
+  qvu b;
+  memcpy(&b, &v, sizeof b);
+  const qvu nan = (qvu)((b & 0x7fffffffu) > 0x7f800000u);
+  const qvu r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+  return __builtin_convertvector((r & ~nan) | (0x7fc0u & nan), qv16);
+}
+static inline void qstore16(uint16_t* p, qv16 h) { memcpy(p, &h, sizeof h); }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* bf16_rne of 16 lanes (GCC's generic vectors stay 8 lanes wide here and run this at half the rate) */
+static inline __m256i bf16_rne16(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), _mm512_and_si512(_mm512_srli_epi32(b, 16), one)), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0)));
+}
+#define QW_BF16_STEP (2 * QL)
+#else
+#define QW_BF16_STEP QL
+#endif
+static void round_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i*)(dst + i), bf16_rne16(_mm512_loadu_ps(src + i)));
+#endif
+  for (; i + QL <= n; i += QL) qstore16(dst + i, qv_bf16_rne(qload(src + i)));
+  for (; i < n; ++i) dst[i] = bf16_rne(src[i]);
+}
+/* QW_BF16_STEP dequantized weights from k on, rounded to bf16 */
+static inline __attribute__((always_inline)) void qw_store_bf16(const int kind, const void* row, int64_t k, qv s,
+                                                                uint16_t* o) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const qv lo = qw_vec(kind, row, k) * s, hi = qw_vec(kind, row, k + QL) * s;
+  _mm256_storeu_si256((__m256i*)o, bf16_rne16(_mm512_insertf32x8(_mm512_castps256_ps512((__m256)lo), (__m256)hi, 1)));
+#else
+  qstore16(o, qv_bf16_rne(qw_vec(kind, row, k) * s));
+#endif
+}
+#define QW_AHEAD 4096 /* bytes of weights prefetched ahead: they stream from memory once per product */
+static inline int64_t qw_bytes(const int kind, int64_t k) { /* where weight k starts in its row */
+  return kind == QW_I8 ? k : kind == QW_I4 ? k / 2 : 2 * k;
+}
+/* weights [k0, kv) of one row times s: fp32 into o32, or rounded to bf16 into o16 (kv - k0 a multiple of the step) */
+static inline __attribute__((always_inline)) void qw_dequant_run(const int kind, const void* row, int64_t k0,
+                                                                 int64_t kv, qv s, float* o32, uint16_t* o16) {
+  if (o16)
+    for (int64_t k = k0; k < kv; k += QW_BF16_STEP) {
+      __builtin_prefetch((const char*)row + qw_bytes(kind, k) + QW_AHEAD, 0, 0);
+      qw_store_bf16(kind, row, k, s, o16 + k);
+    }
+  else
+    for (int64_t k = k0; k < kv; k += QL) {
+      __builtin_prefetch((const char*)row + qw_bytes(kind, k) + QW_AHEAD, 0, 0);
+      qstore(o32 + k, qw_vec(kind, row, k) * s);
+    }
+}
+/* rows [n0, n0 + rows) of W, dequantized: f32[rows, K], or rounded to bf16 in the same pass: b16[rows, K] bf16 bits */
+static void qw_dequant(const QMat* q, int64_t n0, int64_t rows, float* f32, uint16_t* b16) {
+  const int64_t K = q->K, glen = q->group, groups = q->G, step = b16 ? QW_BF16_STEP : QL;
   for (int64_t i = 0; i < rows; ++i) {
     const void* row = qw_row(q, n0 + i);
-    float* o = buf + i * K;
+    float* o32 = f32 ? f32 + i * K : 0;
+    uint16_t* o16 = b16 ? b16 + i * K : 0;
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t k0 = g * glen, kv = k0 + glen / QL * QL, k1 = k0 + glen;
+      const int64_t k0 = g * glen, kv = k0 + glen / step * step, k1 = k0 + glen;
       const float sc = q->scale ? q->scale[(n0 + i) * q->G + g] : 1.f;
-      const qv s = qsplat(sc);
-      if (q->kind == QW_BF16)     for (int64_t k = k0; k < kv; k += QL) qstore(o + k, qw_vec(QW_BF16, row, k));
-      else if (q->kind == QW_F16) for (int64_t k = k0; k < kv; k += QL) qstore(o + k, qw_vec(QW_F16, row, k));
-      else if (q->kind == QW_I8)  for (int64_t k = k0; k < kv; k += QL) qstore(o + k, qw_vec(QW_I8, row, k) * s);
-      else                        for (int64_t k = k0; k < kv; k += QL) qstore(o + k, qw_vec(QW_I4, row, k) * s);
-      for (int64_t k = kv; k < k1; ++k) o[k] = qw_scalar(q->kind, row, k) * sc;
+      const qv s = qsplat(sc); /* 1 for bf16 / fp16 weights: an exact product */
+      if (q->kind == QW_BF16)     qw_dequant_run(QW_BF16, row, k0, kv, s, o32, o16);
+      else if (q->kind == QW_F16) qw_dequant_run(QW_F16, row, k0, kv, s, o32, o16);
+      else if (q->kind == QW_I8)  qw_dequant_run(QW_I8, row, k0, kv, s, o32, o16);
+      else                        qw_dequant_run(QW_I4, row, k0, kv, s, o32, o16);
+      for (int64_t k = kv; k < k1; ++k) {
+        const float v = qw_scalar(q->kind, row, k) * sc;
+        if (o16) o16[k] = bf16_rne(v);
+        else o32[k] = v;
+      }
     }
   }
 }
@@ -870,7 +940,7 @@ static int qmatmul_blocks(const QMat* q, const float* x, float* out) {
       if (failed) continue;
       const int64_t b = it / mparts, p = it % mparts, n0 = b * rows, nr = N - n0 < rows ? N - n0 : rows;
       const int64_t m0 = M * p / mparts, m1 = M * (p + 1) / mparts;
-      if (have != b) { qw_dequant(q, n0, nr, buf); have = b; }
+      if (have != b) { qw_dequant(q, n0, nr, buf, 0); have = b; }
       gemm_ld(1, m1 - m0, nr, K, 1.f, x + m0 * K, K, buf, K, out + m0 * N + n0, N);
     }
     free(buf);
@@ -1127,85 +1197,6 @@ static int choose_bf16_path(void) {
   return mkl_state == 1 ? BF16_MKL : BF16_FP32;
 }
 
-static inline uint16_t bf16_rne(float f) {
-  uint32_t b;
-  memcpy(&b, &f, 4);
-  if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch rounds it */
-  return (uint16_t)((b + 0x7fffu + ((b >> 16) & 1)) >> 16);
-}
-/* bf16_rne of QL lanes */
-static inline qv16 qv_bf16_rne(qv v) {
-  qvu b;
-  memcpy(&b, &v, sizeof b);
-  const qvu nan = (qvu)((b & 0x7fffffffu) > 0x7f800000u);
-  const qvu r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
-  return __builtin_convertvector((r & ~nan) | (0x7fc0u & nan), qv16);
-}
-static inline void qstore16(uint16_t* p, qv16 h) { memcpy(p, &h, sizeof h); }
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-/* bf16_rne of 16 lanes (GCC's generic vectors stay 8 lanes wide here and run this at half the rate) */
-static inline __m256i bf16_rne16(__m512 v) {
-  const __m512i b = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
-  const __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), _mm512_and_si512(_mm512_srli_epi32(b, 16), one)), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0)));
-}
-#define QW_BF16_STEP (2 * QL)
-#else
-#define QW_BF16_STEP QL
-#endif
-static void round_to_bf16(const float* src, uint16_t* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i*)(dst + i), bf16_rne16(_mm512_loadu_ps(src + i)));
-#endif
-  for (; i + QL <= n; i += QL) qstore16(dst + i, qv_bf16_rne(qload(src + i)));
-  for (; i < n; ++i) dst[i] = bf16_rne(src[i]);
-}
-/* QW_BF16_STEP dequantized weights from k on, rounded to bf16 */
-static inline __attribute__((always_inline)) void qw_store_bf16(const int kind, const void* row, int64_t k, qv s,
-                                                                uint16_t* o) {
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-  const qv lo = qw_vec(kind, row, k) * s, hi = qw_vec(kind, row, k + QL) * s;
-  _mm256_storeu_si256((__m256i*)o, bf16_rne16(_mm512_insertf32x8(_mm512_castps256_ps512((__m256)lo), (__m256)hi, 1)));
-#else
-  qstore16(o, qv_bf16_rne(qw_vec(kind, row, k) * s));
-#endif
-}
-#define QW_BF16_AHEAD 4096 /* bytes of weights prefetched ahead */
-/* qw_dequant's values rounded to bf16 in one pass (no fp32 block in between): buf[rows, K] bf16 bits; float16, int8
- * and int4 weights */
-static void qw_dequant_bf16(const QMat* q, int64_t n0, int64_t rows, uint16_t* buf) {
-  const int64_t K = q->K, glen = q->group, groups = q->G;
-  for (int64_t i = 0; i < rows; ++i) {
-    const void* row = qw_row(q, n0 + i);
-    uint16_t* o = buf + i * K;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t k0 = g * glen, kv = k0 + glen / QW_BF16_STEP * QW_BF16_STEP, k1 = k0 + glen;
-      const float sc = q->scale ? q->scale[(n0 + i) * q->G + g] : 1.f;
-      const qv s = qsplat(sc);
-      /* the weights stream from memory once per product: prefetch them (the loads stalled without) */
-      if (q->kind == QW_F16)
-        for (int64_t k = k0; k < kv; k += QW_BF16_STEP) {
-          __builtin_prefetch((const char*)row + 2 * k + QW_BF16_AHEAD, 0, 0);
-          qw_store_bf16(QW_F16, row, k, s, o + k);
-        }
-      else if (q->kind == QW_I8)
-        for (int64_t k = k0; k < kv; k += QW_BF16_STEP) {
-          __builtin_prefetch((const char*)row + k + QW_BF16_AHEAD, 0, 0);
-          qw_store_bf16(QW_I8, row, k, s, o + k);
-        }
-      else
-        for (int64_t k = k0; k < kv; k += QW_BF16_STEP) {
-          __builtin_prefetch((const char*)row + k / 2 + QW_BF16_AHEAD, 0, 0);
-          qw_store_bf16(QW_I4, row, k, s, o + k);
-        }
-      for (int64_t k = kv; k < k1; ++k) o[k] = bf16_rne(qw_scalar(q->kind, row, k) * sc);
-    }
-  }
-}
 static void round_in_fp32(const float* src, float* dst, int64_t n) { /* bf16(src) widened back */
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(bf16_rne(src[i]));
 }
@@ -1217,11 +1208,11 @@ static void qw_block_bf16(const QMat* q, int64_t n0, int64_t rows, float* f32, u
   const float* src = (const float*)q->w + n0 * q->K; /* float32 weights: rounded straight from the parameter */
   if (b16) {
     if (q->kind == QW_F32) round_to_bf16(src, b16, len);
-    else qw_dequant_bf16(q, n0, rows, b16);
+    else qw_dequant(q, n0, rows, 0, b16);
     return;
   }
   if (q->kind != QW_F32) {
-    qw_dequant(q, n0, rows, f32);
+    qw_dequant(q, n0, rows, f32, 0);
     if (q->kind == QW_BF16) return; /* widened bf16 values: already rounded */
     src = f32;
   }
