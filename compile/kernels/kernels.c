@@ -542,11 +542,10 @@ typedef struct {
   const float* scale;        /* [N, G]; 0 for bf16/fp16 */
 } QMat;
 
-static inline const void* qw_row(const QMat* q, int64_t n) {
-  if (q->kind == QW_I4) return (const uint8_t*)q->w + n * (q->K / 2);
-  if (q->kind == QW_I8) return (const int8_t*)q->w + n * q->K;
-  return (const uint16_t*)q->w + n * q->K;
+static inline int64_t qw_bytes(const int kind, int64_t k) { /* where weight k starts (K is even for int4) */
+  return kind == QW_I8 ? k : kind == QW_I4 ? k / 2 : 2 * k;
 }
+static inline const void* qw_row(const QMat* q, int64_t n) { return (const char*)q->w + qw_bytes(q->kind, n * q->K); }
 /* the weight rows (and scale rows, if any) of a step of NR rows from n, nr of them real: a short step repeats its
  * last row */
 static inline __attribute__((always_inline)) void qw_step_rows(const QMat* q, const int NR, int64_t n, int64_t nr,
@@ -854,9 +853,6 @@ static inline __attribute__((always_inline)) void qw_store_bf16(const int kind, 
 #endif
 }
 #define QW_AHEAD 4096 /* bytes of weights prefetched ahead: they stream from memory once per product */
-static inline int64_t qw_bytes(const int kind, int64_t k) { /* where weight k starts in its row */
-  return kind == QW_I8 ? k : kind == QW_I4 ? k / 2 : 2 * k;
-}
 /* weights [k0, kv) of one row times s: fp32 into o32, or rounded to bf16 into o16 (kv - k0 a multiple of the step) */
 static inline __attribute__((always_inline)) void qw_dequant_run(const int kind, const void* row, int64_t k0,
                                                                  int64_t kv, qv s, float* o32, uint16_t* o16) {
