@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -21,9 +22,10 @@ def register(sub) -> None:
     p.add_argument("--target", help="TVM target: a name such as llvm, or a JSON dict (backend.target)")
     p.add_argument("--dtype", help="backend.dtype: fp32 (activations); the vendor's fp16, bf16 and int8 are accepted "
                                    "and set the weight format (quantize.weights)")
-    p.add_argument("--compute", help="GEMM input precision of the prompt and vision graphs: fp32, or bf16 (inputs "
-                                     "rounded to bf16, fp32 accumulation; fast on Intel CPUs with AMX or AVX512-BF16) "
-                                     "(backend.compute)")
+    p.add_argument("--compute", help="GEMM input precision of the prompt and vision graphs: fp32; bf16 (inputs "
+                                     "rounded to bf16, fp32 accumulation; fast on Intel CPUs with AMX or AVX512-BF16); "
+                                     "or int8 (int8 per-channel weights take inputs quantized per token, int8 x int8 "
+                                     "GEMMs on AMX; other layers bf16; not exact, opt-in, tp 1) (backend.compute)")
     p.add_argument("--decode-compute", help="LLM decode GEMV input precision: fp32, or int8 (int8/int4 layers "
                                             "quantize their input per block of 32 and take integer dot products, "
                                             "AVX512-VNNI; not exact, opt-in) (backend.decode_compute)")
@@ -36,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if the artifact is up to date")
     v = p.add_argument_group("visual graph")
     v.add_argument("--max-patches", type=int, help="patch budget N, a multiple of 16 (frontend.max_patches)")
+    v.add_argument("--patch-buckets", type=_int_list, metavar="N,N,...",
+                   help="smaller patch budgets compiled too, so small images do not pay for the budget (default: a "
+                        "quarter, half and three quarters of it) (frontend.patch_buckets)")
     v.add_argument("--max-tiles", type=int,
                    help="tiling models: the most tiles an image is cut into, its thumbnail not counted "
                         "(frontend.max_tiles)")
@@ -45,8 +50,18 @@ def register(sub) -> None:
     llm.add_argument("--tp", type=int, help="tensor-parallel ranks (frontend.model_kwargs.tp)")
     llm.add_argument("--max-prefill", type=int, help="maximum prefill length P, a multiple of 16")
     llm.add_argument("--max-context", type=int, help="total context T (prompt + generated), a multiple of 16")
+    llm.add_argument("--prefill-buckets", type=_int_list, metavar="N,N,...",
+                     help="shorter prompt lengths compiled too, so short prompts do not pay for P (default: every 64 "
+                          "up to 512, then coarser) (frontend.model_kwargs.prefill_buckets)")
     llm.add_argument("--batch-size", type=int, help="decode batch size (frontend.model_kwargs.batch_size)")
     p.set_defaults(func=run_compile)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _group_size(text: str):
@@ -79,21 +94,23 @@ def run_compile(args) -> int:
               "quantize.weights": args.weights,
               "quantize.group_size": args.group_size}
     if cfg.kind == "visual":
-        for flag in ("tp", "max_prefill", "max_context", "batch_size", "kv_cache", "decode_compute"):
+        for flag in ("tp", "max_prefill", "max_context", "prefill_buckets", "batch_size", "kv_cache",
+                     "decode_compute"):
             if getattr(args, flag) is not None:
                 raise VlmcError(f"--{flag.replace('_', '-')} applies to LLM configs; {path} is a visual config")
         if args.max_tiles is not None and args.max_patches is not None:
             raise VlmcError("--max-tiles and --max-patches are two kinds of budget; give the one the model takes")
         cfg = apply_overrides(cfg, path, **common, **{"frontend.max_patches": args.max_patches,
+                                                      "frontend.patch_buckets": args.patch_buckets,
                                                       "frontend.max_tiles": args.max_tiles,
                                                       "frontend.onnx": args.onnx})
         if args.max_patches is not None and cfg.frontend.shape is not None:
             cfg = apply_overrides(cfg, path, **{"frontend.shape": None, "frontend.max_patches": args.max_patches})
         build = "visual"
     else:
-        if args.max_patches is not None or args.max_tiles is not None or args.onnx:
-            flag = ("--max-patches" if args.max_patches is not None else
-                    "--max-tiles" if args.max_tiles is not None else "--onnx")
+        given = [f for f in ("max_patches", "patch_buckets", "max_tiles", "onnx") if getattr(args, f)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
             raise VlmcError(f"{flag} applies to visual configs; {path} is an LLM config")
         shape = cfg.frontend.shape.input_ids
         overrides = dict(common)
@@ -101,6 +118,7 @@ def run_compile(args) -> int:
             overrides["frontend.shape.input_ids"] = [[args.max_prefill or shape[0][0]],
                                                      [args.max_context or shape[1][0]]]
         overrides["frontend.model_kwargs.tp"] = args.tp
+        overrides["frontend.model_kwargs.prefill_buckets"] = args.prefill_buckets
         overrides["frontend.model_kwargs.batch_size"] = args.batch_size
         overrides["quantize.kv_cache"] = args.kv_cache
         overrides["backend.decode_compute"] = args.decode_compute

@@ -112,8 +112,9 @@ class Backend(_Strict):
     type: Literal["tvm"] = "tvm"
     target: str | dict[str, Any] = "llvm"
     dtype: str = "fp32"
-    # GEMM input precision of the prompt and vision graphs' linear layers: fp32, or bf16 (inputs rounded to bf16,
-    # fp32 accumulation and outputs; compile/quantize.py). Decode GEMVs keep fp32 inputs.
+    # GEMM input precision of the prompt and vision graphs' linear layers: fp32, bf16 (inputs rounded to bf16,
+    # fp32 accumulation and outputs), or int8 (int8 layers with one scale per row: inputs quantized per row, int8 x
+    # int8 GEMMs; the others bf16; compile/quantize.py). Decode GEMVs keep fp32 inputs.
     compute: Literal[COMPUTE_FORMATS] = "fp32"
     # GEMV input precision of the LLM's decode graphs: fp32, or int8 (int8/int4 layers quantize their input per block
     # of 32 and take integer dot products; compile/quantize.py). Not exact: opt-in.
@@ -293,6 +294,10 @@ class LLMConfig(_Strict):
         if self.backend.decode_compute == "int8" and self.quantize.weights not in QMAX:
             raise ValueError(f"backend.decode_compute: int8 quantizes the inputs of int8/int4 layers; the weights are "
                              f"{self.quantize.weights} (set quantize.weights: int8 or int4)")
+        if self.backend.compute == "int8" and self.frontend.model_kwargs.tp > 1:
+            raise ValueError(f"backend.compute: int8 quantizes each row of a layer's input as a whole, which a "
+                             f"row-parallel layer's rank does not see at tp={self.frontend.model_kwargs.tp}; use tp 1, "
+                             f"or backend.compute: bf16")
         return self
 
 

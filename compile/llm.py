@@ -21,7 +21,8 @@ from ..runtime.llm.engine import CacheShape
 from .artifact import Stages, library_versions, staging_folder, weights_fingerprint, write_manifest
 from .config import LLMConfig, config_hash, resolve_checkpoint
 from .ops import CUSTOM_CONVERTERS as OPS_CONVERTERS, use_host_kernels, uses_attention_kernel
-from .quantize import QuantizationError, check_int8_input_blocks, check_target, set_compute, weight_layout
+from .quantize import (GRAPH_COMPUTE, QuantizationError, check_int8_input_blocks, check_target, set_compute,
+                       weight_layout)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -128,7 +129,7 @@ def compile_llm(cfg: LLMConfig, config_path: Path) -> Path:
             if t:
                 set_compute(ranks[0], cfg.backend.decode_compute)
             else:
-                set_compute(ranks[0], cfg.backend.compute, keep=FP32_LAYERS)
+                set_compute(ranks[0], GRAPH_COMPUTE[cfg.backend.compute], keep=FP32_LAYERS)
             # prompt graphs take the architecture's extra per-token inputs (e.g. deepstack features) last
             extras = tuple(ranks[0].prefill_extras(s).values()) if not t else ()
             exported[name] = tvm_backend.export_module(ranks[0], graph_inputs(b, s, context=t, **dims) + extras)

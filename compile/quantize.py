@@ -21,6 +21,12 @@ both rounded to bf16 (nearest even) before the product, accumulated in fp32 (`vl
 `vlmc_qmatmul_bf16`); its output, the residual stream, norms, attention and logits stay fp32. Applied to the prompt and
 vision graphs (compute-bound); decode GEMVs (memory-bound) keep fp32 inputs.
 
+With `backend.compute: int8`, int8 layers with one scale per row also take int8 inputs in the prompt and vision graphs:
+each row (token) of x is quantized as a whole, d = max|x row| / 127, xq = clamp(round_half_even(x / d), -127, 127),
+effective input xq * d (`int8_rows`), so the kernel's sums of xq * q over all of K are exact integer dot products
+(`vlmc::qmatmul_i8`, kernel `vlmc_qmatmul_i8`: AMX int8 tiles on hosts that have them); every other layer takes bf16
+inputs as with `bf16`. A row-parallel layer's rank sees part of each row, so this mode is for tp 1.
+
 Decode GEMV input precision (`backend.decode_compute`, LLM graphs, int8/int4 weights): with `int8`, each int8/int4
 layer of the decode graphs quantizes its input x first, per row in blocks of 32 inputs (the last one shorter):
 d = max|x| / 127 (fp32), xq = clamp(round_half_even(x / d), -127, 127), effective input xq * d (`int8_inputs`), so
@@ -47,10 +53,13 @@ QMIN = {"int8": -127, "int4": -8}
 INT4_BLOCK = 32  # inputs per packed block (see the stored form above)
 QMATMUL_EXTERN = "vlmc_qmatmul"
 QMATMUL_BF16_EXTERN = "vlmc_qmatmul_bf16"
-COMPUTE_FORMATS = ("fp32", "bf16")  # GEMM input precision (backend.compute)
+COMPUTE_FORMATS = ("fp32", "bf16", "int8")  # GEMM input precision (backend.compute)
+# what set_compute calls each backend.compute value (int8 there is decode_compute's per-block inputs)
+GRAPH_COMPUTE = {"fp32": "fp32", "bf16": "bf16", "int8": "int8_rows"}
 DECODE_COMPUTE_FORMATS = ("fp32", "int8")  # decode GEMV input precision (backend.decode_compute)
 INT8_INPUT_BLOCK = 32  # inputs per activation scale (decode_compute: int8)
 QMATMUL_A8_EXTERN = "vlmc_qmatmul_a8"
+QMATMUL_I8_EXTERN = "vlmc_qmatmul_i8"
 # Weight formats each target kind has a kernel for (CPU: kernels.c; CUDA: dequantize + matmul scheduled by dlight).
 TARGET_WEIGHT_FORMATS = {"llvm": WEIGHT_FORMATS, "cuda": ("fp32", "bf16", "fp16", "int8")}
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -272,6 +281,27 @@ def qmatmul_a8_decomposed(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     return F.linear(int8_inputs(x), dequantize(weight, scale))
 
 
+def int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as backend.compute: int8 layers see it: xq * d per row (module docstring)."""
+    d = x.abs().amax(-1, keepdim=True) / 127
+    return torch.clamp(torch.round(x / torch.where(d > 0, d, torch.ones_like(d))), -127, 127) * d
+
+
+@torch.library.custom_op("vlmc::qmatmul_i8", mutates_args=())
+def qmatmul_i8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8_rows(x) [..., K] @ dequantize(weight, scale)^T -> [..., N], fp32 (int8 weights, one scale per row)."""
+    return qmatmul_i8_decomposed(x, weight, scale)
+
+
+@qmatmul_i8.register_fake
+def _qmatmul_i8_shape(x, weight, scale):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def qmatmul_i8_decomposed(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return F.linear(int8_rows(x), dequantize(weight, scale))
+
+
 def _converter(extern: str):
     def convert(node, importer):
         from tvm import relax
@@ -288,14 +318,16 @@ def _converter(extern: str):
 
 CUSTOM_CONVERTERS = {"qmatmul.default": _converter(QMATMUL_EXTERN),
                      "qmatmul_bf16.default": _converter(QMATMUL_BF16_EXTERN),
-                     "qmatmul_a8.default": _converter(QMATMUL_A8_EXTERN)}
+                     "qmatmul_a8.default": _converter(QMATMUL_A8_EXTERN),
+                     "qmatmul_i8.default": _converter(QMATMUL_I8_EXTERN)}
 
 
 class QLinear(nn.Module):
     """A linear layer with a stored low-precision weight (and scales): y = x @ dequantize(weight, scale)^T + bias.
     Parameters are created on the current device (meta while a model is being assembled) and loaded by assignment.
-    `compute` is the input precision (see the module docstring: fp32, bf16, or int8 for int8/int4 weights); fmt "fp32"
-    holds an unquantized weight for a bf16-input layer."""
+    `compute` is the input precision (see the module docstring: fp32, bf16, int8 (per block, int8/int4 weights) or
+    int8_rows (per row, int8 weights with one scale per row)); fmt "fp32" holds an unquantized weight for a
+    bf16-input layer."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, group: int | None):
         super().__init__()
@@ -320,6 +352,8 @@ class QLinear(nn.Module):
             y = (qmatmul_bf16 if self.fused else qmatmul_bf16_decomposed)(x, self.weight, self.scale)
         elif self.compute == "int8":
             y = (qmatmul_a8 if self.fused else qmatmul_a8_decomposed)(x, self.weight, self.scale)
+        elif self.compute == "int8_rows":
+            y = (qmatmul_i8 if self.fused else qmatmul_i8_decomposed)(x, self.weight, self.scale)
         elif self.fmt == "fp32":
             return F.linear(x, self.weight, self.bias)
         else:
@@ -330,15 +364,21 @@ class QLinear(nn.Module):
         return (f"{self.in_features}, {self.out_features}, fmt={self.fmt}, bias={self.bias is not None}"
                 + (f", compute={self.compute}" if self.compute != "fp32" else ""))
 
+    @property
+    def int8_per_row(self) -> bool:
+        """int8 weights with one scale per row: the layers that take int8_rows inputs."""
+        return self.fmt == "int8" and self.scale is not None and self.scale.shape[1] == 1
+
 
 def set_compute(model: nn.Module, compute: str, keep: Iterable[str] = ()) -> None:
     """The input precision of every linear layer of `model` but those whose names match a `keep` glob (e.g. the
-    lm_head: logits stay fp32): fp32, bf16 (GEMM inputs), or int8 (decode GEMV inputs; int8/int4 layers only, the
-    others keep fp32). Unquantized nn.Linear layers become fp32 QLinear layers holding the same parameters (same
-    state_dict names), so they can take bf16 inputs; set again per graph before it is exported."""
-    if compute not in COMPUTE_FORMATS + DECODE_COMPUTE_FORMATS:
-        raise ValueError(f"unknown compute precision {compute!r}; allowed: "
-                         f"{', '.join(dict.fromkeys(COMPUTE_FORMATS + DECODE_COMPUTE_FORMATS))}")
+    lm_head: logits stay fp32): fp32, bf16 (GEMM inputs), int8 (decode GEMV inputs; int8/int4 layers only, the
+    others keep fp32) or int8_rows (backend.compute: int8; int8 layers with one scale per row, the others bf16).
+    Unquantized nn.Linear layers become fp32 QLinear layers holding the same parameters (same state_dict names), so
+    they can take bf16 inputs; set again per graph before it is exported."""
+    allowed = ("fp32", "bf16", "int8", "int8_rows")
+    if compute not in allowed:
+        raise ValueError(f"unknown compute precision {compute!r}; allowed: {', '.join(allowed)}")
     keep = tuple(keep)
     for name, module in list(model.named_modules()):
         if any(fnmatch.fnmatchcase(name, glob) for glob in keep):
@@ -355,7 +395,7 @@ def set_compute(model: nn.Module, compute: str, keep: Iterable[str] = ()) -> Non
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
             module = layer
         if isinstance(module, QLinear):
-            module.compute = compute
+            module.compute = ("int8_rows" if module.int8_per_row else "bf16") if compute == "int8_rows" else compute
 
 
 def swap_linears(model: nn.Module, scheme: Scheme, parts: dict[str, tuple[str, ...]] | None = None) -> list[str]:

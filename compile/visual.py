@@ -28,7 +28,7 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
     out = Path(cfg.workspace.path) / cfg.name
     digest, weights = config_hash(cfg), weights_fingerprint(checkpoint)
 
-    from .quantize import QuantizationError, check_target, set_compute, weight_layout
+    from .quantize import GRAPH_COMPUTE, QuantizationError, check_target, set_compute, weight_layout
 
     scheme = cfg.quantize.scheme()
     check_target(scheme, tvm_backend.host_target(cfg.backend.target).kind.name, cfg.backend.compute)  # fails now
@@ -68,7 +68,7 @@ def compile_visual(cfg: VisualConfig, config_path: Path) -> Path:
             ops.use_host_kernels(module, False)  # ONNX has no vlmc kernel: standard ops
             onnx_bytes, onnx_diff = _export_onnx(module, inputs[budget])
         ops.use_host_kernels(module, ops.uses_attention_kernel(target))
-        set_compute(module, cfg.backend.compute)
+        set_compute(module, GRAPH_COMPUTE[cfg.backend.compute])
         exported = {b: tvm_backend.export_module(module, tuple(inputs[b].values())) for b in buckets}
         names = list(exported[budget].graph_signature.parameters)
     with stages.stage("import into TVM"):
@@ -124,12 +124,18 @@ def _check_shape(cfg: VisualConfig, patch_dim: int, head_dim: int, config_path: 
 def _export_onnx(module, inputs: dict[str, torch.Tensor]) -> tuple[bytes, float]:
     """Export ONNX and check it with onnxruntime on random inputs; returns (bytes, max abs diff)."""
     import io
+    import warnings
 
     import onnxruntime as ort
 
     buf = io.BytesIO()
     args = tuple(inputs.values())
-    torch.onnx.export(module, args, buf, input_names=list(inputs), dynamo=False)
+    with warnings.catch_warnings():
+        # the TorchScript exporter (what fixed-shape graphs need) warns that it is legacy and that shape checks are
+        # traced as constants, which is what a fixed-shape graph means: not actionable
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(module, args, buf, input_names=list(inputs), dynamo=False)
     rng = np.random.default_rng(0)
     # random floats; integer inputs (key ranges: every patch attends to all) as the examples are
     feeds = [rng.standard_normal(a.shape).astype(np.float32) if a.is_floating_point() else a.numpy() for a in args]

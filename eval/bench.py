@@ -204,14 +204,17 @@ def _timers_vlmc(args: dict):
         return step
 
     def final() -> dict:
-        from ..runtime.artifact import bf16_gemm_path
+        from ..runtime.artifact import bf16_gemm_path, int8_gemm_path
 
         computes = {pipe.llm.manifest.get("compute", "fp32"), pipe.visual.manifest.get("compute", "fp32")}
+        library = next(pipe.llm.path.glob("*.so"))
         return {"weight_bytes_per_token": _weight_bytes(pipe.llm),
                 "peak_rss_mib": peak_rss_mib(), "load_s": load_s,
                 "tokens": greedy,
-                # how this process ran the bf16-input GEMMs (mkl or fp32), if any
-                "bf16_gemm_path": bf16_gemm_path(next(pipe.llm.path.glob("*.so"))) if "bf16" in computes else None}
+                # how this process ran the reduced-input GEMMs (bf16: mkl or fp32; int8: amx or fp32), if any; int8
+                # compute runs its other layers with bf16 inputs
+                "bf16_gemm_path": bf16_gemm_path(library) if computes & {"bf16", "int8"} else None,
+                "int8_gemm_path": int8_gemm_path(library) if "int8" in computes else None}
 
     timers = {"vision_encode_s": vision, "ttft_s": ttft, "decode_s": decode,
               "decode_step_short_s": decode_step(args["short_context"]),
@@ -380,7 +383,8 @@ def run_bench(args: dict) -> dict:
                  "kv_cache_bytes_per_token": llm_manifest.get("kv_cache_bytes_per_token"),
                  "compute": {"llm": llm_manifest.get("compute", "fp32"), "visual": visual_manifest.get("compute", "fp32"),
                              "llm_decode": llm_manifest.get("decode_compute", "fp32")},
-                 "bf16_gemm_path": results["vlmc"].pop("bf16_gemm_path", None)}
+                 "bf16_gemm_path": results["vlmc"].pop("bf16_gemm_path", None),
+                 "int8_gemm_path": results["vlmc"].pop("int8_gemm_path", None)}
     ratios = {k: results["vlmc"][k] / results["transformers"][k] for k, _ in METRICS
               if results["transformers"].get(k)}
     reference = results["transformers"]["tokens"]
@@ -428,9 +432,10 @@ def format_table(report: dict) -> str:
                     f"{p['visual'].get('weights', 'fp32')}, {llm.get('kv_cache', 'fp32')} | |")
         rows.append(f"| LLM weight bytes (MB) | | {p['llm_weight_bytes'] / 1e6:.4g} | |")
         compute = p.get("compute", {})
-        if "bf16" in (compute.get("llm"), compute.get("visual")):
+        if {"bf16", "int8"} & {compute.get("llm"), compute.get("visual")}:
+            paths = ", ".join(f"{kind} {p[f'{kind}_gemm_path']}" for kind in ("int8", "bf16") if p.get(f"{kind}_gemm_path"))
             rows.append(f"| GEMM inputs (LLM prompt / visual) | | {compute['llm']} / {compute['visual']} "
-                        f"({p['bf16_gemm_path']} kernels) | |")
+                        f"({paths} kernels) | |")
         if compute.get("llm_decode", "fp32") != "fp32":
             rows.append(f"| decode GEMV inputs | | {compute['llm_decode']} | |")
         if p.get("kv_cache_bytes_per_token"):

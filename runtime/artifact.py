@@ -228,3 +228,12 @@ def bf16_gemm_path(library: str | os.PathLike) -> str:
 
     path = tvm.runtime.load_module(str(library)).get_function("vlmc_bf16_gemm_path", query_imports=True)()
     return {1: "mkl", 2: "fp32"}[int(path)]
+
+
+def int8_gemm_path(library: str | os.PathLike) -> str:
+    """How a CPU graph library's int8 x int8 GEMMs (backend.compute: int8) run in this process: "amx" (AMX int8
+    tiles) or "fp32" (the quantized inputs multiplied in fp32); compile/kernels/kernels.c."""
+    import tvm
+
+    path = tvm.runtime.load_module(str(library)).get_function("vlmc_int8_gemm_path", query_imports=True)()
+    return {1: "amx", 2: "fp32"}[int(path)]

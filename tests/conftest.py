@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from compiled import compile_artifact, vlmc  # noqa: E402  (tests/ is on the path from here on)
+from compiled import compile_artifact, llm_shape, visual_budget, vlmc  # noqa: E402  (tests/ is on the path from here on)
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +32,7 @@ def qwen_artifacts(checkpoints, tmp_path_factory):
                                                  "--max-patches", 512)
         for tp in ((1, 2, 4) if preset == "tiny" else (1, 2)):
             out[preset, tp] = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints[preset], ws / preset / f"tp{tp}",
-                                               "--tp", tp, "--max-prefill", 256, "--max-context", 320)
+                                               "--tp", tp, *llm_shape())
     return out
 
 
@@ -57,10 +57,10 @@ def family_artifacts(family_checkpoint, tmp_path_factory):
     def get(arch, preset, tp=1):
         ck, ws = family_checkpoint(arch, preset), root / f"{arch}_{preset}"
         if (arch, preset, "visual") not in built:
-            built[arch, preset, "visual"] = compile_artifact(f"{arch}_visual.yaml", ck, ws, "--max-patches", 512)
+            built[arch, preset, "visual"] = compile_artifact(f"{arch}_visual.yaml", ck, ws, *visual_budget())
         if (arch, preset, tp) not in built:
             built[arch, preset, tp] = compile_artifact(f"{arch}_llm.yaml", ck, ws / f"tp{tp}", "--tp", tp,
-                                                       "--max-prefill", 256, "--max-context", 320)
+                                                       *llm_shape())
         return built[arch, preset, "visual"], built[arch, preset, tp]
     return get
 

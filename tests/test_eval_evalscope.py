@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from compiled import compile_artifact, vlmc
+from compiled import compile_artifact, llm_shape, visual_budget, vlmc
 
 pytest.importorskip("evalscope")
 
@@ -78,8 +78,8 @@ class Server:
 def server(checkpoints, tmp_path_factory):
     ws = tmp_path_factory.mktemp("evalscope_ws")
     ck = checkpoints["tiny"]
-    visual = compile_artifact("qwen2_5_vl_visual.yaml", ck, ws, "--max-patches", "512")
-    llm = compile_artifact("qwen2_5_vl_llm.yaml", ck, ws, "--max-prefill", "256", "--max-context", "320",
+    visual = compile_artifact("qwen2_5_vl_visual.yaml", ck, ws, *visual_budget())
+    llm = compile_artifact("qwen2_5_vl_llm.yaml", ck, ws, *llm_shape(),
                            "--batch-size", "8")
     port = free_port()
     log_path = ws / "serve.log"

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from compiled import BUILD, assert_bf16_gemm_parity, compile_artifact, generate_json, vlmc
+from compiled import BUILD, assert_gemm_input_parity, compile_artifact, generate_json, llm_shape, vlmc
 from conftest import random_image, write_video
 
 FAMILIES = ["qwen2_vl", "qwen3_vl"]
@@ -94,7 +94,7 @@ def test_artifacts_of_two_families_are_not_mixed(family_artifacts, family_images
 
     ck = write_checkpoint(tmp_path / "ck25", "tiny")
     visual, _ = family_artifacts("qwen2_vl", "tiny")
-    llm = compile_artifact("qwen2_5_vl_llm.yaml", ck, tmp_path / "ws", "--max-prefill", 256, "--max-context", 320)
+    llm = compile_artifact("qwen2_5_vl_llm.yaml", ck, tmp_path / "ws", *llm_shape())
     proc = vlmc("generate", "--model", llm, "--vit_model", visual, "--image", family_images[0], "--prompt", "x",
                 check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -174,7 +174,8 @@ def test_encode_writes_every_output_group(family_checkpoint, family_artifacts, f
         "emb.npy" if g == "embeddings" else f"emb.{g}.npy" for g in want)
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
-def test_parity_with_bf16_gemm_inputs(family_checkpoint, family_images, tmp_path, arch):
-    """backend.compute: bf16 on each family (Qwen3-VL: its deepstack mergers too)."""
-    assert_bf16_gemm_parity(arch, family_checkpoint(arch, "tiny"), tmp_path, family_images[0], ("--max-patches", 512))
+@pytest.mark.parametrize("arch,compute", [(a, "bf16") for a in FAMILIES] + [("qwen3_vl", "int8")])
+def test_parity_with_reduced_gemm_inputs(family_checkpoint, family_images, tmp_path, arch, compute):
+    """backend.compute: bf16 on each family (Qwen3-VL: its deepstack mergers too), int8 on Qwen3-VL."""
+    assert_gemm_input_parity(arch, family_checkpoint(arch, "tiny"), tmp_path, family_images[0], compute,
+                             ("--max-patches", 512))

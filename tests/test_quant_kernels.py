@@ -54,6 +54,12 @@ A8_CASES = [
 ]
 A8_M = (1, 3, 5, 16, 17)
 
+# vlmc_qmatmul_i8 (int8 x int8 GEMMs, int8 weights with one scale per row): (N, K); N and K whole tiles and chunks,
+# and not (a last weight tile read from a padded copy; K % 64 != 0: a weight tile's bytes past K meet zero inputs); K
+# 13100 at M 70: two K blocks (the C tiles held between them)
+I8_SHAPES = [(64, 256), (40, 1176), (200, 100), (33, 3420), (20, 13100)]
+I8_M = (1, 17, 32, 70)
+
 # vlmc_matmul_nt (float32 weights): M 2..16 runs the GEMV kernel (batched decode steps), other M the BLAS; (N, K)
 F32_MATMUL_SHAPES = [(40, 1176), (600, 256), (37, 72)]  # K % 16 != 0: scalar tails; N not a multiple of the steps
 F32_MATMUL_M = (1, 2, 3, 5, 16, 17, 70)
@@ -133,6 +139,12 @@ def library(tmp_path_factory):
         for m in A8_M:
             _add_function(bb, f"a8_{name}_m{m}", "vlmc_qmatmul_a8", [((m, k), "float32"), w, ((n, g), "float32")],
                           (m, n))
+    for n, k in I8_SHAPES:
+        for m in I8_M:
+            _add_function(bb, f"i8_n{n}_k{k}_m{m}", "vlmc_qmatmul_i8", [((m, k), "float32"), ((n, k), "int8"),
+                                                                       ((n, 1), "float32")], (m, n))
+    _add_function(bb, "i8_grouped", "vlmc_qmatmul_i8", [((2, 64), "float32"), ((8, 64), "int8"), ((8, 2), "float32")],
+                  (2, 8))
     _add_function(bb, "a8_bf16_weight", "vlmc_qmatmul_a8", [((2, 64), "float32"), ((8, 64), "bfloat16")], (2, 8))
     _add_function(bb, "a8_int8_g16", "vlmc_qmatmul_a8", [((2, 64), "float32"), ((8, 64), "int8"), ((8, 4), "float32")],
                   (2, 8))
@@ -311,6 +323,45 @@ def test_qmatmul_int8_inputs(library, monkeypatch, case, m, path):
 def test_qmatmul_int8_inputs_argument_errors(library, fn, args, match):
     with pytest.raises(Exception, match=match):
         _call(library, fn, *args())
+
+
+# ---- vlmc_qmatmul_i8 ----------------------------------------------------------------------------------------------
+def _amx_int8() -> bool:
+    flags = open("/proc/cpuinfo").read()
+    return " amx_int8 " in flags and " amx_tile " in flags
+
+
+@pytest.mark.parametrize("path", ["amx", "fp32"])
+@pytest.mark.parametrize("m", I8_M)
+@pytest.mark.parametrize("shape", I8_SHAPES, ids=[f"n{n}_k{k}" for n, k in I8_SHAPES])
+def test_qmatmul_int8_rows(library, monkeypatch, shape, m, path):
+    """x quantized per row exactly as compile.quantize.int8_rows says, then the product with the effective weight:
+    within fp32 rounding of the float64 product, on AMX tiles (where the host has them; asserted, so a host with
+    AMX that falls back fails) and on the fallback (VLMC_INT8_GEMM=fp32)."""
+    from vlmc.compile.quantize import int8_rows
+    from vlmc.runtime.artifact import int8_gemm_path
+
+    monkeypatch.setenv("VLMC_INT8_GEMM", path)
+    want = path if path == "fp32" or _amx_int8() else "fp32"
+    assert int8_gemm_path(library.path) == want
+    n, k = shape
+    rng = np.random.default_rng(zlib.crc32(f"i8_{n}_{k}_{m}".encode()))
+    w, scale, effective = _weights("int8", n, k, 1, rng)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[-1, 5] = 40.  # an outlier: its row's other inputs quantize coarsely
+    if m > 1:
+        x[0] = 0  # a row whose scale is 0
+    out = _call(library, f"i8_n{n}_k{k}_m{m}", torch.from_numpy(x), w, scale)
+    x_eff = int8_rows(torch.from_numpy(x)).double().numpy()
+    _check(out, x_eff @ effective.T)
+    assert m == 1 or not out[0].any()
+    # and the quantization is there: the unquantized product is further away than the accumulation error
+    assert np.abs(out - x.astype(np.float64) @ effective.T).max() > 10 * TOL * np.abs(out).max()
+
+
+def test_qmatmul_int8_rows_refuses_grouped_scales(library):
+    with pytest.raises(Exception, match="one scale per row"):
+        _call(library, "i8_grouped", torch.zeros(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 2))
 
 
 # ---- vlmc_cache_attention -----------------------------------------------------------------------------------------

@@ -3,22 +3,11 @@ own effective model, fp32 thresholds, identical greedy tokens) for every weight 
 2, tier-B numbers reported, the stored dtypes and sizes in the artifact."""
 
 import json
+import re
+from collections import Counter
 
 import pytest
-from compiled import BUILD, generate_json, vlmc
-
-
-def compile_in_process(config, checkpoint, workspace, *flags):
-    """`vlmc compile` in this process (the CLI's own entry point; saves a start-up per artifact)."""
-    from vlmc.cli import main
-
-    args = ["compile", str(BUILD / config), "--checkpoint", str(checkpoint), "--workspace", str(workspace),
-            *map(str, flags)]
-    assert main(args) == 0
-    from vlmc.compile.config import load_config
-
-    name = load_config(BUILD / config).name
-    return workspace / name
+from compiled import compile_artifact, generate_json, vlmc
 
 # (weights, kv_cache, tp): every weight format at tp 1 and 2, every reduced KV cache type at tp 1 and 2.
 CASES = [("bf16", "fp32", 1), ("bf16", "bf16", 2), ("fp16", "int8", 1), ("fp16", "fp32", 2),
@@ -50,7 +39,7 @@ def quant_visual(checkpoints, tmp_path_factory):
             yaml.write_text(f"name: {name}\nkind: visual\nfrontend: {{max_patches: 256, patch_buckets: []}}\n"
                             f"backend: {{compute: {compute}}}\n"
                             f"quantize: {VISUAL_QUANTIZE.get(weights, '{weights: ' + weights + '}')}\n")
-            built[weights, compute] = compile_in_process(yaml, checkpoints["tiny"], root)
+            built[weights, compute] = compile_artifact(yaml, checkpoints["tiny"], root)
         return built[weights, compute]
 
     return get
@@ -59,7 +48,7 @@ def quant_visual(checkpoints, tmp_path_factory):
 @pytest.mark.parametrize("weights,kv_cache,tp", CASES)
 def test_tier_a_parity(checkpoints, quant_visual, quant_image, tmp_path, weights, kv_cache, tp):
     visual = quant_visual(weights)
-    llm = compile_in_process("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / "ws", "--max-prefill", 128,
+    llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / "ws", "--max-prefill", 128,
                            "--max-context", 192, "--tp", tp, "--weights", weights, "--kv-cache", kv_cache,
                            *(["--group-size", 32] if weights == "int4" else []))
     manifest = json.loads((llm / "manifest.json").read_text())
@@ -106,7 +95,7 @@ def test_tier_a_parity_bf16_gemm_inputs(checkpoints, quant_visual, quant_image, 
 
     monkeypatch.setenv("VLMC_BF16_GEMM", path)  # the parity command runs in a child process: it inherits this
     visual = quant_visual(weights, "bf16")
-    llm = compile_in_process("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / "ws", "--max-prefill", 128,
+    llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / "ws", "--max-prefill", 128,
                              "--max-context", 192, "--tp", tp, "--weights", weights, "--kv-cache", kv_cache,
                              "--compute", "bf16")
     for artifact in (visual, llm):
@@ -136,7 +125,7 @@ def test_tier_a_parity_bf16_gemm_inputs(checkpoints, quant_visual, quant_image, 
 @pytest.mark.parametrize("weights,kv_cache,tp", [("int8", "fp32", 1), ("int4", "int8", 2)])
 def test_tier_a_parity_int8_decode_inputs(checkpoints, quant_visual, quant_image, tmp_path, weights, kv_cache, tp):
     visual = quant_visual(weights)
-    llm = compile_in_process("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / "ws", "--max-prefill", 128,
+    llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / "ws", "--max-prefill", 128,
                              "--max-context", 192, "--tp", tp, "--weights", weights, "--kv-cache", kv_cache,
                              "--decode-compute", "int8", *(["--group-size", 32] if weights == "int4" else []))
     assert json.loads((llm / "manifest.json").read_text())["decode_compute"] == "int8"
@@ -168,6 +157,42 @@ def test_tier_a_parity_int8_decode_inputs(checkpoints, quant_visual, quant_image
     out = generate_json("--model", llm, "--vit_model", visual, "--image", quant_image, "--prompt", "Describe.",
                         "--max-new-tokens", 2)
     assert out["precision"]["decode_compute"] == "int8"
+
+
+# int8 GEMM inputs (backend.compute: int8): int8 per-channel weights in the visual and prompt graphs take inputs
+# quantized per row (int8 x int8 GEMMs, AMX where the host has it), the other layers bf16; reference: transformers
+# with the same layers' inputs quantized per row (per patch in the patch embedding) or rounded to bf16.
+@pytest.mark.parametrize("path", ["amx", "fp32"])
+def test_tier_a_parity_int8_gemm_inputs(checkpoints, quant_visual, quant_image, tmp_path, monkeypatch, path):
+    from vlmc.eval.parity import THRESHOLDS
+
+    monkeypatch.setenv("VLMC_INT8_GEMM", path)  # inherited by the parity command's process
+    visual = quant_visual("int8", "int8")
+    llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], tmp_path / "ws", "--max-prefill", 128,
+                           "--max-context", 192, "--weights", "int8", "--compute", "int8")
+    import tvm
+    from tvm import relax
+
+    calls = {g: Counter(re.findall(r"call\s+(vlmc_qmatmul\w*)", relax.VMExecutable(
+        tvm.runtime.load_module(str(a / f"{g}.so"))).as_text())) for a, g in
+        ((llm, "prefill_128"), (llm, "decode_1"), (visual, "visual"))}
+    # every quantized layer of the prompt graphs takes int8 inputs but the lm_head (fp32 inputs: logits stay fp32),
+    # every one of the visual graph; the decode graph keeps fp32 inputs
+    assert calls["prefill_128"] == {"vlmc_qmatmul_i8": 8, "vlmc_qmatmul": 1}, calls
+    assert set(calls["visual"]) == {"vlmc_qmatmul_i8"} and set(calls["decode_1"]) == {"vlmc_qmatmul"}, calls
+    report = tmp_path / "report"
+    proc = vlmc("eval", "parity", "--checkpoint", checkpoints["tiny"], "--model", llm, "--vit_model", visual,
+                "--image", quant_image, "--max-new-tokens", 8, "--report", report, check=False)
+    data = json.loads((report / "parity.json").read_text())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert data["compute"] == {"visual": "int8", "llm": "int8"}
+    limits = THRESHOLDS["int8"]
+    print(f"int8 GEMM inputs, {path} path: image embedding", data["image_embedding_rel_error"], "prefill logits",
+          data["prefill_logits"]["rel_error"], "decode logits (worst)", max(s["rel_error"] for s in data["decode_logits"]),
+          "tier B", {k: data["quality"][k] for k in ("kl_mean", "kl_p99", "top1_agreement", "first_divergence")})
+    assert data["image_embedding_rel_error"][0] <= limits["embedding_rel"]
+    assert data["prefill_logits"]["rel_error"] <= limits["logits_rel"] and data["greedy"]["identical_tokens"] == 8
+    assert "GEMM inputs: visual int8, LLM prompt int8" in (report / "report.md").read_text()
 
 
 def test_bf16_gemm_inputs_round(quant_visual, quant_image):

@@ -155,6 +155,9 @@ def test_quantize_section_and_the_vendor_spellings(tmp_path):
     ("name: a\nkind: llm\n", ["--weights", "int8", "--decode-compute", "int4"], "'backend.decode_compute'"),
     ("name: a\nkind: visual\n", ["--decode-compute", "int8"], "--decode-compute applies to LLM configs"),
     ("name: a\nkind: visual\nbackend: {decode_compute: int8}\n", [], "decode_compute applies to LLM configs"),
+    ("name: a\nkind: llm\n", ["--weights", "int8", "--compute", "int8", "--tp", "2"],
+     "backend.compute: int8 quantizes each row"),
+    ("name: a\nkind: llm\n", ["--compute", "int4"], "'backend.compute'"),
     ("name: a\nkind: llm\n", ["--weights", "int8", "--decode-compute", "int8", "--target",
                                '{"kind": "cuda", "arch": "sm_90"}'], "decode_compute: int8 has a kernel for CPU"),
 ])

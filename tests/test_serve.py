@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from compiled import compile_artifact, generate_json
+from compiled import compile_artifact, generate_json, llm_shape, visual_budget
 from conftest import random_image, write_video
 
 openai = pytest.importorskip("openai")
@@ -44,9 +44,9 @@ def data_uri(image):
 def artifacts(checkpoints, tmp_path_factory):
     ws = tmp_path_factory.mktemp("serve_ws")
     ck = checkpoints["tiny"]
-    visual = compile_artifact("qwen2_5_vl_visual.yaml", ck, ws, "--max-patches", "512")
+    visual = compile_artifact("qwen2_5_vl_visual.yaml", ck, ws, *visual_budget())
     # Two TP ranks, so that serving runs its rank processes and the fault tests can kill one.
-    llm = compile_artifact("qwen2_5_vl_llm.yaml", ck, ws, "--max-prefill", "256", "--max-context", "320",
+    llm = compile_artifact("qwen2_5_vl_llm.yaml", ck, ws, *llm_shape(),
                            "--batch-size", "4", "--tp", "2")
     return {"visual": visual, "llm": llm, "ws": ws}
 

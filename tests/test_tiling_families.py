@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from compiled import BUILD, assert_bf16_gemm_parity, compile_artifact, generate_json, vlmc
+from compiled import BUILD, assert_gemm_input_parity, compile_artifact, generate_json, llm_shape, vlmc
 from conftest import random_image
 
 # (architecture, text model); each on both presets, Idefics3 on the tiny one
@@ -42,7 +42,7 @@ def tiled_artifacts(tiled_checkpoint, tmp_path_factory):
         if (arch, text, preset, tp) not in built:
             prefill = 1024 if preset == "small" else 256  # small: 256 tokens per InternVL tile
             built[arch, text, preset, tp] = compile_artifact(f"{arch}_llm.yaml", ck, ws / f"tp{tp}", "--tp", tp,
-                                                             "--max-prefill", prefill, "--max-context", prefill + 64)
+                                                             *llm_shape(prefill, prefill + 64))
         return built[arch, text, preset, "visual"], built[arch, text, preset, tp]
     return get
 
@@ -207,7 +207,9 @@ def test_budgets_of_the_other_kind_are_refused(tiled_checkpoint, tiled_artifacts
     assert proc.returncode == 2 and "tiles" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("arch,text", [("internvl", "qwen2"), ("smolvlm", "qwen3")])
-def test_parity_with_bf16_gemm_inputs(tiled_checkpoint, tiled_images, tmp_path, arch, text):
-    """backend.compute: bf16 on the tiling families (their projector / connector included)."""
-    assert_bf16_gemm_parity(arch, tiled_checkpoint(arch, text, "tiny"), tmp_path, tiled_images[0])
+@pytest.mark.parametrize("arch,text,compute", [("internvl", "qwen2", "bf16"), ("smolvlm", "qwen3", "bf16"),
+                                               ("smolvlm", "qwen3", "int8")])
+def test_parity_with_reduced_gemm_inputs(tiled_checkpoint, tiled_images, tmp_path, arch, text, compute):
+    """backend.compute: bf16 on the tiling families (their projector / connector included); int8 on SmolVLM (its
+    patch convolution quantized per patch in the reference)."""
+    assert_gemm_input_parity(arch, tiled_checkpoint(arch, text, "tiny"), tmp_path, tiled_images[0], compute)

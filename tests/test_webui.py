@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from compiled import compile_artifact
+from compiled import compile_artifact, llm_shape, visual_budget
 from conftest import random_image
 from test_serve import client, start_server, stop_server
 
@@ -40,9 +40,8 @@ def browser():
 @pytest.fixture(scope="module")
 def page_server(checkpoints, tmp_path_factory):
     ws = tmp_path_factory.mktemp("webui_ws")
-    visual = compile_artifact("qwen2_5_vl_visual.yaml", checkpoints["tiny"], ws, "--max-patches", "512")
-    llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], ws, "--max-prefill", "256",
-                           "--max-context", "320", "--batch-size", "2")
+    visual = compile_artifact("qwen2_5_vl_visual.yaml", checkpoints["tiny"], ws, *visual_budget())
+    llm = compile_artifact("qwen2_5_vl_llm.yaml", checkpoints["tiny"], ws, *llm_shape(), "--batch-size", "2")
     base, proc = start_server(str(llm), str(visual), "--api-key", "k", "--served-model-name", "tiny-vl",
                               "--max-images-per-request", "3")
     yield base, ws, (llm, visual)

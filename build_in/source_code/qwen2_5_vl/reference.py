@@ -170,7 +170,7 @@ def fake_quantize_modules(vision: dict, text, lm_head, vision_scheme, text_schem
         embed.copy_(embed.to(torch.bfloat16).float())
     parts = [(prefix, root, vision_scheme, vision_name or _deploy_name) for prefix, root in vision.items()]
     parts += [("", text, text_scheme, _deploy_name), ("", {"lm_head": lm_head}, text_scheme, _deploy_name)]
-    text_quantized = []  # the text model's and the lm_head's quantized layers
+    quantized = {"vision": [], "text": []}  # the quantized layers of each artifact (the text one's: the lm_head too)
     for prefix, root, scheme, deploy_name in parts:
         if scheme is None or not scheme.quantizes_weights:
             continue
@@ -181,21 +181,27 @@ def fake_quantize_modules(vision: dict, text, lm_head, vision_scheme, text_schem
             deploy, fused = deploy_name(prefix + name)
             if not scheme.skips(deploy, fused):
                 module.weight.copy_(effective_weight(module.weight, scheme, deploy))
-                if scheme is text_scheme:
-                    text_quantized.append(module)
-    # bf16 GEMM inputs (backend.compute): every layer of the visual artifact, on every call (the tower runs on
-    # prompts only); the text model's layers (not the lm_head: logits stay fp32) in forwards over more than one
+                quantized["text" if scheme is text_scheme else "vision"].append(module)
+    # GEMM inputs (backend.compute: bf16 or int8): every layer of the visual artifact, on every call (the tower runs
+    # on prompts only); the text model's layers (not the lm_head: logits stay fp32) in forwards over more than one
     # token, i.e. the prompt, which vlmc runs through its prompt graphs (decode steps keep fp32 inputs)
-    if vision_scheme is not None and vision_scheme.compute == "bf16":
+    if vision_scheme is not None and vision_scheme.compute != "fp32":
         for root in vision.values():
-            _bf16_gemm_inputs(root, lambda: True)
-    if text_scheme is not None and text_scheme.compute == "bf16":
-        _bf16_gemm_inputs(text, _prompt_flag(text))
+            _gemm_inputs(root, lambda: True, _int8_row_layers(vision_scheme, quantized["vision"]))
+    if text_scheme is not None and text_scheme.compute != "fp32":
+        _gemm_inputs(text, _prompt_flag(text), _int8_row_layers(text_scheme, quantized["text"]))
     # int8 decode GEMV inputs (backend.decode_compute): the int8/int4 layers (the lm_head too) in forwards over one
     # token, i.e. the decode steps
     if text_scheme is not None and text_scheme.decode_compute == "int8":
         prompt = _prompt_flag(text)
-        _int8_inputs(text_quantized, lambda: not prompt())
+        _int8_inputs(quantized["text"], lambda: not prompt())
+
+
+def _int8_row_layers(scheme, quantized) -> set:
+    """The layers that take int8 inputs per row under backend.compute: int8 (int8 weights with one scale per row;
+    compile.quantize.set_compute); the others take bf16 inputs."""
+    per_row = scheme.compute == "int8" and scheme.weights == "int8" and scheme.group is None
+    return {id(m) for m in quantized} if per_row else set()
 
 
 def _prompt_flag(text):
@@ -224,25 +230,48 @@ def _int8_inputs(modules, active) -> None:
         module.forward = forward
 
 
-def _bf16_gemm_inputs(root, active) -> None:
-    """Every linear / patch-convolution layer under `root` rounds its input and its weight to bf16 (nearest even)
-    while `active()`, computing in fp32 otherwise: vlmc::qmatmul_bf16's numerics in transformers' own layers."""
+def _gemm_inputs(root, active, int8_rows: set) -> None:
+    """Every linear / patch-convolution layer under `root` computes as vlmc's GEMMs with reduced inputs do while
+    `active()` (in fp32 otherwise): those in `int8_rows` (ids) quantize their input per row as vlmc::qmatmul_i8 does
+    (a patch convolution: per patch), the others round input and weight to bf16 as vlmc::qmatmul_bf16 does."""
     import torch.nn as nn
 
-    from ....compile.quantize import bf16_round
+    from ....compile.quantize import bf16_round, int8_rows as int8_row_inputs
+
+    def per_patch(x, conv):  # a patchifying convolution (kernel == stride): each patch is a row of the deploy GEMM
+        dims = x.shape[2:]
+        split = [s for d, k in zip(dims, conv.kernel_size) for s in (d // k, k)]
+        patches = x.reshape(x.shape[0], x.shape[1], *split)
+        order = [0, *range(2, patches.dim(), 2), 1, *range(3, patches.dim(), 2)]
+        rows = patches.permute(order)
+        flat = rows.reshape(*rows.shape[:1 + len(dims)], -1)
+        return int8_row_inputs(flat).reshape(rows.shape).permute(
+            [order.index(i) for i in range(len(order))]).reshape(x.shape)
 
     for module in root.modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
             continue
+        if id(module) in int8_rows:
+            if isinstance(module, nn.Linear):
+                def forward(x, *args, _forward=module.forward, **kwargs):
+                    return _forward(int8_row_inputs(x) if active() else x, *args, **kwargs)
+            else:
+                unpadded = module.padding == "valid" or not any(module.padding)
+                if tuple(module.kernel_size) != tuple(module.stride) or not unpadded:
+                    raise ValueError(f"{type(module).__name__} with kernel {module.kernel_size} and stride "
+                                     f"{module.stride} is not a patch embedding; vlmc has no int8-input form of it")
 
-        def forward(x, *args, _module=module, _forward=module.forward, **kwargs):
-            if not active():
-                return _forward(x, *args, **kwargs)
-            weight = _module.weight.data
-            _module.weight.data = bf16_round(weight)
-            try:
-                return _forward(bf16_round(x), *args, **kwargs)
-            finally:
-                _module.weight.data = weight
+                def forward(x, *args, _module=module, _forward=module.forward, **kwargs):
+                    return _forward(per_patch(x, _module) if active() else x, *args, **kwargs)
+        else:
+            def forward(x, *args, _module=module, _forward=module.forward, **kwargs):
+                if not active():
+                    return _forward(x, *args, **kwargs)
+                weight = _module.weight.data
+                _module.weight.data = bf16_round(weight)
+                try:
+                    return _forward(bf16_round(x), *args, **kwargs)
+                finally:
+                    _module.weight.data = weight
 
         module.forward = forward
