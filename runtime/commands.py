@@ -161,7 +161,7 @@ def register_inference(sub) -> None:
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token_ids, prompt_tokens, timings, images, videos) as the "
                         "last line")
-    from .llm.runtime import add_cluster_args
+    from .llm.cluster import add_cluster_args
 
     add_cluster_args(g)
     g.set_defaults(func=run_generate)
@@ -210,7 +210,8 @@ def run_generate(args) -> int:
     from .cpu_ops.sampling import SamplingParams
     from .llm.pipeline import Pipeline
 
-    from .llm.runtime import cluster_from_args, host_ranks
+    from .llm.cluster import cluster_from_args
+    from .llm.runtime import host_ranks
 
     cluster = cluster_from_args(args)
     if cluster.node_rank > 0:  # this node only runs its ranks, until node 0's generate is done

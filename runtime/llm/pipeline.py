@@ -10,7 +10,8 @@ import numpy as np
 
 from ..cpu_ops.sampling import Sampler, SamplingParams
 from .engine import Sequence, splice_image_embeddings, splice_image_features
-from .runtime import Cluster, DistributedEngine, LLMArtifact
+from .cluster import Cluster
+from .runtime import DistributedEngine, LLMArtifact
 
 
 @dataclass

@@ -81,7 +81,7 @@ def register(sub) -> None:
                         "reported (start-up log, /health) only")
     p.add_argument("--vit_devices", "--vit-devices", dest="vit_devices", metavar="LIST",
                    help="device of the visual worker, e.g. \"[2]\" (default: \"[0]\"); on CPU reported only")
-    from ..llm.runtime import add_cluster_args
+    from ..llm.cluster import add_cluster_args
 
     add_cluster_args(p)
     p.set_defaults(func=run_serve)

@@ -717,7 +717,8 @@ def serve(args) -> int:
     import uvicorn
 
     from ...errors import VlmcError
-    from ..llm.runtime import LLMArtifact, cluster_from_args, host_ranks
+    from ..llm.cluster import cluster_from_args
+    from ..llm.runtime import LLMArtifact, host_ranks
     from ..visual.runtime import read_manifest
 
     args.cluster = cluster_from_args(args)
