@@ -178,17 +178,34 @@ def _torch_device(dev) -> str:
     return "cuda:%d" % dev.index if dev.dlpack_device_type() != tvm.cpu().dlpack_device_type() else "cpu"
 
 
+def tvm_runtime_only(*artifacts) -> None:
+    """Have this process (and the rank and worker processes it starts) load TVM's runtime library alone, not its
+    260 MB compiler: about 1 s of every cold start of a command that only runs compiled graphs. CPU artifacts only
+    (CUDA graphs compile their kernels at load time); no effect once TVM is imported (e.g. by a compile earlier in the
+    same process) or when an artifact cannot be read (its own error comes later)."""
+    import sys
+
+    if "tvm" in sys.modules:
+        return
+    try:
+        if any(artifact_device(json.loads((Path(a) / "manifest.json").read_text())) != "cpu" for a in artifacts if a):
+            return
+    except (OSError, ValueError):
+        return
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+
+
 def load_library(path: str | os.PathLike, params: list, device=None) -> Callable:
     """A compiled graph as f(*inputs) -> list[np.ndarray], with `params` bound after the inputs."""
     import torch
     import tvm
     import tvm_ffi
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine  # not tvm.relax: that needs the compiler library
 
     dev = _device(device)
     on_host = dev.dlpack_device_type() == tvm.cpu().dlpack_device_type()
     try:
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), dev)
+        vm = VirtualMachine(tvm.runtime.load_module(str(path)), dev)
     except RuntimeError as exc:
         if on_host:
             raise

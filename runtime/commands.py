@@ -182,6 +182,9 @@ def run_verify(args) -> int:
 
 
 def run_encode(args) -> int:
+    from .artifact import tvm_runtime_only
+
+    tvm_runtime_only(args.vit_model)
     from .visual.runtime import VisualRuntime
 
     runtime = VisualRuntime(args.vit_model, args.device, verify=args.verify)
@@ -207,6 +210,9 @@ def run_encode(args) -> int:
 def run_generate(args) -> int:
     import json
 
+    from .artifact import tvm_runtime_only
+
+    tvm_runtime_only(args.model, args.vit_model)
     from .cpu_ops.sampling import SamplingParams
     from .llm.pipeline import Pipeline
 

@@ -88,6 +88,9 @@ def register(sub) -> None:
 
 
 def run_serve(args) -> int:
+    from ..artifact import tvm_runtime_only
+
+    tvm_runtime_only(args.model, args.vit_model)
     from .server import serve
 
     return serve(args)
