@@ -224,7 +224,19 @@ class VisualConfig(_Strict):
         if self.backend.decode_compute != "fp32":
             raise ValueError("backend.decode_compute applies to LLM configs (their decode graphs); a visual graph's "
                              "GEMM inputs are backend.compute")
+        _check_int8_compute(self)
         return self
+
+
+def _check_int8_compute(cfg) -> None:
+    """backend.compute: int8 needs int8 weights with one scale per row: with any other storage every layer would
+    take bf16 inputs, which is compute: bf16 under another name."""
+    q = cfg.quantize
+    if cfg.backend.compute == "int8" and (q.weights != "int8" or q.group_size not in (None, "channel")):
+        stored = q.weights + (f" in groups of {q.group_size}" if q.group_size not in (None, "channel") else "")
+        raise ValueError(f"backend.compute: int8 runs int8 x int8 GEMMs for int8 weights with one scale per row "
+                         f"(quantize.weights: int8, group_size: channel); the weights are {stored}: use those, or "
+                         f"backend.compute: bf16")
 
 
 class LLMShape(_Strict):
@@ -294,6 +306,7 @@ class LLMConfig(_Strict):
         if self.backend.decode_compute == "int8" and self.quantize.weights not in QMAX:
             raise ValueError(f"backend.decode_compute: int8 quantizes the inputs of int8/int4 layers; the weights are "
                              f"{self.quantize.weights} (set quantize.weights: int8 or int4)")
+        _check_int8_compute(self)
         if self.backend.compute == "int8" and self.frontend.model_kwargs.tp > 1:
             raise ValueError(f"backend.compute: int8 quantizes each row of a layer's input as a whole, which a "
                              f"row-parallel layer's rank does not see at tp={self.frontend.model_kwargs.tp}; use tp 1, "

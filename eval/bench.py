@@ -433,7 +433,8 @@ def format_table(report: dict) -> str:
         rows.append(f"| LLM weight bytes (MB) | | {p['llm_weight_bytes'] / 1e6:.4g} | |")
         compute = p.get("compute", {})
         if {"bf16", "int8"} & {compute.get("llm"), compute.get("visual")}:
-            paths = ", ".join(f"{kind} {p[f'{kind}_gemm_path']}" for kind in ("int8", "bf16") if p.get(f"{kind}_gemm_path"))
+            paths = ", ".join(f"{kind} {p[f'{kind}_gemm_path']}" for kind in ("int8", "bf16")
+                              if p.get(f"{kind}_gemm_path"))
             rows.append(f"| GEMM inputs (LLM prompt / visual) | | {compute['llm']} / {compute['visual']} "
                         f"({paths} kernels) | |")
         if compute.get("llm_decode", "fp32") != "fp32":

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from compiled import compile_artifact, llm_shape, visual_budget, vlmc  # noqa: E402  (tests/ is on the path from here on)
+from compiled import compile_artifact, llm_shape, visual_budget, vlmc  # noqa: E402  (tests/ is on the path now)
 
 
 @pytest.fixture(scope="session")

@@ -188,7 +188,8 @@ def test_tier_a_parity_int8_gemm_inputs(checkpoints, quant_visual, quant_image, 
     assert data["compute"] == {"visual": "int8", "llm": "int8"}
     limits = THRESHOLDS["int8"]
     print(f"int8 GEMM inputs, {path} path: image embedding", data["image_embedding_rel_error"], "prefill logits",
-          data["prefill_logits"]["rel_error"], "decode logits (worst)", max(s["rel_error"] for s in data["decode_logits"]),
+          data["prefill_logits"]["rel_error"], "decode logits (worst)",
+          max(s["rel_error"] for s in data["decode_logits"]),
           "tier B", {k: data["quality"][k] for k in ("kl_mean", "kl_p99", "top1_agreement", "first_divergence")})
     assert data["image_embedding_rel_error"][0] <= limits["embedding_rel"]
     assert data["prefill_logits"]["rel_error"] <= limits["logits_rel"] and data["greedy"]["identical_tokens"] == 8

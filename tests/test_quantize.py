@@ -158,6 +158,9 @@ def test_quantize_section_and_the_vendor_spellings(tmp_path):
     ("name: a\nkind: llm\n", ["--weights", "int8", "--compute", "int8", "--tp", "2"],
      "backend.compute: int8 quantizes each row"),
     ("name: a\nkind: llm\n", ["--compute", "int4"], "'backend.compute'"),
+    ("name: a\nkind: llm\n", ["--weights", "int4", "--compute", "int8"], "the weights are int4: use those"),
+    ("name: a\nkind: visual\n", ["--weights", "int8", "--group-size", "32", "--compute", "int8"],
+     "the weights are int8 in groups of 32"),
     ("name: a\nkind: llm\n", ["--weights", "int8", "--decode-compute", "int8", "--target",
                                '{"kind": "cuda", "arch": "sm_90"}'], "decode_compute: int8 has a kernel for CPU"),
 ])

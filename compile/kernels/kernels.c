@@ -1558,7 +1558,8 @@ static void i8_quantize_row(const float* x, int64_t K, int8_t* xq, float* d) {
     for (; k1 + 16 <= K; k1 += 16) {
       const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + k1), vs),
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm_storeu_si128((__m128i*)(xq + k1), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi))));
+      const __m512i v = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
+      _mm_storeu_si128((__m128i*)(xq + k1), _mm512_cvtsepi32_epi8(v));
     }
   }
 #endif
@@ -1635,7 +1636,8 @@ static inline void transpose16(__m512i r[16]) {
   }
   for (int j = 0; j < 4; ++j) { /* column 4L + j = lane L of r[j], r[4 + j], r[8 + j], r[12 + j] */
     const __m512i p0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44), p1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xEE);
-    const __m512i p2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44), p3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
+    const __m512i p2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
+    const __m512i p3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
     t[j] = _mm512_shuffle_i32x4(p0, p2, 0x88);
     t[4 + j] = _mm512_shuffle_i32x4(p0, p2, 0xDD);
     t[8 + j] = _mm512_shuffle_i32x4(p1, p3, 0x88);
@@ -1694,7 +1696,7 @@ static int qmatmul_i8_amx(const QMat* q, const float* x, float* out) {
   }
   /* K in blocks whose slice of the packed x (all its rows) stays in L2 while every panel of the thread passes over
    * it; the C tiles of each (panel, pair of x tiles) wait in acc between blocks (int32: exact) */
-  const int64_t per_block = I8_XP_BLOCK / (mtiles * I8_TILE * I8_CHUNK) > 0 ? I8_XP_BLOCK / (mtiles * I8_TILE * I8_CHUNK) : 1;
+  const int64_t fit = I8_XP_BLOCK / (mtiles * I8_TILE * I8_CHUNK), per_block = fit > 0 ? fit : 1;
   const int64_t kblocks = (chunks + per_block - 1) / per_block, mpairs = (mtiles + 1) / 2;
   int failed = 0;
 #pragma omp parallel if (!serial) reduction(|| : failed)
@@ -1725,7 +1727,10 @@ static int qmatmul_i8_amx(const QMat* q, const float* x, float* out) {
             const int8_t* b1 = two_m ? b0 + Kp * I8_TILE : b0;
             int32_t* held = acc ? acc + ((p - p0) * mpairs + mt / 2) * 1024 : 0;
             if (first) { _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); }
-            else { _tile_loadd(0, held, 64); _tile_loadd(1, held + 256, 64); _tile_loadd(2, held + 512, 64); _tile_loadd(3, held + 768, 64); }
+            else {
+              _tile_loadd(0, held, 64); _tile_loadd(1, held + 256, 64);
+              _tile_loadd(2, held + 512, 64); _tile_loadd(3, held + 768, 64);
+            }
             for (int64_t ch = c0; ch < c1; ++ch) {
               _tile_loadd(4, a[0] + ch * I8_CHUNK, lda[0]);
               _tile_loadd(5, a[1] + ch * I8_CHUNK, lda[1]);
@@ -1737,7 +1742,8 @@ static int qmatmul_i8_amx(const QMat* q, const float* x, float* out) {
               _tile_dpbssd(3, 5, 7);
             }
             if (!last_block) {
-              _tile_stored(0, held, 64); _tile_stored(1, held + 256, 64); _tile_stored(2, held + 512, 64); _tile_stored(3, held + 768, 64);
+              _tile_stored(0, held, 64); _tile_stored(1, held + 256, 64);
+              _tile_stored(2, held + 512, 64); _tile_stored(3, held + 768, 64);
               continue;
             }
             _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
