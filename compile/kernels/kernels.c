@@ -1528,10 +1528,10 @@ int __tvm_ffi_vlmc_qmatmul_a8(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny*
  * out[m, n] = (d[m] * scale[n]) * sum_k xq[m, k] q[n, k], the sums exact in int32 (|sum| <= K * 127^2 < 2^31).
  * On hosts with AMX-INT8 (Intel Sapphire Rapids and later) for M > 16: tdpbssd multiplies 16 x 64 bytes by 64 x 16
  * bytes per instruction, twice AMX's bf16 rate, with no dequantized copy of the weights. The weights are the A
- * operand, read in place: C^T[n, m] = W[n, :] . xq[m, :]; x is quantized and packed once into B's layout (VNNI: 4
- * consecutive k of one row side by side), zero-padded to whole 16-row tiles and 64-byte chunks (so a weight tile's
- * bytes past K, the next row's, meet zeros). Each thread takes a range of panels of 32 weight rows and runs every
- * 32 rows of x over each (2 x 2 tiles of C). K is cut into blocks whose slice of packed x (about 1 MB) stays in L2
+ * operand as stored: C^T[n, m] = W[n, :] . xq[m, :]; x is quantized and packed once into B's layout (VNNI: 4
+ * consecutive k of one row side by side), zero-padded to whole 16-row tiles and 64-byte chunks. Each thread takes a
+ * range of panels of 32 weight rows, copies each panel's part of the current K block into contiguous 1 KB tiles
+ * (zero-padded past N and K), and runs every 32 rows of x over it (2 x 2 tiles of C). K is cut into blocks whose slice of packed x (about 1 MB) stays in L2
  * while the thread's panels pass over it (measured 1.4x at 320 x 2048 x 11008 against streaming all of x from L3
  * for every panel); C tiles wait in memory between blocks. C^T tiles are transposed in registers, scaled and
  * stored as rows of out. Elsewhere (and for M <= 16), and with VLMC_INT8_GEMM=fp32, x is replaced by
@@ -1588,7 +1588,7 @@ static int i8_dequantized_inputs(const QMat* q, const float* x, float* out) {
   return failed;
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define ARCH_REQ_XCOMP_PERM 0x1023
@@ -1660,6 +1660,21 @@ static inline void i8_store(const int32_t* c, const float* s, const float* d, fl
                           _mm512_mul_ps(_mm512_cvtepi32_ps(r[j]), _mm512_mul_ps(sv, _mm512_set1_ps(d[m0 + j]))));
 }
 
+/* chunks [c0, c1) of weight rows n0 .. n0 + 31 as 2 x (c1 - c0) tiles of 1 KB (16 rows x 64 bytes, contiguous), rows
+ * past N and bytes past K zero: tile loads then stream whole lines, and nothing reads past the weights */
+static void i8_copy_panel(const int8_t* W, int64_t N, int64_t K, int64_t n0, int64_t c0, int64_t c1, int8_t* wp) {
+  const int64_t nb = c1 - c0;
+  for (int64_t r = 0; r < 2 * I8_TILE; ++r) {
+    const int64_t n = n0 + r;
+    int8_t* dst = wp + ((r / I8_TILE) * nb * I8_TILE + r % I8_TILE) * I8_CHUNK;
+    for (int64_t ch = c0; ch < c1; ++ch, dst += I8_TILE * I8_CHUNK) {
+      const int64_t left = n < N ? K - ch * I8_CHUNK : 0;
+      const __mmask64 keep = left >= 64 ? ~(__mmask64)0 : left > 0 ? ((__mmask64)1 << left) - 1 : 0;
+      _mm512_store_si512(dst, _mm512_maskz_loadu_epi8(keep, n < N ? W + n * K + ch * I8_CHUNK : W));
+    }
+  }
+}
+
 static int qmatmul_i8_amx(const QMat* q, const float* x, float* out) {
   const int64_t M = q->M, N = q->N, K = q->K;
   const int64_t chunks = (K + I8_CHUNK - 1) / I8_CHUNK, Kp = chunks * I8_CHUNK, mtiles = (M + I8_TILE - 1) / I8_TILE;
@@ -1668,18 +1683,9 @@ static int qmatmul_i8_amx(const QMat* q, const float* x, float* out) {
   /* xp[mt][chunk][r][i][4]: bytes 4r .. 4r + 3 of the chunk, of x row mt * 16 + i; tile (mt, chunk) is 1 KB */
   int8_t* xp = (int8_t*)aligned_alloc(64, mtiles * Kp * I8_TILE);
   float* d = (float*)malloc(sizeof(float) * mtiles * I8_TILE);
-  /* the last weight tile when it would read past the weights (rows past N, or bytes past K of row N - 1): a
-   * zero-padded copy */
-  const int pad_last = N % I8_TILE || K % I8_CHUNK;
-  int8_t* wlast = pad_last ? (int8_t*)aligned_alloc(64, I8_TILE * Kp) : 0;
-  if (!xp || !d || (pad_last && !wlast)) { free(xp); free(d); free(wlast); return 1; }
+  if (!xp || !d) { free(xp); free(d); return 1; }
   const int threads = omp_get_max_threads();
   const int serial = 2. * M * N * K < SPLIT_MIN_FLOPS || threads == 1;
-  if (pad_last) {
-    const int64_t n0 = (ntiles - 1) * I8_TILE;
-    memset(wlast, 0, I8_TILE * Kp);
-    for (int64_t n = n0; n < N; ++n) memcpy(wlast + (n - n0) * Kp, W + n * K, K);
-  }
 #pragma omp parallel for schedule(static) if (!serial)
   for (int64_t mt = 0; mt < mtiles; ++mt) {
     int8_t row[Kp] __attribute__((aligned(64)));
@@ -1705,22 +1711,17 @@ static int qmatmul_i8_amx(const QMat* q, const float* x, float* out) {
     const int64_t p0 = panels * t / T, p1 = panels * (t + 1) / T;
     int32_t c[4][256] __attribute__((aligned(64)));
     int32_t* acc = kblocks > 1 && p1 > p0 ? (int32_t*)aligned_alloc(64, (p1 - p0) * mpairs * 4 * 1024) : 0;
-    failed = kblocks > 1 && p1 > p0 && !acc;
+    int8_t* wp = p1 > p0 ? (int8_t*)aligned_alloc(64, 2 * per_block * 1024) : 0;
+    failed = p1 > p0 && ((kblocks > 1 && !acc) || !wp);
     if (!failed && p1 > p0) {
       i8_tiles_on();
       for (int64_t kb = 0; kb < kblocks; ++kb) {
         const int64_t c0 = kb * per_block, c1 = c0 + per_block < chunks ? c0 + per_block : chunks;
         const int first = kb == 0, last_block = kb == kblocks - 1;
         for (int64_t p = p0; p < p1; ++p) {
-          const int64_t nt0 = 2 * p, two_n = nt0 + 1 < ntiles;
-          const int8_t* a[2];
-          int64_t lda[2];
-          for (int h = 0; h < 2; ++h) {
-            const int64_t nt = nt0 + h < ntiles ? nt0 + h : nt0; /* a missing second tile repeats the first (unused) */
-            const int last = pad_last && nt == ntiles - 1;
-            a[h] = last ? wlast : W + nt * I8_TILE * K;
-            lda[h] = last ? Kp : K;
-          }
+          const int64_t nt0 = 2 * p, two_n = nt0 + 1 < ntiles, nb = c1 - c0;
+          i8_copy_panel(W, N, K, nt0 * I8_TILE, c0, c1, wp);
+          const int8_t* a[2] = {wp, wp + nb * 1024}; /* tile (h, chunk ch) at a[h] + (ch - c0) * 1024 */
           for (int64_t mt = 0; mt < mtiles; mt += 2) {
             const int two_m = mt + 1 < mtiles;
             const int8_t* b0 = xp + mt * Kp * I8_TILE;
@@ -1732,8 +1733,8 @@ static int qmatmul_i8_amx(const QMat* q, const float* x, float* out) {
               _tile_loadd(2, held + 512, 64); _tile_loadd(3, held + 768, 64);
             }
             for (int64_t ch = c0; ch < c1; ++ch) {
-              _tile_loadd(4, a[0] + ch * I8_CHUNK, lda[0]);
-              _tile_loadd(5, a[1] + ch * I8_CHUNK, lda[1]);
+              _tile_loadd(4, a[0] + (ch - c0) * 1024, 64);
+              _tile_loadd(5, a[1] + (ch - c0) * 1024, 64);
               _tile_loadd(6, b0 + ch * 1024, 64);
               _tile_loadd(7, b1 + ch * 1024, 64);
               _tile_dpbssd(0, 4, 6);
@@ -1760,15 +1761,16 @@ static int qmatmul_i8_amx(const QMat* q, const float* x, float* out) {
       _tile_release();
     }
     free(acc);
+    free(wp);
   }
-  free(xp); free(d); free(wlast);
+  free(xp); free(d);
   return failed;
 }
 #endif
 
 /* VLMC_INT8_GEMM=fp32 takes the fallback path on any host (tests and benchmarks compare the two) */
 static int qmatmul_i8(const QMat* q, const float* x, float* out) {
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__)
   const char* env = getenv("VLMC_INT8_GEMM");
   if (q->M > 16 && !(env && !strcmp(env, "fp32")) && amx_usable()) return qmatmul_i8_amx(q, x, out);
 #endif
@@ -1783,7 +1785,7 @@ int __tvm_ffi_vlmc_qmatmul_i8(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny*
 __attribute__((visibility("default")))
 int __tvm_ffi_vlmc_int8_gemm_path(void* h, const TVMFFIAny* a, int32_t n, TVMFFIAny* r) {
   int path = 2;
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__)
   const char* env = getenv("VLMC_INT8_GEMM");
   if (!(env && !strcmp(env, "fp32")) && amx_usable()) path = 1;
 #endif
