@@ -1090,16 +1090,22 @@ static void f32_gemv_pass(const float* x, int64_t mr, const float* w, float* out
     fv acc[4][4];
     for (int m = 0; m < 4; ++m)
       for (int r = 0; r < 4; ++r) acc[m][r] = (fv){0};
+    /* several passes: prefetch at every P-th step, at (k - k0) / P of the next tile's rows (counted, not divided:
+     * a division per step cost more than the step's FMAs) */
+    int64_t phase = 0, ahead = 0;
     for (int64_t k = k0; k < kv; k += FL) {
       fv wv[4];
+      const int pf = P > 1 && next && phase == 0;
 #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
         if (P == 1) {
           if (k * 4 % 64 == 0) __builtin_prefetch(wr[r] + k + 4 * K, 0, 2);
-        } else if (next && (k - k0) % (FL * P) == 0)
-          __builtin_prefetch(pr[r] + (k - k0) / P, 0, 2);
+        } else if (pf)
+          __builtin_prefetch(pr[r] + ahead, 0, 2);
         wv[r] = fvload(wr[r] + k);
       }
+      if (pf) ahead += FL;
+      if (++phase == P) phase = 0;
 #pragma GCC unroll 4
       for (int m = 0; m < 4; ++m) {
         const fv xv = fvload(xr[m] + k);
