@@ -1386,15 +1386,14 @@ static inline __attribute__((always_inline)) void a8_rows(const int i4, const in
     for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
       for (int r = 0; r < A8_NR; ++r) acc[m][r] = _mm512_setzero_ps();
-    int64_t first = 0, boundary = group; /* grouped: the chunk's first scale, floor(c * clen / group), and where the
-                                          * next group starts (counted up: a division per row and chunk cost 18% of
-                                          * the int4 GEMV from cache) */
+    int64_t first = 0; /* grouped: the chunk's first scale, floor(c * clen / group), counted up (a division per row
+                        * and chunk cost 18% of the int4 GEMV from cache) */
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t off = c * 64, left = rowb - off;
       const __mmask64 mask = left >= 64 ? ~0ULL : (1ULL << left) - 1; /* the last chunk of a row may be short */
       __mmask16 smask = 0;
       if (grouped) {
-        for (; c * clen >= boundary; boundary += group) ++first;
+        while ((first + 1) * group <= c * clen) ++first;
         smask = (__mmask16)((1u << (G - first < nscale ? G - first : nscale)) - 1);
       }
       __m512i wa[A8_NR], wb[A8_NR];
